@@ -1,0 +1,3 @@
+//! `kiln`, the command-line interface: the product's primary surface.
+
+fn main() {}

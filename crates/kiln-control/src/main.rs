@@ -1,0 +1,3 @@
+//! The `kiln-control` binary: serves the API and runs the control plane's singleton work.
+
+fn main() {}

@@ -1,0 +1,1 @@
+//! The `kiln.toml` manifest: parsing, per-environment overrides and validation.

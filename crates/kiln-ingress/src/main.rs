@@ -1,0 +1,3 @@
+//! The `kiln-ingress` binary.
+
+fn main() {}
