@@ -1,12 +1,12 @@
 //! The `kiln.toml` manifest: parsing, validation, per-environment overrides and the canonical
 //! JSON form that releases store.
 //!
-//! Parsing is two passes over a `toml_edit` document, which keeps the byte span of every key
-//! and value: [`reader`](self) checks each value on its own (type, format, range, unknown
-//! keys), then `validate` checks the rules between tables (references, ports, hostnames per
-//! environment). Both passes record every problem instead of stopping at the first, and each
-//! error carries its key path, line, column and the offending text, so the CLI can underline
-//! it with miette. Nothing here does I/O: the caller reads the file.
+//! Parsing makes two passes over a `toml_edit` document, which keeps the byte span of every
+//! key and value. The `reader` pass checks each value on its own (type, format, range,
+//! unknown keys). The `validate` pass checks the rules between tables (references, ports,
+//! hostnames per environment). Both passes record every problem instead of stopping at the
+//! first, and each error carries its key path, line, column and offending text, so the CLI
+//! can underline it with miette. Nothing here does I/O, because the caller reads the file.
 
 mod canonical;
 mod diagnostics;
@@ -60,8 +60,8 @@ impl Manifest {
 
         let mut errors = diagnostics.into_errors();
         if errors.is_empty() {
-            // `build` returns None only for a missing required value, which `read` reports,
-            // so this is a bug; it still must not pass as a valid manifest.
+            // `build` returns None only for a missing required value, and `read` reports
+            // those. Reaching this is a bug, but the manifest must still not pass as valid.
             errors.push(ManifestError {
                 code: ErrorCode::MissingKey,
                 key: String::new(),

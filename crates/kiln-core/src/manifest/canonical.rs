@@ -11,8 +11,8 @@ use sha2::{Digest, Sha256};
 use super::schema::{Manifest, ResolvedManifest};
 
 fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
-    // Serialization cannot fail: every map key serializes as a string and no type has a
-    // fallible `Serialize` impl.
+    // Serialization cannot fail, because every map key serializes as a string and no
+    // manifest type has a `Serialize` impl that returns an error.
     serde_json::to_vec(value).expect("manifest types always serialize to JSON")
 }
 

@@ -9,7 +9,8 @@ use std::ops::Range;
 
 use miette::{Diagnostic, LabeledSpan, NamedSource, SourceCode};
 
-/// Longest offending text quoted in an error; longer values are cut with `…`.
+/// Maximum length, in characters, of the offending text quoted in an error. Longer text is
+/// cut and ends with `…`.
 const MAX_FOUND_CHARS: usize = 60;
 
 /// The kind of a manifest problem, as a stable machine-readable code.
@@ -74,16 +75,16 @@ impl fmt::Display for ErrorCode {
 /// One problem in a manifest. It displays as `key.path: message`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManifestError {
-    /// What kind of problem it is.
+    /// Kind of problem.
     pub code: ErrorCode,
     /// The key path, such as `processes.web.memory` or `startup[1].command`; empty for a
     /// syntax error before any key.
     pub key: String,
-    /// What is wrong, naming the offending value.
+    /// Description of the problem, naming the offending value.
     pub message: String,
     /// The offending text as written in the file (cut to 60 characters).
     pub found: String,
-    /// What is allowed, or how to fix it.
+    /// The allowed values or the fix.
     pub help: String,
     /// Byte range of the offending text in the source.
     pub span: Range<usize>,

@@ -23,7 +23,7 @@ pub(super) struct Spanned<T> {
 #[derive(Clone)]
 pub(super) struct TableRef<'a> {
     pub(super) path: String,
-    /// Where to point when a required key of this table is missing: the table's key.
+    /// Span reported when a required key of this table is missing (the table's key).
     pub(super) anchor: Range<usize>,
     pub(super) inner: &'a dyn TableLike,
 }
@@ -325,7 +325,7 @@ pub(super) fn out_of_range(
     );
 }
 
-/// Reads an integer in `min..=max`; `help` says what is allowed and why.
+/// Reads an integer in `min..=max`. The `help` text states what is allowed and why.
 pub(super) fn integer(
     diagnostics: &mut Diagnostics<'_>,
     field: &Field<'_>,

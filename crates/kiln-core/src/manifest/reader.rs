@@ -81,10 +81,9 @@ pub(super) const HEALTH_TIMEOUT_RANGE: (Duration, Duration) =
 pub(super) const HEALTH_GRACE_RANGE: (Duration, Duration) =
     (Duration::ZERO, Duration::from_secs(3600));
 
-/// Longest HTTP health-check path, which keeps the request line well inside any server's
-/// limit.
+/// Maximum length of an HTTP health-check path, which keeps the request line short.
 const MAX_HEALTH_PATH_LEN: usize = 1024;
-/// Longest volume mount path (Linux's PATH_MAX is 4096; this leaves room below it).
+/// Maximum length of a volume mount path in bytes, well below Linux's PATH_MAX of 4096.
 const MAX_MOUNT_PATH_LEN: usize = 1024;
 /// Mount points that belong to the guest system or to kiln-init.
 const RESERVED_MOUNT_PATHS: &[&str] = &["/proc", "/sys", "/dev", "/run/kiln"];

@@ -71,7 +71,7 @@ pub struct Manifest {
     pub env: BTreeMap<String, String>,
     /// Volumes by name: a persistent disk per instance of one process type.
     pub volumes: BTreeMap<VolumeName, Volume>,
-    /// How a deploy replaces old instances with new ones.
+    /// Deploy strategy.
     pub deploy: Deploy,
     /// Commands run in order inside each microVM before its workload starts.
     pub startup: Vec<StartupScript>,
@@ -130,7 +130,7 @@ pub struct Service {
     pub process: ProcessName,
     /// The port the process listens on inside its microVM.
     pub port: u16,
-    /// How the ingress routes to it.
+    /// Routing mode of the ingress.
     pub protocol: Protocol,
     /// Hostnames routed to this service by SNI (only for [`Protocol::Tls`]).
     pub hostnames: Vec<Hostname>,
@@ -138,7 +138,7 @@ pub struct Service {
     pub health: HealthCheck,
 }
 
-/// How the ingress routes connections to a service.
+/// Routing mode of the ingress for a service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
@@ -161,7 +161,7 @@ impl Protocol {
 /// A health check of a service's port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthCheck {
-    /// What one check does.
+    /// The probe that one check runs.
     pub probe: Probe,
     /// Time between two checks.
     #[serde(rename = "interval_ms", with = "duration_ms")]
@@ -174,7 +174,7 @@ pub struct HealthCheck {
     pub grace_period: Duration,
 }
 
-/// What one health check does.
+/// The probe of a health check.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Probe {
@@ -203,7 +203,7 @@ pub struct Volume {
     pub size_mib: u32,
 }
 
-/// How a deploy replaces old instances with new ones.
+/// Deploy strategy: the order in which a deploy replaces old instances with new ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "strategy", rename_all = "lowercase")]
 pub enum Deploy {

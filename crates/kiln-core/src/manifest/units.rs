@@ -6,7 +6,8 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-/// Why a duration or size string could not be parsed; the text is a full sentence for the user.
+/// Error for a duration or size string that does not parse. Its text is a full sentence for
+/// the user.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct UnitError(String);
