@@ -15,9 +15,9 @@ pub const DEFAULT_SECRETS_DIR: &str = "/run/kiln/secrets";
 pub struct Config {
     /// Address to listen on: `LISTEN_ADDR`, or `[::]:PORT`.
     pub listen: SocketAddr,
-    /// Where the certificate comes from.
+    /// Source of the certificate.
     pub tls: TlsSource,
-    /// What the server reports about itself.
+    /// Identity reported in every response.
     pub identity: Identity,
 }
 

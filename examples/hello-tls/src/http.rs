@@ -2,7 +2,7 @@
 //!
 //! The example answers every request with the same body, so it needs only the request line,
 //! `Connection` and `Content-Length`. Requests it cannot frame (chunked bodies, oversize
-//! heads, garbage) get an error status and the connection closes, which is always safe.
+//! heads, garbage) get an error status, and then the connection closes.
 
 use std::io::{self, Read};
 
@@ -61,14 +61,10 @@ impl Response {
         }
     }
 
-    /// Serializes the response; `head_only` leaves out the body (for `HEAD`). The
-    /// `Connection` header is `keep-alive` for `200` and `close` otherwise.
-    pub fn to_bytes(&self, head_only: bool) -> Vec<u8> {
-        let connection = if self.status == 200 {
-            "keep-alive"
-        } else {
-            "close"
-        };
+    /// Serializes the response. `head_only` leaves out the body (for `HEAD`), and
+    /// `keep_alive` sets the `Connection` header.
+    pub fn to_bytes(&self, head_only: bool, keep_alive: bool) -> Vec<u8> {
+        let connection = if keep_alive { "keep-alive" } else { "close" };
         let mut bytes = format!(
             "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n",
             self.status,
@@ -329,13 +325,10 @@ mod tests {
     fn response_bytes() {
         let response = Response::ok("hi\n".to_owned());
         assert_eq!(
-            String::from_utf8(response.to_bytes(false)).unwrap(),
+            String::from_utf8(response.to_bytes(false, true)).unwrap(),
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nhi\n"
         );
-        assert!(
-            String::from_utf8(response.to_bytes(true))
-                .unwrap()
-                .ends_with("\r\n\r\n")
-        );
+        let head = String::from_utf8(response.to_bytes(true, false)).unwrap();
+        assert!(head.ends_with("Connection: close\r\n\r\n"), "{head}");
     }
 }

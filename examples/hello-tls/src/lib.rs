@@ -127,8 +127,8 @@ impl std::fmt::Display for StartError {
 
 impl std::error::Error for StartError {}
 
-/// Serves the HTTP/1.1 requests of one TLS connection until the client closes it, asks to
-/// close, sends a malformed request or stays idle past [`IDLE_TIMEOUT`].
+/// Serves the HTTP/1.1 requests of one TLS connection until the client closes it, sends
+/// `Connection: close` or a malformed request, or stays idle past [`IDLE_TIMEOUT`].
 fn serve_connection(
     stream: TcpStream,
     tls: Arc<ServerConfig>,
@@ -147,7 +147,7 @@ fn serve_connection(
             Ok(None) => break,
             Err(http::RequestError::Io(error)) => return Err(error),
             Err(http::RequestError::Invalid(response)) => {
-                stream.write_all(&response.to_bytes(false))?;
+                stream.write_all(&response.to_bytes(false, false))?;
                 stream.flush()?;
                 break;
             }
@@ -155,7 +155,7 @@ fn serve_connection(
 
         let body = identity.render(&config::list_secret_names(&identity.secrets_dir));
         let response = http::Response::ok(body);
-        stream.write_all(&response.to_bytes(request.method == "HEAD"))?;
+        stream.write_all(&response.to_bytes(request.method == "HEAD", request.keep_alive))?;
         stream.flush()?;
         if !request.keep_alive {
             break;

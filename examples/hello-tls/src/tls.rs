@@ -18,7 +18,7 @@ pub enum TlsError {
         /// The PEM error.
         message: String,
     },
-    /// The certificate file holds no certificate.
+    /// The certificate file contains no certificate.
     NoCertificate {
         /// The file.
         path: PathBuf,

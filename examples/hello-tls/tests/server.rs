@@ -134,6 +134,7 @@ fn keeps_connection_alive_for_several_requests() {
     stream.read_to_end(&mut rest).unwrap();
     let rest = String::from_utf8(rest).unwrap();
     assert!(rest.starts_with("HTTP/1.1 200 OK\r\n"), "{rest}");
+    assert!(rest.contains("Connection: close\r\n"), "{rest}");
     assert!(rest.ends_with("\r\n\r\n"), "HEAD has no body: {rest}");
 }
 

@@ -198,6 +198,19 @@ fn startup_accepts_inline_array() {
     assert_eq!(manifest.startup[1].timeout, Duration::from_secs(5));
 }
 
+#[test]
+fn example_app_manifest_is_valid() {
+    let source = include_str!("../../../../examples/hello-tls/kiln.toml");
+    let manifest = Manifest::parse(source).unwrap();
+    let https = &manifest.services[&service("https")];
+    assert_eq!(https.port, 8443);
+    assert_eq!(https.protocol, Protocol::Tls);
+    assert_eq!(
+        manifest.resolve(&env("prod")).processes[&process("web")].count,
+        2
+    );
+}
+
 // Environment overrides.
 
 #[test]
