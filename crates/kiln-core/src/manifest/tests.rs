@@ -1020,6 +1020,19 @@ fn all_errors_collected() {
     }
 }
 
+#[test]
+fn error_serializes_for_api_details() {
+    let error = one_error("app = \"a\"\n[processes.web]\nvcpus = 0\n");
+    let json = serde_json::to_value(&error).unwrap();
+    assert_eq!(json["code"], "manifest::out_of_range");
+    assert_eq!(json["key"], "processes.web.vcpus");
+    assert_eq!(json["line"], 3);
+    assert_eq!(json["column"], 9);
+    assert_eq!(json["found"], "0");
+    assert_eq!(json["span"]["start"], 34);
+    assert_eq!(json["span"]["end"], 35);
+}
+
 // The canonical form.
 
 #[test]
