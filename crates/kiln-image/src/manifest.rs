@@ -258,7 +258,7 @@ pub struct ImageConfigBlob {
 }
 
 /// The `config` object of an image config: the defaults a container starts with.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct RuntimeConfig {
     /// `USER`: a name or uid, optionally with `:group`.
