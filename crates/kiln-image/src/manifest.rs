@@ -62,7 +62,7 @@ pub struct Platform {
     pub variant: Option<String>,
 }
 
-/// An image index or a manifest, told apart by media type or by which fields are present.
+/// An image index or a manifest, distinguished by media type or, without one, by its fields.
 #[derive(Debug, Clone)]
 pub enum ManifestDocument {
     /// An index (manifest list) of per-platform manifests.
@@ -99,7 +99,7 @@ pub enum ManifestError {
     /// The bytes are not JSON of the expected shape.
     #[error("invalid {kind} JSON")]
     Json {
-        /// Which document was parsed.
+        /// The kind of document parsed.
         kind: &'static str,
         /// The parser's error.
         #[source]
@@ -202,7 +202,7 @@ impl Index {
         })
     }
 
-    /// The platforms listed, as `os/architecture[/variant]`, for error messages.
+    /// Lists the platforms as `os/architecture[/variant]`, for error messages.
     pub fn platforms(&self) -> Vec<String> {
         self.manifests
             .iter()
@@ -215,7 +215,7 @@ impl Index {
     }
 }
 
-/// How a layer blob is compressed, from its media type.
+/// The compression of a layer blob, from its media type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
     /// A plain tar.

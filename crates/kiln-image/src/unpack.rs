@@ -3,8 +3,8 @@
 //!
 //! No entry can write outside the root. Entry names with `..` components or a leading `/`
 //! are rejected outright. Parent directories are opened with `RESOLVE_BENEATH`, so a symlink
-//! planted by an earlier entry or layer is followed only while it stays inside the root, and
-//! one that leaves it (`..` past the root, or an absolute target) rejects the image. The last
+//! planted by an earlier entry or layer is followed only while it stays inside the root. A
+//! symlink that leaves it (`..` past the root, or an absolute target) rejects the image. The last
 //! component is never followed: an existing entry of that name is removed first and files are
 //! created with `O_EXCL | O_NOFOLLOW`. Hardlink targets are resolved the same way.
 //!
@@ -38,7 +38,7 @@ pub struct Layer {
     pub digest: Digest,
     /// The verified blob on disk.
     pub path: PathBuf,
-    /// How the blob is compressed.
+    /// The blob's compression.
     pub compression: Compression,
 }
 
@@ -70,7 +70,7 @@ pub enum UnpackError {
         layer: Digest,
         /// The entry name as stored in the tar.
         entry: String,
-        /// Why the entry is rejected.
+        /// The reason the entry is rejected.
         reason: &'static str,
     },
     /// The tar entry type is not one a root filesystem can contain.

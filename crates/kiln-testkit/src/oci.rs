@@ -52,7 +52,7 @@ impl Blob {
         }
     }
 
-    /// The OCI descriptor of this blob.
+    /// Returns the OCI descriptor of this blob.
     pub fn descriptor(&self) -> Value {
         json!({"mediaType": self.media_type, "digest": self.digest, "size": self.bytes.len()})
     }
@@ -420,7 +420,7 @@ pub struct BuiltImage {
     pub layers: Vec<Blob>,
 }
 
-/// What can be published: one image, or an index of several.
+/// A publishable artifact: one image, or an index of several.
 #[derive(Debug, Clone)]
 pub enum Artifact {
     /// One image.
@@ -435,7 +435,7 @@ pub enum Artifact {
 }
 
 impl Artifact {
-    /// An index over `images`, each listed with its platform.
+    /// Builds an index over `images`, each listed with its platform.
     pub fn index(images: Vec<BuiltImage>) -> Self {
         let manifests: Vec<Value> = images
             .iter()
@@ -454,7 +454,7 @@ impl Artifact {
         Self::Index { index, images }
     }
 
-    /// The top manifest or index.
+    /// Returns the top manifest or index.
     pub fn top(&self) -> &Blob {
         match self {
             Self::Image(image) => &image.manifest,
@@ -469,7 +469,7 @@ impl Artifact {
         }
     }
 
-    /// Every blob including manifests, deduplicated, top last.
+    /// Returns every blob including manifests, deduplicated, top last.
     pub fn blobs(&self) -> Vec<&Blob> {
         let mut seen = BTreeMap::new();
         for image in self.images() {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-/// How long a started registry may take to answer `/v2/`.
+/// Time a started registry may take before `GET /v2/` succeeds.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Interval between readiness probes.
 const PROBE_INTERVAL: Duration = Duration::from_millis(50);
@@ -69,12 +69,12 @@ impl Registry {
         Err(last_error.unwrap_or_else(|| anyhow::anyhow!("registry did not start")))
     }
 
-    /// The registry's `127.0.0.1:PORT`, as written in image references.
+    /// Returns the registry's `127.0.0.1:PORT`, as written in image references.
     pub fn address(&self) -> &str {
         &self.address
     }
 
-    /// A repository name no other test in this or another process uses.
+    /// Returns a repository name that no other test in this or another process uses.
     pub fn unique_repository(&self, prefix: &str) -> String {
         format!(
             "kiln-test/{prefix}-{}-{}",
@@ -134,20 +134,22 @@ fn start_private(storage: &Path) -> anyhow::Result<(String, Child)> {
     Ok((address, process))
 }
 
-/// Polls `GET /v2/` until it answers 200 or 401, the process exits, or the timeout passes.
+/// Polls `GET /v2/` until it returns 200 or 401, the process exits, or the timeout passes.
 fn wait_ready(address: &str, mut process: Option<&mut Child>) -> anyhow::Result<()> {
     let deadline = Instant::now() + STARTUP_TIMEOUT;
     loop {
         if let Some(process) = process.as_deref_mut()
             && let Some(status) = process.try_wait()?
         {
-            bail!("registry exited with {status} before answering on {address}");
+            bail!("registry exited with {status} before responding on {address}");
         }
         if probe(address).unwrap_or(false) {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("registry on {address} did not answer /v2/ within {STARTUP_TIMEOUT:?}");
+            bail!(
+                "registry on {address} timed out: no response to /v2/ within {STARTUP_TIMEOUT:?}"
+            );
         }
         std::thread::sleep(PROBE_INTERVAL);
     }

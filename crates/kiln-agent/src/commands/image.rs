@@ -54,7 +54,7 @@ pub(crate) enum ImageCommand {
     BuildRootfs {
         /// The image reference.
         reference: String,
-        /// Where to put the ext4 image.
+        /// Output path of the ext4 image.
         #[arg(long)]
         out: PathBuf,
         /// Print the root filesystem (path, digest, guest config) as JSON.
