@@ -89,13 +89,14 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is not valid TOML or has unknown or mistyped fields.
-    #[error("invalid config file {path}")]
+    #[error("invalid config file {path} at {location}: {message}")]
     Parse {
         /// Path of the config file.
         path: PathBuf,
-        /// The parse failure, with line and column.
-        #[source]
-        source: toml::de::Error,
+        /// `line L, column C` of the offending value.
+        location: String,
+        /// What is wrong, from the TOML parser.
+        message: String,
     },
     /// A field has a value the ingress cannot run with.
     #[error("invalid config: {field} = {value}: {fix}")]
@@ -116,9 +117,10 @@ impl IngressConfig {
             path: path.to_owned(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        toml::from_str(&text).map_err(|error| ConfigError::Parse {
             path: path.to_owned(),
-            source,
+            location: toml_location(&text, &error),
+            message: error.message().to_owned(),
         })
     }
 
@@ -194,6 +196,17 @@ impl IngressConfig {
     pub fn backend_failure_cooldown(&self) -> Duration {
         Duration::from_secs(self.backend_failure_cooldown_secs)
     }
+}
+
+/// Returns `line L, column C` (both 1-based) where a TOML parse error starts.
+pub(crate) fn toml_location(text: &str, error: &toml::de::Error) -> String {
+    let Some(span) = error.span() else {
+        return "an unknown position".to_owned();
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    format!("line {line}, column {column}")
 }
 
 #[cfg(test)]

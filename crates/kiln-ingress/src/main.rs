@@ -1,6 +1,7 @@
 //! The `kiln-ingress` binary: parses flags, loads config and routes, runs the proxy, and
 //! turns SIGHUP into a route reload and SIGTERM or SIGINT into a graceful drain.
 
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,6 +48,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 
     let cli = Cli::parse();
@@ -130,7 +132,7 @@ fn reload(ingress: &Ingress, path: &std::path::Path) {
         Ok(routes) => routes,
         Err(error) => {
             ingress.count_failed_reload();
-            tracing::error!(error = %anyhow::Error::from(error).chain().map(ToString::to_string).collect::<Vec<_>>().join(": "), path = %path.display(), "route reload failed, keeping the old routes");
+            tracing::error!(%error, "route reload failed, keeping the old routes");
             return;
         }
     };

@@ -82,13 +82,14 @@ pub enum RouteError {
         source: std::io::Error,
     },
     /// The route file is not valid TOML or has unknown or mistyped fields.
-    #[error("invalid route file {path}")]
+    #[error("invalid route file {path} at {location}: {message}")]
     Parse {
         /// Path of the route file.
         path: PathBuf,
-        /// The parse failure, with line and column.
-        #[source]
-        source: toml::de::Error,
+        /// `line L, column C` of the offending value.
+        location: String,
+        /// What is wrong, from the TOML parser.
+        message: String,
     },
     /// Two routes name the same hostname, so which one applies would be ambiguous.
     #[error(
@@ -107,9 +108,10 @@ impl RouteSet {
             path: path.to_owned(),
             source,
         })?;
-        let file: RouteFile = toml::from_str(&text).map_err(|source| RouteError::Parse {
+        let file: RouteFile = toml::from_str(&text).map_err(|error| RouteError::Parse {
             path: path.to_owned(),
-            source,
+            location: crate::config::toml_location(&text, &error),
+            message: error.message().to_owned(),
         })?;
         let set = RouteSet {
             routes: file.routes,
@@ -357,22 +359,23 @@ mod tests {
     #[test]
     fn route_file_unknown_field_rejected() {
         let error = parse("[[routes]]\nhostname = \"a.example.test\"\nbackend = []\n").unwrap_err();
-        let chain = format!("{error}: {}", std::error::Error::source(&error).unwrap());
-        assert!(chain.contains("unknown field `backend`"), "{chain}");
+        let message = error.to_string();
+        assert!(message.contains("at line 3, column 1"), "{message}");
+        assert!(message.contains("unknown field `backend`"), "{message}");
     }
 
     #[test]
     fn route_file_bad_backend_rejected() {
         let error = parse("[[routes]]\nhostname = \"a.example.test\"\nbackends = [\"::1:443\"]\n")
             .unwrap_err();
-        let chain = format!("{error}: {}", std::error::Error::source(&error).unwrap());
+        let chain = error.to_string();
         assert!(chain.contains("invalid socket address"), "{chain}");
     }
 
     #[test]
     fn route_file_bad_hostname_rejected() {
         let error = parse("[[routes]]\nhostname = \"a.*.test\"\nbackends = []\n").unwrap_err();
-        let chain = format!("{error}: {}", std::error::Error::source(&error).unwrap());
+        let chain = error.to_string();
         assert!(chain.contains("a.*.test"), "{chain}");
     }
 
