@@ -70,10 +70,19 @@ pub enum HelloError {
 ///
 /// `max_bytes` caps the bytes the caller may buffer: a ClientHello that cannot be complete
 /// within that many bytes of records is rejected with [`HelloError::TooLarge`] as soon as its
-/// length is known, without waiting for the rest.
+/// length is known, without waiting for the rest. A result other than `NeedMore` is final:
+/// more bytes never change it.
 pub fn scan(buf: &[u8], max_bytes: usize) -> Result<HelloScan, HelloError> {
+    // Bytes past the cap are never looked at, so the outcome is the same however far past
+    // it the caller has read.
+    let buf = &buf[..buf.len().min(max_bytes)];
     let message = match reassemble_message(buf, max_bytes)? {
-        Some(message) => message,
+        // Small records can stretch a short message past the cap; the result must not
+        // depend on how much the caller happened to read beyond it.
+        Some((_, wire_len)) if wire_len > max_bytes => {
+            return Err(HelloError::TooLarge { max_bytes });
+        }
+        Some((message, _)) => message,
         None if buf.len() >= max_bytes => return Err(HelloError::TooLarge { max_bytes }),
         None => return Ok(HelloScan::NeedMore),
     };
@@ -84,17 +93,16 @@ pub fn scan(buf: &[u8], max_bytes: usize) -> Result<HelloScan, HelloError> {
     }
 }
 
-/// Joins the handshake fragments of consecutive records and returns the ClientHello body
-/// once all of it has arrived.
-fn reassemble_message(buf: &[u8], max_bytes: usize) -> Result<Option<Vec<u8>>, HelloError> {
+/// Joins the handshake fragments of consecutive records and returns the ClientHello body,
+/// once all of it has arrived, with the number of bytes of `buf` it took.
+fn reassemble_message(
+    buf: &[u8],
+    max_bytes: usize,
+) -> Result<Option<(Vec<u8>, usize)>, HelloError> {
     let mut handshake = Vec::new();
     let mut offset = 0;
 
     loop {
-        if let Some(message) = complete_message(&handshake, max_bytes)? {
-            return Ok(Some(message));
-        }
-
         let Some(header) = buf.get(offset..offset + RECORD_HEADER_LEN) else {
             return Ok(None);
         };
@@ -114,19 +122,27 @@ fn reassemble_message(buf: &[u8], max_bytes: usize) -> Result<Option<Vec<u8>>, H
             return Err(malformed("record longer than 16384 bytes"));
         }
 
+        // A cut-short record still counts: its first part may complete the message.
         let payload_start = offset + RECORD_HEADER_LEN;
         let available = buf.len().saturating_sub(payload_start).min(payload_len);
+        let before = handshake.len();
         handshake.extend_from_slice(&buf[payload_start..payload_start + available]);
+        if let Some((message, handshake_len)) = complete_message(&handshake, max_bytes)? {
+            return Ok(Some((message, payload_start + handshake_len - before)));
+        }
         if available < payload_len {
-            // The record is cut short, but its first part may already hold the whole message.
-            return complete_message(&handshake, max_bytes);
+            return Ok(None);
         }
         offset = payload_start + payload_len;
     }
 }
 
-/// Returns the ClientHello body if `handshake` holds all of it, after checking the header.
-fn complete_message(handshake: &[u8], max_bytes: usize) -> Result<Option<Vec<u8>>, HelloError> {
+/// Returns the ClientHello body and the handshake bytes it spans (header included) if
+/// `handshake` holds all of it, after checking the header.
+fn complete_message(
+    handshake: &[u8],
+    max_bytes: usize,
+) -> Result<Option<(Vec<u8>, usize)>, HelloError> {
     let Some(header) = handshake.get(..HANDSHAKE_HEADER_LEN) else {
         return Ok(None);
     };
@@ -149,7 +165,7 @@ fn complete_message(handshake: &[u8], max_bytes: usize) -> Result<Option<Vec<u8>
 
     Ok(handshake
         .get(HANDSHAKE_HEADER_LEN..handshake_len)
-        .map(<[u8]>::to_vec))
+        .map(|body| (body.to_vec(), handshake_len)))
 }
 
 /// Walks a complete ClientHello body and returns the host name of its `server_name` extension.

@@ -306,3 +306,30 @@ proptest! {
         prop_assert_eq!(scan(&records, CAP), Ok(expected_scan(sni)));
     }
 }
+
+proptest! {
+    // Each case scans every prefix, so fewer cases cover as many scans as above.
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    #[test]
+    fn prefix_decision_is_final(
+        fixture in 0..FIXTURES.len(),
+        size in 1usize..300,
+        edit in any::<prop::sample::Index>(),
+        byte in any::<u8>(),
+        cap in 512usize..3000,
+    ) {
+        // The proxy scans after every read, so a decision on a prefix must match the
+        // decision on the whole input.
+        let mut records = refragment(FIXTURES[fixture].1, size);
+        let at = edit.index(records.len());
+        records[at] = byte;
+        let full = scan(&records, cap);
+        for len in 0..records.len() {
+            match scan(&records[..len], cap) {
+                Ok(HelloScan::NeedMore) => {}
+                prefix => prop_assert_eq!(&prefix, &full, "prefix of {} bytes", len),
+            }
+        }
+    }
+}
