@@ -3,9 +3,9 @@
 //!
 //! The namespace gives each stack its own loopback, TAP devices and nftables ruleset, so
 //! stacks of parallel tests never see each other's rules or ports. The binaries are taken
-//! from the target directory this test was built into (or `KILN_E2E_BIN`); they must be
-//! built before the test runs, because a running `cargo test` holds the target directory's
-//! lock and a nested `cargo build` would wait for it forever.
+//! from the target directory this test was built into (or `KILN_E2E_BIN`). They must be
+//! built before the test runs: a running `cargo test` holds the target directory's lock, so
+//! a nested `cargo build` would wait for it forever.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -123,17 +123,17 @@ impl Stack {
         stack
     }
 
-    /// The state directory of `scripts/dev`.
+    /// Returns the state directory of `scripts/dev`.
     pub(crate) fn dev_dir(&self) -> PathBuf {
         self.root.path().join("dev")
     }
 
-    /// The agent's state directory (instance records, disks, logs).
+    /// Returns the agent's state directory (instance records, disks, logs).
     pub(crate) fn agent_state_dir(&self) -> PathBuf {
         self.dev_dir().join("agent/state")
     }
 
-    /// A command that runs `program` inside the stack's namespace with the dev stack's
+    /// Builds a command that runs `program` inside the stack's namespace with the dev stack's
     /// environment: its state directory, the CLI's config and context, no build.
     fn in_netns(&self, program: &Path) -> Command {
         let mut command = Command::new("ip");
@@ -255,7 +255,7 @@ impl Stack {
             .to_owned()
     }
 
-    /// The platform hostname of environment `env`.
+    /// Returns the platform hostname of environment `env`.
     pub(crate) fn hostname(&self, env: &str) -> String {
         let status = self.kiln_json(&["status", "--env", env]);
         status["env"]["hostname"]
@@ -264,15 +264,15 @@ impl Stack {
             .to_owned()
     }
 
-    /// The instances of `env` as `kiln status` lists them.
+    /// Returns the instances of `env` as `kiln status` lists them.
     pub(crate) fn instances(&self, env: &str) -> Vec<Value> {
         let status = self.kiln_json(&["status", "--env", env]);
         status["instances"].as_array().cloned().unwrap_or_default()
     }
 
     /// Sends one HTTPS request with SNI `hostname` through the ingress (curl, certificate not
-    /// verified because the app's certificate is self-signed) and returns the parsed answer,
-    /// or curl's error.
+    /// verified because the app's certificate is self-signed) and returns the parsed response
+    /// body, or curl's error.
     pub(crate) fn request(&self, hostname: &str) -> Result<Answer, String> {
         let port = self.ingress_port;
         let mut command = Command::new("ip");
@@ -332,7 +332,7 @@ impl Stack {
             .collect()
     }
 
-    /// The nftables ruleset of the stack's namespace, as `nft list ruleset` prints it.
+    /// Returns the nftables ruleset of the stack's namespace, as `nft list ruleset` prints it.
     pub(crate) fn nft_ruleset(&self) -> String {
         let output = Command::new("ip")
             .args(["netns", "exec", &self.netns, "nft", "list", "ruleset"])
@@ -367,7 +367,7 @@ impl Stack {
         found
     }
 
-    /// The last lines of each daemon's log, for failure messages.
+    /// Returns the last lines of each daemon's log, for failure messages.
     pub(crate) fn daemon_logs(&self) -> String {
         let mut text = String::new();
         for log in [
@@ -423,12 +423,12 @@ impl Answer {
         }
     }
 
-    /// The value of field `key`, or the empty string.
+    /// Returns the value of field `key`, or the empty string.
     pub(crate) fn field(&self, key: &str) -> &str {
         self.fields.get(key).map(String::as_str).unwrap_or("")
     }
 
-    /// The secret names the instance reported.
+    /// Returns the secret names the instance reported.
     pub(crate) fn secrets(&self) -> Vec<String> {
         self.field("secrets")
             .split(',')
