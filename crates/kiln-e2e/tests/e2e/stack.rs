@@ -52,7 +52,7 @@ protocol = "tls"
 [services.https.health]
 type = "tcp"
 interval = "1s"
-timeout = "2s"
+timeout = "1s"
 grace_period = "10s"
 
 [env]
