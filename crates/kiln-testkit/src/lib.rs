@@ -8,3 +8,4 @@
 pub mod oci;
 pub mod registry;
 pub mod postgres;
+pub mod guest;
