@@ -783,3 +783,62 @@ async fn large_multi_layer_image() {
         "sized from content"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_auth_registry() {
+    let temp = tempfile::Builder::new()
+        .prefix("kiln-image-test-")
+        .tempdir()
+        .unwrap();
+    let registry = Registry::start_with_basic_auth("deployer", "s3cret").unwrap();
+    let image = ImageBuilder::new()
+        .layer(
+            LayerBuilder::new().file("private", b"members only", Meta::mode(0o644)),
+            Compression::Gzip,
+        )
+        .build();
+    let repository = registry.unique_repository("auth");
+    Artifact::Image(image)
+        .push_as(
+            registry.address(),
+            &repository,
+            "v1",
+            Some(("deployer", "s3cret")),
+        )
+        .await
+        .unwrap();
+    let reference: ImageRef = format!("{}/{repository}:v1", registry.address())
+        .parse()
+        .unwrap();
+
+    let anonymous =
+        ImageStore::open(&temp.path().join("anonymous"), StoreConfig::default()).unwrap();
+    let error = anonymous.pull(&reference).await.unwrap_err();
+    let message = anyhow_chain(&error);
+    assert!(message.contains("requires authentication"), "{message}");
+    assert!(
+        message.contains(&format!("registry {}", registry.address())),
+        "{message}"
+    );
+
+    let with_password = |password: &str| {
+        let settings = json!({"registries": [{"host": registry.address(), "username": "deployer", "password": password}]});
+        let mut config: StoreConfig = serde_json::from_value(settings).unwrap();
+        config.validate().unwrap();
+        config
+    };
+    let wrong = ImageStore::open(&temp.path().join("wrong"), with_password("guess")).unwrap();
+    let error = wrong.pull(&reference).await.unwrap_err();
+    assert!(
+        anyhow_chain(&error).contains("requires authentication"),
+        "{error:?}"
+    );
+    assert!(
+        !format!("{error:?}").contains("guess"),
+        "the password never appears in errors"
+    );
+
+    let store = ImageStore::open(&temp.path().join("store"), with_password("s3cret")).unwrap();
+    let rootfs = store.pull_rootfs(&reference).await.unwrap();
+    assert_eq!(cat(&rootfs.path, "/private"), "members only");
+}

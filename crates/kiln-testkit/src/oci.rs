@@ -489,7 +489,31 @@ impl Artifact {
 
     /// Pushes the artifact to `registry` (`host:port`, plain HTTP) as `repository:tag`.
     pub async fn push(&self, registry: &str, repository: &str, tag: &str) -> anyhow::Result<()> {
-        let client = reqwest::Client::new();
+        self.push_as(registry, repository, tag, None).await
+    }
+
+    /// Pushes like [`Self::push`], sending basic auth `credentials` (user, password) with
+    /// every request.
+    pub async fn push_as(
+        &self,
+        registry: &str,
+        repository: &str,
+        tag: &str,
+        credentials: Option<(&str, &str)>,
+    ) -> anyhow::Result<()> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some((username, password)) = credentials {
+            use base64::Engine as _;
+            let pair =
+                base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
+            headers.insert(
+                reqwest::header::AUTHORIZATION,
+                format!("Basic {pair}").parse()?,
+            );
+        }
+        let client = reqwest::Client::builder()
+            .default_headers(headers)
+            .build()?;
         let base = format!("http://{registry}/v2/{repository}");
         for image in self.images() {
             for blob in std::iter::once(&image.config).chain(&image.layers) {
