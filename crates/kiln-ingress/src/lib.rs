@@ -15,5 +15,5 @@ pub mod proxy_protocol;
 pub mod routes;
 
 pub use config::{Balance, IngressConfig};
-pub use proxy::{DrainReport, Ingress, StartError};
-pub use routes::{Backends, Route, RouteSet};
+pub use proxy::{ApplyError, DrainReport, Ingress, StartError};
+pub use routes::{Backends, Route, RouteSet, TcpService};

@@ -32,6 +32,23 @@ pub struct RouteFile {
     /// Route for connections whose SNI is missing or matches no route. Without it such
     /// connections are closed.
     pub fallback: Option<Backends>,
+    /// Raw TCP services, each on its own (typically dedicated per-env) address and port.
+    #[serde(default)]
+    pub tcp_services: Vec<TcpService>,
+}
+
+/// A raw TCP service: every connection to `listen` goes to its backends, with no SNI.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpService {
+    /// Address and port to accept on, such as an env's dedicated IPv6 address. The address
+    /// need not be configured on the host yet (the listener uses IP_FREEBIND).
+    pub listen: SocketAddr,
+    /// Backend addresses, `ADDR:PORT` with IPv6 in brackets.
+    pub backends: Vec<SocketAddr>,
+    /// Sends a PROXY protocol v2 header before the client's bytes.
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 /// A set of backends and how to connect to them.
@@ -67,6 +84,8 @@ pub struct RouteSet {
     pub routes: Vec<Route>,
     /// Route for connections without a matching SNI.
     pub fallback: Option<Backends>,
+    /// Raw TCP services on their own listen addresses.
+    pub tcp_services: Vec<TcpService>,
 }
 
 /// Why a route set could not be loaded.
@@ -90,6 +109,14 @@ pub enum RouteError {
         location: String,
         /// What is wrong, from the TOML parser.
         message: String,
+    },
+    /// Two TCP services share a listen address.
+    #[error(
+        "listen address {listen} has more than one TCP service; give each service its own address or port"
+    )]
+    DuplicateListen {
+        /// The repeated address.
+        listen: SocketAddr,
     },
     /// Two routes name the same hostname, so which one applies would be ambiguous.
     #[error(
@@ -116,6 +143,7 @@ impl RouteSet {
         let set = RouteSet {
             routes: file.routes,
             fallback: file.fallback,
+            tcp_services: file.tcp_services,
         };
         set.validate()?;
         Ok(set)
@@ -128,6 +156,14 @@ impl RouteSet {
             if !seen.insert(route.hostname.as_str()) {
                 return Err(RouteError::DuplicateHostname {
                     hostname: route.hostname.clone(),
+                });
+            }
+        }
+        let mut listens = std::collections::HashSet::new();
+        for service in &self.tcp_services {
+            if !listens.insert(service.listen) {
+                return Err(RouteError::DuplicateListen {
+                    listen: service.listen,
                 });
             }
         }
@@ -238,6 +274,8 @@ pub struct RouteTable {
     /// Wildcard routes keyed by the part after `*.`.
     wildcard: HashMap<String, Arc<RouteTarget>>,
     fallback: Option<Arc<RouteTarget>>,
+    /// TCP services keyed by their configured listen address.
+    tcp: HashMap<SocketAddr, Arc<RouteTarget>>,
 }
 
 impl RouteTable {
@@ -268,6 +306,11 @@ impl RouteTable {
                 fallback.proxy_protocol,
             )
         });
+        for service in &set.tcp_services {
+            let name = format!("tcp:{}", service.listen);
+            let compiled = target(&name, &service.backends, service.proxy_protocol);
+            table.tcp.insert(service.listen, compiled);
+        }
         table
     }
 
@@ -284,6 +327,16 @@ impl RouteTable {
     /// The route for connections without a matching SNI, if configured.
     pub fn fallback(&self) -> Option<&Arc<RouteTarget>> {
         self.fallback.as_ref()
+    }
+
+    /// The TCP service configured on `listen`, if any.
+    pub fn tcp_service(&self, listen: SocketAddr) -> Option<&Arc<RouteTarget>> {
+        self.tcp.get(&listen)
+    }
+
+    /// Listen addresses of all TCP services.
+    pub fn tcp_listen_addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.tcp.keys().copied()
     }
 
     /// Number of hostname routes.
@@ -320,6 +373,11 @@ mod tests {
 
         [fallback]
         backends = ["127.0.0.1:7443"]
+
+        [[tcp_services]]
+        listen = "[fd00:6b69:6c6e::5]:5432"
+        backends = ["[fd00:6b69:6c6e:1::9]:5432"]
+        proxy_protocol = true
     "#;
 
     #[test]
@@ -354,6 +412,21 @@ mod tests {
         );
         assert!(table.lookup("other.example.test").is_none());
         assert_eq!(table.fallback().unwrap().name, FALLBACK_ROUTE_NAME);
+        let tcp = table
+            .tcp_service("[fd00:6b69:6c6e::5]:5432".parse().unwrap())
+            .unwrap();
+        assert_eq!(tcp.name, "tcp:[fd00:6b69:6c6e::5]:5432");
+        assert!(tcp.proxy_protocol);
+    }
+
+    #[test]
+    fn route_file_duplicate_listen_rejected() {
+        let service = "[[tcp_services]]\nlisten = \"127.0.0.1:5432\"\nbackends = []\n";
+        let error = parse(&service.repeat(2)).unwrap_err();
+        assert!(
+            matches!(error, RouteError::DuplicateListen { .. }),
+            "{error}"
+        );
     }
 
     #[test]
