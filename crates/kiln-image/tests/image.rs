@@ -190,6 +190,13 @@ async fn registry_image_becomes_ext4_tree() {
             None,
             b"",
             Meta::mode(0o600),
+        )
+        .raw(
+            tar::EntryType::Char,
+            b"dev/console",
+            None,
+            b"",
+            Meta::mode(0o620),
         );
     let image = ImageBuilder::new()
         .layer(layer1, Compression::Gzip)
@@ -262,6 +269,13 @@ async fn registry_image_becomes_ext4_tree() {
         (17, 1000, 50)
     );
     assert_eq!(stat(ext4, "/run/fifo").kind, "FIFO");
+    let console = stat(ext4, "/dev/console");
+    assert_eq!((console.kind.as_str(), console.mode), ("character", 0o620));
+    // 1_700_000_000 seconds, as the builder stamps every entry; directories keep theirs too
+    // although later entries were created inside them.
+    assert!(tool.text.contains("mtime: 0x6553f100"), "{}", tool.text);
+    assert!(home.text.contains("mtime: 0x6553f100"), "{}", home.text);
+    assert!(stat(ext4, "/usr/bin").text.contains("mtime: 0x6553f100"));
     let xattrs = debugfs(ext4, "ea_list /usr/bin/capable");
     assert!(
         xattrs.contains("user.kiln") && xattrs.contains("marked"),
@@ -624,6 +638,22 @@ async fn escapes_are_rejected() {
             ],
             1,
             "stolen",
+        ),
+        (
+            "hardlink-to-directory",
+            vec![
+                LayerBuilder::new()
+                    .dir("d", Meta::mode(0o755))
+                    .hardlink("d2", "d"),
+            ],
+            0,
+            "d2",
+        ),
+        (
+            "hardlink-to-missing",
+            vec![LayerBuilder::new().hardlink("dangling", "no/such/file")],
+            0,
+            "dangling",
         ),
         (
             "whiteout-through-symlink",
