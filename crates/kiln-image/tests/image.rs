@@ -872,3 +872,73 @@ async fn basic_auth_registry() {
     let rootfs = store.pull_rootfs(&reference).await.unwrap();
     assert_eq!(cat(&rootfs.path, "/private"), "members only");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_by_digest_reference() {
+    let fixture = fixture();
+    let image = ImageBuilder::new()
+        .layer(
+            LayerBuilder::new().file("pinned", b"by digest", Meta::mode(0o644)),
+            Compression::Gzip,
+        )
+        .build();
+    let digest = image.manifest.digest.clone();
+    let repository = fixture.registry.unique_repository("digest");
+    Artifact::Image(image)
+        .push(fixture.registry.address(), &repository, "v1")
+        .await
+        .unwrap();
+
+    let reference: ImageRef = format!("{}/{repository}@{digest}", fixture.registry.address())
+        .parse()
+        .unwrap();
+    let rootfs = fixture.store.pull_rootfs(&reference).await.unwrap();
+    assert_eq!(rootfs.digest.to_string(), digest);
+    assert_eq!(cat(&rootfs.path, "/pinned"), "by digest");
+
+    let unknown = format!("sha256:{}", "0".repeat(64));
+    let reference: ImageRef = format!("{}/{repository}@{unknown}", fixture.registry.address())
+        .parse()
+        .unwrap();
+    let error = fixture.store.pull(&reference).await.unwrap_err();
+    let message = anyhow_chain(&error);
+    assert!(message.contains("404"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_written_archive_is_read() {
+    let fixture = fixture();
+    let image = ImageBuilder::new()
+        .layer(base_layer(), Compression::Gzip)
+        .layer(
+            LayerBuilder::new().file("from-skopeo", b"interop", Meta::mode(0o644)),
+            Compression::Zstd,
+        )
+        .config("User", json!("app"))
+        .build();
+    let layout = fixture.work.join("layout");
+    Artifact::Image(image)
+        .write_oci_layout(&layout, "v1")
+        .unwrap();
+
+    // skopeo (a real, independent implementation) repacks our layout as an oci-archive.
+    let archive = fixture.work.join("skopeo.tar");
+    let output = Command::new("/usr/bin/skopeo")
+        .arg("copy")
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("oci-archive:{}:v1", archive.display()))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "skopeo: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let reference: ImageRef = format!("oci-archive:{}:v1", archive.display())
+        .parse()
+        .unwrap();
+    let rootfs = fixture.store.pull_rootfs(&reference).await.unwrap();
+    assert_eq!(cat(&rootfs.path, "/from-skopeo"), "interop");
+    assert_eq!(rootfs.image_config.user.uid, 1000);
+}
