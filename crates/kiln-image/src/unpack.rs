@@ -108,6 +108,8 @@ pub struct UnpackStats {
 }
 
 /// Applies `layers` in order to the existing, empty directory `root`.
+// TODO(security): nothing caps the unpacked size, so a layer that decompresses to more than
+// the free disk space fills the store's filesystem before the build fails.
 pub fn unpack(root: &Path, layers: &[Layer]) -> Result<UnpackStats, UnpackError> {
     let root_dir = Dir::open(root).map_err(|source| UnpackError::OpenRoot {
         path: root.to_owned(),

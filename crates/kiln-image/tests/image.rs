@@ -322,6 +322,8 @@ async fn cached_rootfs_is_reused_and_built_once() {
     let reference = fixture.push("cache", &Artifact::Image(image)).await;
     let pulled = fixture.store.pull(&reference).await.unwrap();
 
+    // Without the per-digest lock the second build would fail renaming onto the first one's
+    // non-empty cache directory, so both succeeding with one inode means one build.
     let (first, second) =
         tokio::join!(fixture.store.rootfs(&pulled), fixture.store.rootfs(&pulled));
     let (first, second) = (first.unwrap(), second.unwrap());
