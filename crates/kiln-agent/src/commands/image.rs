@@ -204,7 +204,6 @@ async fn inspect(args: &StoreArgs, reference: &str, json: bool) -> anyhow::Resul
     if json {
         let object = serde_json::json!({
             "image": image,
-            "config": image.runtime,
             "rootfs": rootfs,
         });
         println!("{}", serde_json::to_string_pretty(&object)?);
