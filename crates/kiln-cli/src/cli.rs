@@ -131,10 +131,16 @@ pub(crate) enum Command {
     /// Write a commented kiln.toml in the current directory
     Init(init::Args),
     /// Create, list, show and destroy apps
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  kiln apps create web\n  kiln apps list\n  kiln apps show web --json"
+    )]
     Apps(apps::Command),
     /// Create, list and destroy environments of an app
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  kiln envs create prod --app web\n  kiln envs list --app web"
+    )]
     Envs(envs::Command),
     /// Deploy the image and kiln.toml to an environment and follow the rollout
     Deploy(deploy::Args),
@@ -153,21 +159,43 @@ pub(crate) enum Command {
     /// Restart the instances of an environment, or of one process type
     Restart(restart::Args),
     /// Set, unset and list environment variables of an environment
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  kiln config set LOG_LEVEL=debug --env prod\n  kiln config list --env prod"
+    )]
     Config(config::Command),
     /// Set, unset and list secrets of an environment (values are never shown)
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  kiln secrets set DATABASE_URL --env prod\n  kiln secrets list --env prod"
+    )]
     Secrets(secrets::Command),
     /// Show recent logs of an environment, or follow them
     Logs(logs::Args),
     /// Show the audit trail of an org, app or environment
     Events(events::Args),
     /// Create, list and revoke API tokens of the org
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  kiln tokens create --name ci --expires-in 30d\n  kiln tokens list"
+    )]
     Tokens(tokens::Command),
     /// List, cordon and drain hosts (admin)
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  kiln hosts list\n  kiln hosts drain host-3"
+    )]
     Hosts(hosts::Command),
     /// Print a shell completion script
     Completion(completion::Args),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grammar_is_consistent() {
+        command().debug_assert();
+    }
 }

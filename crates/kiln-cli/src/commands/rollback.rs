@@ -18,7 +18,8 @@ Examples:
 pub(crate) struct Args {
     /// Release version to go back to, with or without the v [default: the one before the
     /// current release]
-    version: Option<String>,
+    #[arg(value_name = "VERSION")]
+    release: Option<String>,
 
     /// Return once the deploy is accepted instead of following it
     #[arg(long)]
@@ -27,7 +28,7 @@ pub(crate) struct Args {
 
 /// Deploys the chosen release and follows it.
 pub(crate) async fn run(session: &mut Session, args: Args) -> CliResult {
-    let requested = args.version.as_deref().map(parse_version).transpose()?;
+    let requested = args.release.as_deref().map(parse_version).transpose()?;
     let target = EnvTarget::from_session(session)?;
     let api = session.api()?;
 
