@@ -262,3 +262,66 @@ fn every_command_has_example() {
         );
     }
 }
+
+#[test]
+fn deploy_shows_manifest_errors() {
+    let mut kiln = Kiln::new();
+    kiln.set_env("KILN_TOKEN", "kiln_unused");
+    kiln.set_env("KILN_API_URL", "http://127.0.0.1:9");
+    kiln.run(&["init", "--name", "web"]).ok();
+    let path = kiln.workdir().join("kiln.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("memory = \"512MiB\"", "memory = \"64MiB\""),
+    )
+    .unwrap();
+
+    let run = kiln.run(&[
+        "deploy",
+        "--env",
+        "prod",
+        "--org",
+        "acme",
+        "--image",
+        "127.0.0.1:5000/web:1",
+    ]);
+
+    run.expect_code(1);
+    assert!(
+        run.stderr
+            .contains("error: kiln.toml is not a valid manifest: 1 error"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("[kiln.toml:16:10]"), "{}", run.stderr);
+    assert!(run.stderr.contains("memory = \"64MiB\""), "{}", run.stderr);
+    assert!(run.stderr.contains("^^^"), "no underline:\n{}", run.stderr);
+    assert!(
+        run.stderr.contains("below the minimum of 128 MiB"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !run.stderr.contains("request"),
+        "no request may be sent:\n{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn deploy_without_manifest_says_init() {
+    let mut kiln = Kiln::new();
+    kiln.set_env("KILN_TOKEN", "kiln_unused");
+    kiln.set_env("KILN_API_URL", "http://127.0.0.1:9");
+
+    let run = kiln.run(&["deploy", "--env", "prod", "--org", "acme"]);
+
+    run.expect_code(1);
+    assert!(
+        run.stderr.contains("cannot read manifest kiln.toml"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("run `kiln init`"), "{}", run.stderr);
+}
