@@ -7,3 +7,5 @@
 mod docs;
 mod harness;
 mod local;
+mod registry;
+mod resolve;
