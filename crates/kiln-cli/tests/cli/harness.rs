@@ -97,8 +97,12 @@ impl Kiln {
         self.run_with_stdin(args, None)
     }
 
-    /// Runs `kiln ARGS` with `input` piped to stdin.
-    pub(crate) fn run_with_stdin(&self, args: &[&str], input: Option<&str>) -> Run {
+    /// Starts `kiln ARGS` with stdin empty and stdout and stderr piped, without waiting.
+    pub(crate) fn spawn(&self, args: &[&str]) -> std::process::Child {
+        self.command(args, false).spawn().expect("spawn kiln")
+    }
+
+    fn command(&self, args: &[&str], piped_stdin: bool) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
         command
             .args(args)
@@ -107,7 +111,7 @@ impl Kiln {
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HOME", self.home.path())
             .env("XDG_CONFIG_HOME", self.home.path().join("config"))
-            .stdin(if input.is_some() {
+            .stdin(if piped_stdin {
                 Stdio::piped()
             } else {
                 Stdio::null()
@@ -117,7 +121,15 @@ impl Kiln {
         for (key, value) in &self.env {
             command.env(key, value);
         }
-        let mut child = command.spawn().expect("spawn kiln");
+        command
+    }
+
+    /// Runs `kiln ARGS` with `input` piped to stdin.
+    pub(crate) fn run_with_stdin(&self, args: &[&str], input: Option<&str>) -> Run {
+        let mut child = self
+            .command(args, input.is_some())
+            .spawn()
+            .expect("spawn kiln");
         if let Some(input) = input {
             child
                 .stdin

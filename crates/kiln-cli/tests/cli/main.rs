@@ -4,8 +4,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod commands;
+mod deploys;
 mod docs;
 mod harness;
 mod local;
 mod registry;
 mod resolve;
+mod secrets;
+mod server;
