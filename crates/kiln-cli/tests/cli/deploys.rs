@@ -103,7 +103,7 @@ fn rollback_requests_old_version() {
     let run = kiln.run(&["rollback", "1", "--detach", "--json", "--verbose"]);
 
     assert!(
-        run.stderr.contains(r#"{"target":{"release_version":1}"#),
+        run.stderr.contains(r#""target":{"release_version":1}"#),
         "{}",
         run.stderr
     );
