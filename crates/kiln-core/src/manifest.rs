@@ -14,6 +14,7 @@ mod environments;
 mod fields;
 mod reader;
 mod schema;
+mod services;
 mod units;
 mod validate;
 

@@ -66,14 +66,21 @@ impl ErrorCode {
     }
 }
 
+impl serde::Serialize for ErrorCode {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
 impl fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
 }
 
-/// One problem in a manifest. It displays as `key.path: message`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One problem in a manifest. It displays as `key.path: message` and serializes to JSON for
+/// API error details (`span` as `{"start": .., "end": ..}` byte offsets).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ManifestError {
     /// Kind of problem.
     pub code: ErrorCode,

@@ -12,12 +12,13 @@ use std::ops::Range;
 use super::diagnostics::{Diagnostics, ErrorCode, Problem};
 use super::fields::{Field, Spanned, TableRef, table};
 use super::reader::{
-    DeployDraft, HostnameEntry, named_entries, read_count, read_deploy, read_env, read_hostnames,
-    read_memory, read_vcpus, read_volume_size,
+    DeployDraft, named_entries, read_count, read_deploy, read_env, read_memory, read_vcpus,
+    read_volume_size,
 };
 use super::schema::{
     EnvOverrides, Manifest, ProcessOverride, ResolvedManifest, Service, VolumeOverride,
 };
+use super::services::{HostnameEntry, read_hostnames};
 use crate::names::EnvName;
 
 const ENV_KEYS: &[&str] = &["processes", "services", "env", "volumes", "deploy"];

@@ -240,18 +240,13 @@ pub(super) fn table_list<'a>(
         Item::Value(Value::Array(array)) => {
             let mut tables = Vec::new();
             for (index, element) in array.iter().enumerate() {
+                let span = element.span().unwrap_or_else(|| field.key_span.clone());
                 let Some(inner) = element.as_inline_table() else {
-                    let element_field = Field {
-                        path: path_at(index),
-                        key: field.key,
-                        key_span: element.span().unwrap_or_else(|| field.key_span.clone()),
-                        item: field.item,
-                    };
                     diagnostics.push(
-                        element_field.key_span.clone(),
+                        span,
                         Problem {
                             code: ErrorCode::WrongType,
-                            key: element_field.path,
+                            key: path_at(index),
                             message: format!(
                                 "expected an inline table, found {}",
                                 describe_value(element)
@@ -263,7 +258,7 @@ pub(super) fn table_list<'a>(
                 };
                 tables.push(TableRef {
                     path: path_at(index),
-                    anchor: element.span().unwrap_or_else(|| field.key_span.clone()),
+                    anchor: span,
                     inner: inner as &dyn TableLike,
                 });
             }

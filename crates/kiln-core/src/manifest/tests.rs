@@ -198,6 +198,19 @@ fn startup_accepts_inline_array() {
     assert_eq!(manifest.startup[1].timeout, Duration::from_secs(5));
 }
 
+#[test]
+fn example_app_manifest_is_valid() {
+    let source = include_str!("../../../../examples/hello-tls/kiln.toml");
+    let manifest = Manifest::parse(source).unwrap();
+    let https = &manifest.services[&service("https")];
+    assert_eq!(https.port, 8443);
+    assert_eq!(https.protocol, Protocol::Tls);
+    assert_eq!(
+        manifest.resolve(&env("prod")).processes[&process("web")].count,
+        2
+    );
+}
+
 // Environment overrides.
 
 #[test]
@@ -1005,6 +1018,19 @@ fn all_errors_collected() {
             error.found.trim_end_matches('…')
         );
     }
+}
+
+#[test]
+fn error_serializes_for_api_details() {
+    let error = one_error("app = \"a\"\n[processes.web]\nvcpus = 0\n");
+    let json = serde_json::to_value(&error).unwrap();
+    assert_eq!(json["code"], "manifest::out_of_range");
+    assert_eq!(json["key"], "processes.web.vcpus");
+    assert_eq!(json["line"], 3);
+    assert_eq!(json["column"], 9);
+    assert_eq!(json["found"], "0");
+    assert_eq!(json["span"]["start"], 34);
+    assert_eq!(json["span"]["end"], 35);
 }
 
 // The canonical form.

@@ -7,7 +7,7 @@ use std::ops::Range;
 use super::diagnostics::{Diagnostics, ErrorCode, Problem};
 use super::environments::OverrideDraft;
 use super::fields::Spanned;
-use super::reader::{DeployDraft, Draft, HealthDraft, VolumeDraft, tcp_hostnames_problem};
+use super::reader::{DeployDraft, Draft, VolumeDraft};
 use super::schema::{
     DEFAULT_COUNT, DEFAULT_EXPECTED_STATUS, DEFAULT_HEALTH_GRACE, DEFAULT_HEALTH_INTERVAL,
     DEFAULT_HEALTH_TIMEOUT, DEFAULT_KILL_TIMEOUT, DEFAULT_MAX_SURGE, DEFAULT_MEMORY_MIB,
@@ -15,6 +15,7 @@ use super::schema::{
     HealthCheck, Manifest, MaxSurge, Probe, Process, Protocol, ReleaseCommand, Service,
     ServiceName, ServiceOverride, StartupScript, Volume, VolumeName,
 };
+use super::services::{HealthDraft, tcp_hostnames_problem};
 use crate::names::{EnvName, Hostname, ProcessName};
 
 /// Checks the rules that involve more than one table.
