@@ -58,3 +58,11 @@ pub(crate) fn confirm_by_typing(action: &str, expected: &str, assume_yes: bool) 
     }
     Ok(())
 }
+
+/// Registers for SIGINT (Ctrl-C) at once, so from now on it is delivered to the returned
+/// stream instead of ending the process. Commands that follow server-side work use it to
+/// stop following with exit code 130 and say how to resume.
+pub(crate) fn interrupt_signal() -> CliResult<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|error| CliError::failure("cannot install the Ctrl-C handler").with_source(error))
+}

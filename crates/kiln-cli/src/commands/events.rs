@@ -53,8 +53,7 @@ pub(crate) async fn run(session: &mut Session, args: Args) -> CliResult {
 
     let mut cursor = args.after.unwrap_or(0);
     let mut first = true;
-    let interrupt = tokio::signal::ctrl_c();
-    tokio::pin!(interrupt);
+    let mut interrupt = crate::terminal::interrupt_signal()?;
     loop {
         let wait = if first || !args.follow {
             0
@@ -75,7 +74,7 @@ pub(crate) async fn run(session: &mut Session, args: Args) -> CliResult {
 
         let page: EventPage = tokio::select! {
             page = api.get_query(&path, &query, Duration::from_secs(wait)) => page?,
-            _ = &mut interrupt => {
+            _ = interrupt.recv() => {
                 return Err(CliError::new(ExitKind::Interrupted, "stopped following events")
                     .with_hint(format!("continue from here with: kiln events -f --after {cursor}")));
             }

@@ -81,8 +81,7 @@ pub(crate) async fn run(session: &mut Session, args: Args) -> CliResult {
     print_stream(session, &page.entries)?;
 
     let mut cursor = page.cursor;
-    let interrupt = tokio::signal::ctrl_c();
-    tokio::pin!(interrupt);
+    let mut interrupt = crate::terminal::interrupt_signal()?;
     loop {
         let mut follow_query: Vec<(&str, String)> = query
             .iter()
@@ -94,7 +93,7 @@ pub(crate) async fn run(session: &mut Session, args: Args) -> CliResult {
 
         let page: LogPage = tokio::select! {
             page = api.get_query(&path, &follow_query, Duration::from_secs(FOLLOW_WAIT_SECS)) => page?,
-            _ = &mut interrupt => {
+            _ = interrupt.recv() => {
                 return Err(CliError::new(ExitKind::Interrupted, "stopped following logs")
                     .with_hint(format!("follow again with: kiln logs -f --env {}", target.env)));
             }

@@ -314,3 +314,41 @@ fn verbose_redacts_token() {
     assert!(run.stderr.contains("< 200 OK"), "{}", run.stderr);
     assert!(!run.all_output().contains(&control.org_token));
 }
+
+#[test]
+fn hosts_cordon_and_drain() {
+    let control = Control::start();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let status = runtime.block_on(async {
+        reqwest::Client::new()
+            .post(format!("{}/v1/hosts", control.url))
+            .bearer_auth(&control.operator_token)
+            .header("idempotency-key", "hosts-cordon-test")
+            .json(&serde_json::json!({ "name": "host-1" }))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(status.as_u16(), 201, "create host");
+    let mut operator = Kiln::new();
+    operator.set_env("KILN_API_URL", &control.url);
+    operator.set_env("KILN_TOKEN", &control.operator_token);
+
+    let cordoned = operator.run(&["hosts", "cordon", "host-1"]);
+    cordoned.ok();
+    assert_snapshot!("hosts_cordon_stdout", cordoned.stdout);
+    let json = operator.run(&["hosts", "uncordon", "host-1", "--json"]);
+    json.ok();
+    assert_eq!(json.json()["name"], "host-1");
+    operator.run(&["hosts", "drain", "host-1"]).ok();
+    let list = operator.run(&["hosts", "list", "--json"]);
+    list.ok();
+    assert_eq!(list.json()["items"][0]["name"], "host-1");
+
+    let denied = control.kiln().run(&["hosts", "drain", "host-1"]);
+    denied.expect_code(5);
+}

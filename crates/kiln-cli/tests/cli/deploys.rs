@@ -103,7 +103,7 @@ fn rollback_requests_old_version() {
     let run = kiln.run(&["rollback", "1", "--detach", "--json", "--verbose"]);
 
     assert!(
-        run.stderr.contains(r#"{"target":{"release_version":1}"#),
+        run.stderr.contains(r#""target":{"release_version":1}"#),
         "{}",
         run.stderr
     );
@@ -153,4 +153,46 @@ fn interrupt_detaches_from_deploy() {
         1,
         "the deploy was not cancelled"
     );
+}
+
+#[test]
+fn scale_logs_plan_after_deploy() {
+    let control = Control::start();
+    let registry = Registry::start();
+    let repository = unique_repository("web");
+    registry.push_image(&repository, "1.0", b"v1");
+    let kiln = project(&control);
+    let image = format!("{}/{repository}:1.0", registry.addr);
+    kiln.run(&["deploy", "--image", &image, "--detach"]).ok();
+
+    let scaled = kiln.run(&["scale", "web=3", "--json"]);
+    scaled.ok();
+    assert_eq!(scaled.json()["scale"]["web"], 3);
+
+    let logs = kiln.run(&["logs"]);
+    logs.ok();
+    assert!(logs.stdout.is_empty(), "{}", logs.stdout);
+    let logs_json = kiln.run(&["logs", "--json", "--since", "15m"]);
+    logs_json.ok();
+    assert_eq!(logs_json.json()["entries"], serde_json::json!([]));
+
+    // The server answers plans with not_implemented until the deploy orchestrator lands;
+    // the CLI must report that plainly rather than fail to decode.
+    let plan = kiln.run(&["plan", "--image", &image, "--json"]);
+    if plan.code != 0 {
+        plan.expect_code(1);
+        assert!(
+            plan.stderr
+                .contains("POST /v1/orgs/acme/apps/web/envs/prod/plans failed"),
+            "{}",
+            plan.stderr
+        );
+        assert!(plan.stdout.is_empty(), "{}", plan.stdout);
+    } else {
+        assert!(plan.json()["steps"].is_array(), "{}", plan.stdout);
+    }
+
+    let status = kiln.run(&["status", "--json"]);
+    status.ok();
+    assert_eq!(status.json()["release"]["version"], 1);
 }

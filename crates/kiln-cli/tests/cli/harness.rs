@@ -153,7 +153,7 @@ pub(crate) fn redact(text: &str) -> String {
     let rules = [
         (
             r"\b(org|app|env|rel|dep|inst|host|tok)_[0-9a-f]{32}\b",
-            "[$1_id]",
+            "[${1}_id]",
         ),
         (
             r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b",
@@ -170,6 +170,7 @@ pub(crate) fn redact(text: &str) -> String {
         (r"kiln_[A-Za-z0-9_\-]{20,}", "[token]"),
         (r"fd[0-9a-f]{2}(:[0-9a-f]{0,4}){2,7}", "[ipv6]"),
         (r"\([0-9]+ ms\)", "([ms])"),
+        (r"-[0-9a-f]{32}\b", "-[unique]"),
         (r"in [0-9]+s\b", "in [s]"),
     ];
     let mut text = text.to_owned();

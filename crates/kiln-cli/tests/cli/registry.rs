@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-/// How long a private registry may take to answer `GET /v2/` after it starts.
+/// How long a private registry may take to return 200 for `GET /v2/` after it starts.
 const REGISTRY_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A registry reachable at `addr` (`127.0.0.1:PORT`).
@@ -177,7 +177,7 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// A repository name no other test uses.
+/// Returns a repository name no other test uses.
 pub(crate) fn unique_repository(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }

@@ -206,16 +206,10 @@ impl Store {
             projections::apply(tx, envelope).await?;
         }
 
-        // From here to commit, appends are serialized: seq order is commit order.
-        sqlx::query("SELECT pg_advisory_xact_lock($1), pg_notify($2, '')")
-            .bind(APPEND_LOCK_KEY)
-            .bind(NOTIFY_CHANNEL)
-            .execute(&mut **tx)
-            .await
-            .map_err(StoreError::database("take append lock"))?;
-
-        for envelope in &mut envelopes {
-            envelope.seq = insert_event(tx, envelope).await?;
+        // The first insert takes the append lock before it draws a seq; from there to commit,
+        // appends are serialized, so seq order is commit order.
+        for (index, envelope) in envelopes.iter_mut().enumerate() {
+            envelope.seq = insert_event(tx, envelope, index == 0).await?;
         }
         Ok(envelopes)
     }
@@ -324,74 +318,90 @@ async fn bump_stream(
     expected: ExpectedVersion,
     count: u64,
 ) -> Result<u64, StoreError> {
-    let current: Option<i64> =
-        sqlx::query_scalar("SELECT version FROM streams WHERE id = $1 FOR UPDATE")
-            .bind(stream)
-            .fetch_optional(&mut **tx)
-            .await
-            .map_err(StoreError::database("lock stream"))?;
-    let actual = current.unwrap_or(0) as u64;
-
-    let matches = match expected {
-        ExpectedVersion::Any => true,
-        ExpectedVersion::NoStream => current.is_none(),
-        ExpectedVersion::Exact(version) => version == actual,
+    // One statement locks the stream row, checks the expected version and bumps it. No row
+    // comes back when the check fails (or, for `NoStream`, when the stream exists).
+    let sql = match expected {
+        ExpectedVersion::Any => {
+            "INSERT INTO streams (id, version) VALUES ($1, $2)
+             ON CONFLICT (id) DO UPDATE SET version = streams.version + $2
+             WHERE $3::bigint = 0
+             RETURNING version"
+        }
+        ExpectedVersion::NoStream | ExpectedVersion::Exact(0) => {
+            "INSERT INTO streams (id, version) SELECT $1, $2 WHERE $3::bigint = 0
+             ON CONFLICT (id) DO NOTHING
+             RETURNING version"
+        }
+        ExpectedVersion::Exact(_) => {
+            "UPDATE streams SET version = version + $2 WHERE id = $1 AND version = $3
+             RETURNING version"
+        }
     };
-    if !matches {
-        return Err(StoreError::Conflict {
-            stream: stream.to_owned(),
-            expected,
-            actual,
-        });
+    let expected_version = match expected {
+        ExpectedVersion::Exact(version) => version as i64,
+        _ => 0,
+    };
+    let bumped: Option<i64> = sqlx::query_scalar(sql)
+        .bind(stream)
+        .bind(count as i64)
+        .bind(expected_version)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(StoreError::database("bump stream"))?;
+    if let Some(version) = bumped {
+        return Ok(version as u64 - count);
     }
 
-    // A concurrent first append of the same stream fails here on the primary key, which is
-    // reported as a conflict like any other lost race.
-    let result = sqlx::query(
-        "INSERT INTO streams (id, version) VALUES ($1, $2)
-         ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version",
-    )
-    .bind(stream)
-    .bind((actual + count) as i64)
-    .execute(&mut **tx)
-    .await;
-    match result {
-        Ok(_) => Ok(actual),
-        Err(error) => match StoreError::database("bump stream")(error) {
-            StoreError::Duplicate { .. } => Err(StoreError::Conflict {
-                stream: stream.to_owned(),
-                expected,
-                actual,
-            }),
-            other => Err(other),
-        },
-    }
+    let actual: Option<i64> = sqlx::query_scalar("SELECT version FROM streams WHERE id = $1")
+        .bind(stream)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(StoreError::database("read stream version"))?;
+    Err(StoreError::Conflict {
+        stream: stream.to_owned(),
+        expected,
+        actual: actual.unwrap_or(0) as u64,
+    })
 }
 
+/// Inserts one event. With `take_lock`, the same statement first takes the append lock and
+/// queues the notification: the row comes from the lock's CTE, so the lock is held before
+/// the `seq` default is evaluated.
 async fn insert_event(
     tx: &mut Transaction<'static, Postgres>,
     envelope: &EventEnvelope,
+    take_lock: bool,
 ) -> Result<u64, StoreError> {
     let payload = serde_json::to_value(&envelope.event)
         .map_err(|source| StoreError::Codec { seq: 0, source })?;
-    let seq: i64 = sqlx::query_scalar(
+    let sql = if take_lock {
+        "WITH appending AS (SELECT pg_advisory_xact_lock($10), pg_notify($11, ''))
+         INSERT INTO events
+             (stream, stream_version, org_id, env_id, host_id, type, payload, actor, time)
+         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 FROM appending
+         RETURNING seq"
+    } else {
         "INSERT INTO events
              (stream, stream_version, org_id, env_id, host_id, type, payload, actor, time)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-         RETURNING seq",
-    )
-    .bind(&envelope.stream)
-    .bind(envelope.stream_version as i64)
-    .bind(envelope.org_id.map(|id| id.as_uuid()))
-    .bind(envelope.event.env_id().map(|id| id.as_uuid()))
-    .bind(envelope.event.host_id().map(|id| id.as_uuid()))
-    .bind(envelope.event.type_name())
-    .bind(payload)
-    .bind(&envelope.actor)
-    .bind(envelope.time)
-    .fetch_one(&mut **tx)
-    .await
-    .map_err(StoreError::database("insert event"))?;
+         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE $10::bigint IS NOT NULL
+                AND $11::text IS NOT NULL
+         RETURNING seq"
+    };
+    let seq: i64 = sqlx::query_scalar(sql)
+        .bind(&envelope.stream)
+        .bind(envelope.stream_version as i64)
+        .bind(envelope.org_id.map(|id| id.as_uuid()))
+        .bind(envelope.event.env_id().map(|id| id.as_uuid()))
+        .bind(envelope.event.host_id().map(|id| id.as_uuid()))
+        .bind(envelope.event.type_name())
+        .bind(payload)
+        .bind(&envelope.actor)
+        .bind(envelope.time)
+        .bind(APPEND_LOCK_KEY)
+        .bind(NOTIFY_CHANNEL)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(StoreError::database("insert event"))?;
     Ok(seq as u64)
 }
 

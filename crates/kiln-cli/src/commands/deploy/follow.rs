@@ -55,6 +55,9 @@ pub(crate) async fn after_create(
         return Ok(());
     }
 
+    // Registered before anything is printed, so a Ctrl-C from someone who saw the first line
+    // always detaches instead of killing the process with the default action.
+    let mut interrupt = crate::terminal::interrupt_signal()?;
     if !session.out.is_json() {
         session.out.note(&format!(
             "Deploying {} v{} ({}) as {}",
@@ -64,7 +67,7 @@ pub(crate) async fn after_create(
             deploy.id
         ));
     }
-    follow(session, api, target, created, &again).await
+    follow(session, api, target, created, &again, &mut interrupt).await
 }
 
 /// Progress of one deploy, built from events.
@@ -172,6 +175,7 @@ async fn follow(
     target: &EnvTarget,
     created: &CreatedDeploy,
     again: &str,
+    interrupt: &mut tokio::signal::unix::Signal,
 ) -> CliResult {
     let started = Instant::now();
     let path = route(routes::ORG_EVENTS, &[("org", target.org.as_str())]);
@@ -185,8 +189,6 @@ async fn follow(
     let mut view = View::default();
     let mut cursor = created.cursor;
 
-    let interrupt = tokio::signal::ctrl_c();
-    tokio::pin!(interrupt);
     let deploy = loop {
         let query = [
             ("after", cursor.to_string()),
@@ -196,7 +198,7 @@ async fn follow(
         ];
         let page: EventPage = tokio::select! {
             page = api.get_query(&path, &query, Duration::from_secs(POLL_WAIT_SECS)) => page?,
-            _ = &mut interrupt => {
+            _ = interrupt.recv() => {
                 spinner.finish_and_clear();
                 return Err(CliError::new(
                     ExitKind::Interrupted,

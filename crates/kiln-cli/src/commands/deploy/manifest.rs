@@ -140,10 +140,10 @@ fn release_spec(manifest: &ResolvedManifest) -> ReleaseSpec {
         Deploy::Immediate => (DeployStrategy::Immediate, 1),
     };
 
-    // TODO(correctness): the API's release spec has one kill signal and timeout, one argv
-    // string per startup script and no per-process volume or HTTP status; the CLI sends the
-    // first process type's signal, the longest timeout and each script's argv joined with
-    // spaces, so those manifest details do not reach the server yet.
+    // TODO(correctness): the API's release spec has one kill signal and one kill timeout, an
+    // argv string per startup script, and no per-process volume or expected HTTP status. The
+    // CLI sends the first process type's signal, the longest timeout and each script's argv
+    // joined with spaces, so the other manifest details do not reach the server yet.
     let kill_signal = manifest.processes.values().next().map_or_else(
         || "SIGTERM".to_owned(),
         |p| p.kill_signal.as_str().to_owned(),
