@@ -40,7 +40,7 @@ enum Phase {
     Closing,
 }
 
-/// Why the ingress could not start.
+/// Error starting the ingress.
 #[derive(Debug, Error)]
 pub enum StartError {
     /// The configuration is invalid.
@@ -63,7 +63,7 @@ pub enum StartError {
     },
 }
 
-/// Why a route set was not applied; the previous routes stay in effect.
+/// Error applying a route set. The previous routes stay in effect.
 #[derive(Debug, Error)]
 pub enum ApplyError {
     /// The route set is invalid.
@@ -88,7 +88,7 @@ pub enum ApplyError {
     },
 }
 
-/// What a listener routes by.
+/// Routing mode of a listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ListenerKind {
     /// The SNI of the ClientHello.
@@ -214,7 +214,7 @@ impl Ingress {
         self.metrics_addr
     }
 
-    /// The ingress counters.
+    /// Returns the ingress counters.
     pub fn metrics(&self) -> &Metrics {
         &self.shared.metrics
     }
@@ -457,7 +457,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, kind: ListenerK
     }
 }
 
-/// Why a connection ended early, with the route if one was chosen.
+/// Reason a connection ended early, with the route if one was chosen.
 struct Closed {
     reason: CloseReason,
     route: Option<Arc<RouteTarget>>,

@@ -526,7 +526,8 @@ async fn ipv6_and_ipv4_listeners() {
         .await
         .unwrap();
     let (v6, v4) = (ingress.listen_addrs()[0], ingress.listen_addrs()[1]);
-    assert!(v6.is_ipv6() && v4.is_ipv4());
+    assert!(v6.is_ipv6());
+    assert!(v4.is_ipv4());
 
     for listener in [v6, v4] {
         assert_eq!(
