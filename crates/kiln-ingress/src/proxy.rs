@@ -283,10 +283,16 @@ impl Ingress {
     pub async fn shutdown(self) -> DrainReport {
         let shared = &self.shared;
         shared.phase.send_replace(Phase::Draining);
-        for task in &self.listener_tasks {
+        // Awaiting the aborted tasks drops their sockets, so the listeners are closed once
+        // the drain starts.
+        for task in self.listener_tasks {
             task.abort();
+            let _ = task.await;
         }
-        close_all_tcp_listeners(shared);
+        for task in take_tcp_listener_tasks(shared) {
+            task.abort();
+            let _ = task.await;
+        }
         tracing::info!(
             open = shared.metrics.active.load(Ordering::Relaxed),
             "draining connections"
@@ -397,12 +403,13 @@ fn close_unwanted_tcp_listeners(
     });
 }
 
-fn close_all_tcp_listeners(shared: &Shared) {
+/// Removes every TCP service listener and returns their tasks.
+fn take_tcp_listener_tasks(shared: &Shared) -> Vec<JoinHandle<()>> {
     let mut tcp_listeners = shared
         .tcp_listeners
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    close_unwanted_tcp_listeners(&mut tcp_listeners, &[]);
+    tcp_listeners.drain().map(|(_, entry)| entry.task).collect()
 }
 
 fn reconcile_tcp_listeners(

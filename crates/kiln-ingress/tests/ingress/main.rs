@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod binary;
+mod control;
 mod support;
 
 use std::net::SocketAddr;
