@@ -21,10 +21,10 @@ use crate::routes::{Route, RouteSet, TcpService};
 const WATCH_WAIT_SECS: u64 = 30;
 /// First delay after a failed request.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(250);
-/// Longest delay between retries.
+/// Maximum delay between retries.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-/// Why following the control plane stopped.
+/// Error that stops following the control plane.
 #[derive(Debug, Error)]
 pub enum ControlError {
     /// The control plane rejected the request in a way a retry cannot fix, such as an
