@@ -8,6 +8,7 @@
 pub mod balance;
 pub mod client_hello;
 pub mod config;
+pub mod control;
 pub mod copy;
 pub mod metrics;
 pub mod proxy;

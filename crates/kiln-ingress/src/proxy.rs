@@ -40,7 +40,7 @@ enum Phase {
     Closing,
 }
 
-/// Why the ingress could not start.
+/// Error starting the ingress.
 #[derive(Debug, Error)]
 pub enum StartError {
     /// The configuration is invalid.
@@ -63,7 +63,7 @@ pub enum StartError {
     },
 }
 
-/// Why a route set was not applied; the previous routes stay in effect.
+/// Error applying a route set. The previous routes stay in effect.
 #[derive(Debug, Error)]
 pub enum ApplyError {
     /// The route set is invalid.
@@ -88,7 +88,7 @@ pub enum ApplyError {
     },
 }
 
-/// What a listener routes by.
+/// Routing mode of a listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ListenerKind {
     /// The SNI of the ClientHello.
@@ -214,7 +214,7 @@ impl Ingress {
         self.metrics_addr
     }
 
-    /// The ingress counters.
+    /// Returns the ingress counters.
     pub fn metrics(&self) -> &Metrics {
         &self.shared.metrics
     }
@@ -283,10 +283,16 @@ impl Ingress {
     pub async fn shutdown(self) -> DrainReport {
         let shared = &self.shared;
         shared.phase.send_replace(Phase::Draining);
-        for task in &self.listener_tasks {
+        // Awaiting the aborted tasks drops their sockets, so the listeners are closed once
+        // the drain starts.
+        for task in self.listener_tasks {
             task.abort();
+            let _ = task.await;
         }
-        close_all_tcp_listeners(shared);
+        for task in take_tcp_listener_tasks(shared) {
+            task.abort();
+            let _ = task.await;
+        }
         tracing::info!(
             open = shared.metrics.active.load(Ordering::Relaxed),
             "draining connections"
@@ -397,12 +403,13 @@ fn close_unwanted_tcp_listeners(
     });
 }
 
-fn close_all_tcp_listeners(shared: &Shared) {
+/// Removes every TCP service listener and returns their tasks.
+fn take_tcp_listener_tasks(shared: &Shared) -> Vec<JoinHandle<()>> {
     let mut tcp_listeners = shared
         .tcp_listeners
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    close_unwanted_tcp_listeners(&mut tcp_listeners, &[]);
+    tcp_listeners.drain().map(|(_, entry)| entry.task).collect()
 }
 
 fn reconcile_tcp_listeners(
@@ -457,7 +464,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, kind: ListenerK
     }
 }
 
-/// Why a connection ended early, with the route if one was chosen.
+/// Reason a connection ended early, with the route if one was chosen.
 struct Closed {
     reason: CloseReason,
     route: Option<Arc<RouteTarget>>,

@@ -88,7 +88,7 @@ pub struct RouteSet {
     pub tcp_services: Vec<TcpService>,
 }
 
-/// Why a route set could not be loaded.
+/// Error loading a route set.
 #[derive(Debug, Error)]
 pub enum RouteError {
     /// The route file could not be read.
@@ -107,7 +107,7 @@ pub enum RouteError {
         path: PathBuf,
         /// `line L, column C` of the offending value.
         location: String,
-        /// What is wrong, from the TOML parser.
+        /// The TOML parser's message.
         message: String,
     },
     /// Two TCP services share a listen address.
@@ -216,7 +216,7 @@ impl Backend {
         self.failed_until_ms.store(0, Ordering::Relaxed);
     }
 
-    /// Whether a recent connect failed and its cooldown has not passed.
+    /// Returns true if a recent connect failed and its cooldown has not passed.
     pub fn is_cooling_down(&self) -> bool {
         let until_ms = self.failed_until_ms.load(Ordering::Relaxed);
         until_ms != 0 && self.epoch.elapsed().as_millis() < u128::from(until_ms)
@@ -246,7 +246,7 @@ impl BackendRegistry {
         if let Some(backend) = backends.get(&addr).and_then(Weak::upgrade) {
             return backend;
         }
-        // Forget backends that no table and no connection holds any more.
+        // Forget backends that no table and no connection references any more.
         backends.retain(|_, backend| backend.strong_count() > 0);
         let backend = Arc::new(Backend::new(addr));
         backends.insert(addr, Arc::downgrade(&backend));
@@ -324,12 +324,12 @@ impl RouteTable {
         self.wildcard.get(parent)
     }
 
-    /// The route for connections without a matching SNI, if configured.
+    /// Returns the route for connections without a matching SNI, if configured.
     pub fn fallback(&self) -> Option<&Arc<RouteTarget>> {
         self.fallback.as_ref()
     }
 
-    /// The TCP service configured on `listen`, if any.
+    /// Returns the TCP service configured on `listen`, if any.
     pub fn tcp_service(&self, listen: SocketAddr) -> Option<&Arc<RouteTarget>> {
         self.tcp.get(&listen)
     }
@@ -344,7 +344,7 @@ impl RouteTable {
         self.exact.len() + self.wildcard.len()
     }
 
-    /// Whether the table has no hostname routes.
+    /// Returns true if the table has no hostname routes.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod binary;
+mod control;
 mod support;
 
 use std::net::SocketAddr;
@@ -526,7 +527,8 @@ async fn ipv6_and_ipv4_listeners() {
         .await
         .unwrap();
     let (v6, v4) = (ingress.listen_addrs()[0], ingress.listen_addrs()[1]);
-    assert!(v6.is_ipv6() && v4.is_ipv4());
+    assert!(v6.is_ipv6());
+    assert!(v4.is_ipv4());
 
     for listener in [v6, v4] {
         assert_eq!(
