@@ -120,6 +120,11 @@ impl QemuDriver {
         self.accelerator
     }
 
+    /// The TSC rate in kHz passed to microvm guests under TCG, measured at driver creation.
+    pub fn tsc_khz(&self) -> Option<u64> {
+        self.tsc_khz
+    }
+
     fn uses_microvm(&self) -> bool {
         self.accelerator == Accelerator::Kvm || self.config.tcg_machine == TcgMachine::Microvm
     }
