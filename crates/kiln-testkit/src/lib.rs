@@ -6,3 +6,5 @@
 //! that is stopped and removed when the test process ends.
 
 pub mod guest;
+pub mod oci;
+pub mod registry;
