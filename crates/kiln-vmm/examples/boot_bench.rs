@@ -53,29 +53,48 @@ async fn main() {
 
         let mut kiln = Vec::new();
         let mut bare = Vec::new();
+        let mut failures = (0, 0);
         for boot in 0..boots {
             // Alternate so both see the same host load.
-            kiln.push(boot_with_driver(&driver, &assets, &image, work.path(), boot).await);
+            match boot_with_driver(&driver, &assets, &image, work.path(), boot).await {
+                Ok(sample) => kiln.push(sample),
+                Err(error) => {
+                    eprintln!("{label}: kiln boot {boot} failed: {error}");
+                    failures.0 += 1;
+                }
+            }
             let dir = work.path().join(format!("bare-{boot}"));
             let args = bare_arguments(&driver, machine, &assets, &image, &dir);
-            bare.push(boot_bare(args).await);
+            match boot_bare(args).await {
+                Ok(sample) => bare.push(sample),
+                Err(error) => {
+                    eprintln!("{label}: bare boot {boot} failed: {error}");
+                    failures.1 += 1;
+                }
+            }
         }
-        rows.push((label, summarize(&kiln), summarize(&bare)));
+        if kiln.is_empty() || bare.is_empty() {
+            eprintln!("{label}: no successful boots");
+            continue;
+        }
+        rows.push((label, summarize(&kiln), summarize(&bare), failures));
     }
 
     println!();
     println!(
-        "| setup | kiln start() to first line (median s) | bare QEMU (median s) | ratio | kiln QEMU RSS (MiB) | bare QEMU RSS (MiB) |"
+        "| setup | kiln start() to first line (median s) | bare QEMU (median s) | ratio | kiln QEMU RSS (MiB) | bare QEMU RSS (MiB) | failed boots kiln/bare |"
     );
-    println!("| --- | --- | --- | --- | --- | --- |");
-    for (label, kiln, bare) in rows {
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for (label, kiln, bare, failures) in rows {
         println!(
-            "| {label} | {:.2} | {:.2} | {:.2}x | {:.0} | {:.0} |",
+            "| {label} | {:.2} | {:.2} | {:.2}x | {:.0} | {:.0} | {}/{} |",
             kiln.seconds,
             bare.seconds,
             kiln.seconds / bare.seconds,
             kiln.rss_mib,
-            bare.rss_mib
+            bare.rss_mib,
+            failures.0,
+            failures.1
         );
     }
     println!("\n{boots} boots each, median; workload: /bin/echo first");
@@ -105,34 +124,45 @@ async fn boot_with_driver(
     image: &Path,
     work: &Path,
     boot: usize,
-) -> Sample {
+) -> Result<Sample, String> {
     let spec = VmSpec::new(
         InstanceId::new(),
         work.join(format!("kiln-{boot}")),
         assets.clone(),
         image.to_owned(),
     );
-    let mut vm = driver.create(spec).await.unwrap();
+    let mut vm = driver.create(spec).await.map_err(|e| e.to_string())?;
 
     let started = Instant::now();
-    let mut events = driver.start(&mut vm, config()).await.unwrap();
-    let first_line = tokio::time::timeout(BOOT_TIMEOUT, async {
-        while let Some(message) = events.recv().await {
-            if matches!(message, GuestMessage::Log { .. }) {
-                return;
+    let result = async {
+        let mut events = driver
+            .start(&mut vm, config())
+            .await
+            .map_err(|e| e.to_string())?;
+        let first_line = tokio::time::timeout(BOOT_TIMEOUT, async {
+            while let Some(message) = events.recv().await {
+                if matches!(message, GuestMessage::Log { .. }) {
+                    return Ok(());
+                }
             }
-        }
-        panic!("guest ended without output");
-    });
-    first_line.await.expect("first output line timed out");
-    let seconds = started.elapsed().as_secs_f64();
-
-    let rss_kib = kiln_vmm::process::rss_kib(vm.pid().unwrap()).unwrap_or_default();
-    driver.kill(&mut vm).await.unwrap();
-    Sample {
-        seconds,
-        rss_mib: rss_kib as f64 / 1024.0,
+            Err("guest ended without output".to_owned())
+        });
+        first_line
+            .await
+            .map_err(|_| "first output line timed out".to_owned())??;
+        Ok::<f64, String>(started.elapsed().as_secs_f64())
     }
+    .await;
+
+    let rss_kib = vm
+        .pid()
+        .and_then(kiln_vmm::process::rss_kib)
+        .unwrap_or_default();
+    let _ = driver.kill(&mut vm).await;
+    Ok(Sample {
+        seconds: result?,
+        rss_mib: rss_kib as f64 / 1024.0,
+    })
 }
 
 /// The anchor's command line, written out by hand: the same machine, kernel, initramfs, disk
@@ -200,7 +230,7 @@ fn bare_arguments(
     ]
 }
 
-async fn boot_bare(args: Vec<String>) -> Sample {
+async fn boot_bare(args: Vec<String>) -> Result<Sample, String> {
     let channel = PathBuf::from(
         args.iter()
             .find_map(|arg| arg.strip_prefix("socket,id=channel,path="))
@@ -229,30 +259,41 @@ async fn boot_bare(args: Vec<String>) -> Sample {
         let mut seen_hello = false;
         loop {
             let mut prefix = [0u8; 4];
-            stream.read_exact(&mut prefix).await.unwrap();
-            let mut body = vec![0u8; proto::frame_len(prefix).unwrap()];
-            stream.read_exact(&mut body).await.unwrap();
-            let message: GuestMessage = proto::decode(&body).unwrap();
+            stream
+                .read_exact(&mut prefix)
+                .await
+                .map_err(|e| format!("QEMU closed the channel: {e}"))?;
+            let mut body = vec![0u8; proto::frame_len(prefix).map_err(|e| e.to_string())?];
+            stream
+                .read_exact(&mut body)
+                .await
+                .map_err(|e| e.to_string())?;
+            let message: GuestMessage = proto::decode(&body).map_err(|e| e.to_string())?;
             match message {
                 GuestMessage::Hello { .. } if !seen_hello => {
                     seen_hello = true;
                     let frame = proto::encode(&HostMessage::Config(Box::new(config()))).unwrap();
                     stream.write_all(&frame).await.unwrap();
                 }
-                GuestMessage::Log { .. } => return,
-                _ => {}
+                GuestMessage::Log { .. } => return Ok(()),
+                other => {
+                    if !matches!(
+                        other,
+                        GuestMessage::Hello { .. } | GuestMessage::Started { .. }
+                    ) {
+                        return Err(format!("unexpected message {other:?}"));
+                    }
+                }
             }
         }
     };
-    tokio::time::timeout(BOOT_TIMEOUT, exchange)
-        .await
-        .expect("bare boot timed out");
+    let result = tokio::time::timeout(BOOT_TIMEOUT, exchange).await;
     let seconds = started.elapsed().as_secs_f64();
-
     let rss_kib = kiln_vmm::process::rss_kib(pid).unwrap_or_default();
-    child.kill().await.unwrap();
-    Sample {
+    let _ = child.kill().await;
+    result.map_err(|_| "bare boot timed out".to_owned())??;
+    Ok(Sample {
         seconds,
         rss_mib: rss_kib as f64 / 1024.0,
-    }
+    })
 }
