@@ -619,8 +619,9 @@ impl Driver for QemuDriver {
         }
         let channel_stream =
             connect_unix(&record.channel_socket, SOCKET_TIMEOUT, || Ok(())).await?;
-        // NOTE: guest messages written while no agent was connected are dropped by QEMU, and
-        // one cut mid-frame would desynchronise the framing; kiln-init does not resend.
+        // NOTE: while no agent is connected the guest kernel blocks kiln-init's writes to the
+        // port, so the workload blocks once its output pipe fills; a frame written across
+        // two writes around a disconnect could still be cut, desynchronising the framing.
         let (writer, events) = channel::attach(instance, channel_stream);
 
         // The kernel and disk paths are not needed to control a running VM.
