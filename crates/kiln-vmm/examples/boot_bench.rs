@@ -179,7 +179,8 @@ fn bare_arguments(
         TcgMachine::Q35 => "q35".to_owned(),
         TcgMachine::Microvm => "microvm,x-option-roms=off,rtc=off,isa-serial=on".to_owned(),
     };
-    let mut cmdline = "console=ttyS0 panic=-1 quiet kiln.channel=virtio-serial".to_owned();
+    let mut cmdline =
+        "console=ttyS0 panic=-1 quiet no_timer_check kiln.channel=virtio-serial".to_owned();
     if let Some(khz) = driver.tsc_khz() {
         cmdline.push_str(&format!(" tsc_early_khz={khz}"));
     }

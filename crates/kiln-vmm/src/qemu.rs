@@ -141,8 +141,10 @@ impl QemuDriver {
             }
         };
 
+        // no_timer_check: under TCG on a loaded host the kernel's IO-APIC timer check can
+        // miss its window and panic ("IO-APIC + timer doesn't work"), as seen on q35 here.
         let mut kernel_cmdline =
-            String::from("console=ttyS0 panic=-1 quiet kiln.channel=virtio-serial");
+            String::from("console=ttyS0 panic=-1 quiet no_timer_check kiln.channel=virtio-serial");
         if let Some(khz) = self.tsc_khz {
             kernel_cmdline.push_str(&format!(" tsc_early_khz={khz}"));
         }
