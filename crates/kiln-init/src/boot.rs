@@ -25,7 +25,7 @@ const IMAGE_DISK: &str = "/dev/vda";
 const DATA_DISK: &str = "/dev/vdb";
 
 /// How long to wait for the image disk to appear after virtio_blk loads.
-const DISK_APPEAR_TIMEOUT: Duration = Duration::from_secs(10);
+const DISK_APPEAR_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where the secrets go: a tmpfs of its own, readable only by the workload user.
 const SECRETS_DIR: &str = "/run/kiln/secrets";

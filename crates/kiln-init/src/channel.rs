@@ -16,7 +16,7 @@ use kiln_guest_proto::{GuestMessage, VIRTIO_PORT_NAME, VSOCK_PORT};
 use crate::sys::{SysError, SysResult, check, context};
 
 /// How long to wait for the channel device to appear after the modules load.
-const CHANNEL_APPEAR_TIMEOUT: Duration = Duration::from_secs(10);
+const CHANNEL_APPEAR_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Transport of the channel, from the kernel command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

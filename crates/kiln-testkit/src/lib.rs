@@ -9,3 +9,7 @@ pub mod oci;
 pub mod registry;
 pub mod postgres;
 pub mod guest;
+
+pub mod guest;
+pub mod oci;
+pub mod registry;

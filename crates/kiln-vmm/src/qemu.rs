@@ -120,6 +120,11 @@ impl QemuDriver {
         self.accelerator
     }
 
+    /// The TSC rate in kHz passed to microvm guests under TCG, measured at driver creation.
+    pub fn tsc_khz(&self) -> Option<u64> {
+        self.tsc_khz
+    }
+
     fn uses_microvm(&self) -> bool {
         self.accelerator == Accelerator::Kvm || self.config.tcg_machine == TcgMachine::Microvm
     }
@@ -136,8 +141,10 @@ impl QemuDriver {
             }
         };
 
+        // no_timer_check: under TCG on a loaded host the kernel's IO-APIC timer check can
+        // miss its window and panic ("IO-APIC + timer doesn't work"), as seen on q35 here.
         let mut kernel_cmdline =
-            String::from("console=ttyS0 panic=-1 quiet kiln.channel=virtio-serial");
+            String::from("console=ttyS0 panic=-1 quiet no_timer_check kiln.channel=virtio-serial");
         if let Some(khz) = self.tsc_khz {
             kernel_cmdline.push_str(&format!(" tsc_early_khz={khz}"));
         }
@@ -614,8 +621,9 @@ impl Driver for QemuDriver {
         }
         let channel_stream =
             connect_unix(&record.channel_socket, SOCKET_TIMEOUT, || Ok(())).await?;
-        // NOTE: guest messages written while no agent was connected are dropped by QEMU, and
-        // one cut mid-frame would desynchronise the framing; kiln-init does not resend.
+        // NOTE: while no agent is connected the guest kernel blocks kiln-init's writes to the
+        // port, so the workload blocks once its output pipe fills; a frame written across
+        // two writes around a disconnect could still be cut, desynchronising the framing.
         let (writer, events) = channel::attach(instance, channel_stream);
 
         // The kernel and disk paths are not needed to control a running VM.

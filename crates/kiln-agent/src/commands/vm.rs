@@ -1,6 +1,7 @@
 //! `kiln-agent vm ...`: operator commands for microVMs outside the control plane.
 //!
-//! `vm run` boots one instance from a root filesystem image, streams its output (and, with
+//! `vm run` boots one instance from an image reference (through the image store) or a root
+//! filesystem file, streams its output (and, with
 //! `--console`, its serial console), forwards Ctrl-C as a graceful stop and exits with the
 //! workload's exit code. Secrets given on the command line go to the guest over the
 //! host-guest channel from memory; they are never written to disk.
@@ -31,8 +32,19 @@ pub(crate) enum VmCommand {
 /// Arguments of `kiln-agent vm run`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct RunArgs {
-    /// Image reference to run. Resolving references is not wired in yet: give --rootfs.
+    /// Image to run: a registry reference, `oci-layout:DIR[:TAG]` or
+    /// `oci-archive:FILE[:TAG]`. It is pulled into the image store and its root filesystem
+    /// built (or reused); its entrypoint, cmd, env, working directory and user apply unless
+    /// overridden here.
     image_ref: Option<String>,
+
+    /// Image store directory, for IMAGE_REF.
+    #[arg(long, env = "KILN_IMAGE_STORE", default_value = "/var/lib/kiln/images")]
+    store: PathBuf,
+
+    /// TOML file with the image store settings (registries, credentials), for IMAGE_REF.
+    #[arg(long, env = "KILN_IMAGE_CONFIG")]
+    image_config: Option<PathBuf>,
 
     /// Read-only root filesystem image (ext4) to boot, instead of an image reference.
     #[arg(long, value_name = "FILE.ext4")]
@@ -85,13 +97,13 @@ pub(crate) struct RunArgs {
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
 
-    /// Working directory of the workload.
-    #[arg(long, default_value = "/")]
-    workdir: String,
+    /// Working directory of the workload. Default: the image's, else `/`.
+    #[arg(long)]
+    workdir: Option<String>,
 
-    /// User of the workload as UID[:GID].
-    #[arg(long, default_value = "0:0", value_name = "UID[:GID]")]
-    user: String,
+    /// User of the workload as UID[:GID]. Default: the image's user, else root.
+    #[arg(long, value_name = "UID[:GID]")]
+    user: Option<String>,
 
     /// Guest hostname.
     #[arg(long, default_value = "kiln")]
@@ -113,8 +125,9 @@ pub(crate) struct RunArgs {
     #[arg(long, default_value = "/usr/local/bin/firecracker")]
     firecracker_binary: PathBuf,
 
-    /// Entrypoint and arguments of the workload.
-    #[arg(last = true, required = true, value_name = "ARGV")]
+    /// Command of the workload. With IMAGE_REF it replaces the image's CMD and keeps its
+    /// ENTRYPOINT (as `docker run` does); with --rootfs it is the whole argv and required.
+    #[arg(last = true, value_name = "ARGV")]
     argv: Vec<String>,
 }
 
@@ -132,15 +145,18 @@ pub(crate) async fn run(command: VmCommand) -> anyhow::Result<ExitCode> {
 }
 
 async fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let rootfs = match (&args.rootfs, &args.image_ref) {
-        (Some(rootfs), _) => rootfs.clone(),
-        (None, Some(image_ref)) => bail!(
-            "cannot resolve image reference {image_ref:?}: this build runs root filesystems \
-             only; build one with `kiln-agent image` and pass --rootfs FILE.ext4"
-        ),
-        (None, None) => bail!("nothing to run: pass --rootfs FILE.ext4"),
+    let (rootfs, image) = match (&args.rootfs, &args.image_ref) {
+        (Some(rootfs), None) => (rootfs.clone(), None),
+        (Some(_), Some(image_ref)) => {
+            bail!("give either IMAGE_REF ({image_ref:?}) or --rootfs, not both")
+        }
+        (None, Some(image_ref)) => {
+            let rootfs = pull_rootfs(&args, image_ref).await?;
+            (rootfs.path.clone(), Some(rootfs.image_config))
+        }
+        (None, None) => bail!("nothing to run: give an IMAGE_REF or --rootfs FILE.ext4"),
     };
-    let config = instance_config(&args)?;
+    let config = instance_config(&args, image.as_ref())?;
 
     let temporary_dir;
     let state_dir = match &args.state_dir {
@@ -183,6 +199,35 @@ async fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Pulls the image into the store and builds (or reuses) its root filesystem.
+async fn pull_rootfs(args: &RunArgs, image_ref: &str) -> anyhow::Result<kiln_image::Rootfs> {
+    let mut store_config = match &args.image_config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {} failed", path.display()))?;
+            toml::from_str::<kiln_image::StoreConfig>(&text)
+                .with_context(|| format!("invalid image store config {}", path.display()))?
+        }
+        None => kiln_image::StoreConfig::default(),
+    };
+    store_config
+        .validate()
+        .context("invalid image store config")?;
+    let root = std::path::absolute(&args.store)
+        .with_context(|| format!("invalid store path {}", args.store.display()))?;
+    let store = kiln_image::ImageStore::open(&root, store_config)
+        .with_context(|| format!("opening image store {} failed", root.display()))?;
+
+    let reference: kiln_image::ImageRef = image_ref.parse()?;
+    eprintln!("kiln-agent: pulling {image_ref}");
+    let rootfs = store.pull_rootfs(&reference).await?;
+    eprintln!(
+        "kiln-agent: image {} ({} bytes)",
+        rootfs.digest, rootfs.size_bytes
+    );
+    Ok(rootfs)
+}
+
 fn default_guest_dir() -> PathBuf {
     match std::env::var_os("KILN_GUEST_DIR") {
         Some(dir) => Path::new(&dir).join("current"),
@@ -190,13 +235,42 @@ fn default_guest_dir() -> PathBuf {
     }
 }
 
-fn instance_config(args: &RunArgs) -> anyhow::Result<InstanceConfig> {
-    let (uid, gid) = parse_user(&args.user)?;
-    let env = args
-        .env
-        .iter()
-        .map(|pair| split_pair(pair, "--env"))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+fn instance_config(
+    args: &RunArgs,
+    image: Option<&kiln_image::ImageConfig>,
+) -> anyhow::Result<InstanceConfig> {
+    let argv = match image {
+        Some(image) => {
+            let command = (!args.argv.is_empty()).then_some(args.argv.as_slice());
+            kiln_image::effective_argv(image, None, command)?
+        }
+        None if args.argv.is_empty() => bail!("--rootfs needs the workload's argv after `--`"),
+        None => args.argv.clone(),
+    };
+    let (uid, gid) = match (&args.user, image) {
+        (Some(user), _) => parse_user(user)?,
+        (None, Some(image)) => (image.user.uid, image.user.gid),
+        (None, None) => (0, 0),
+    };
+    let workdir = match (&args.workdir, image) {
+        (Some(workdir), _) => workdir.clone(),
+        (None, Some(image)) => image.working_dir.clone(),
+        (None, None) => "/".to_owned(),
+    };
+    let kill_signal = match image.and_then(|image| image.stop_signal.as_deref()) {
+        Some(name) => parse_signal(name)?,
+        None => libc::SIGTERM,
+    };
+
+    let mut env = Vec::new();
+    for pair in image.map(|image| image.env.as_slice()).unwrap_or_default() {
+        env.push(split_pair(pair, "image ENV")?);
+    }
+    for pair in &args.env {
+        let (name, value) = split_pair(pair, "--env")?;
+        env.retain(|(existing, _)| *existing != name);
+        env.push((name, value));
+    }
 
     let mut secrets = Vec::new();
     for pair in &args.secrets {
@@ -219,8 +293,8 @@ fn instance_config(args: &RunArgs) -> anyhow::Result<InstanceConfig> {
     let mut seed = [0u8; 64];
     rand::Rng::fill(&mut rand::thread_rng(), &mut seed[..]);
     Ok(InstanceConfig {
-        argv: args.argv.clone(),
-        workdir: args.workdir.clone(),
+        argv,
+        workdir,
         uid,
         gid,
         env,
@@ -229,7 +303,7 @@ fn instance_config(args: &RunArgs) -> anyhow::Result<InstanceConfig> {
         hostname: args.hostname.clone(),
         network: None,
         startup_scripts: Vec::new(),
-        kill_signal: libc::SIGTERM,
+        kill_signal,
         entropy_seed: seed.to_vec(),
     })
 }
@@ -239,6 +313,26 @@ fn split_pair(pair: &str, flag: &str) -> anyhow::Result<(String, String)> {
         Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
         _ => bail!("{flag} {pair:?} is invalid: expected NAME=VALUE"),
     }
+}
+
+/// Parses an image's STOPSIGNAL: a number, or a name with or without `SIG`.
+fn parse_signal(value: &str) -> anyhow::Result<i32> {
+    if let Ok(number) = value.parse::<i32>() {
+        return Ok(number);
+    }
+    let name = value.trim_start_matches("SIG").to_ascii_uppercase();
+    let signal = match name.as_str() {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "KILL" => libc::SIGKILL,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "TERM" => libc::SIGTERM,
+        "WINCH" => libc::SIGWINCH,
+        _ => bail!("image STOPSIGNAL {value:?} is not a known signal"),
+    };
+    Ok(signal)
 }
 
 fn parse_user(user: &str) -> anyhow::Result<(u32, u32)> {
