@@ -111,6 +111,8 @@ fn inet_table(config: &HostNetworkConfig, guests: &[GuestRules<'_>]) -> Vec<NfOb
         NfHook::Prerouting,
         ANTISPOOF_PRIORITY,
     ))));
+    // TODO(performance): every packet walks the rules of every TAP in order; a verdict map
+    // keyed by interface name would make the lookup constant with hundreds of instances.
     for guest in guests {
         for expr in antispoof_rules(guest) {
             objects.push(rule(family, "antispoof", expr));
