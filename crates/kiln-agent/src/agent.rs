@@ -234,6 +234,11 @@ where
         }
     }
 
+    /// Returns the state shared with the background tasks.
+    pub fn shared(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared)
+    }
+
     /// Returns the tracked instances (for tests and status).
     pub fn tracked(&self) -> &BTreeMap<InstanceId, Tracked> {
         &self.tracked
@@ -500,7 +505,7 @@ where
         let result = probe(target, &check).await;
 
         if let Some(tracked) = self.tracked.get_mut(&id) {
-            tracked.next_probe_at = Some(Instant::now() + interval);
+            tracked.next_probe_at = Some(now + interval);
         }
         match result {
             Ok(()) => self.set_phase(id, Phase::Healthy, None),

@@ -1,0 +1,553 @@
+//! The agent's reconcile loop driven step by step: scripted control plane, images and VMs
+//! (see `fakes.rs`), real health checks against loopback listeners, real on-disk state, and
+//! real host networking (kiln-net in a private network namespace) for the leak test.
+
+// Helpers outside `#[test]` functions panic on setup failures just like the tests do.
+#![allow(clippy::unwrap_used)]
+
+#[path = "support/fakes.rs"]
+mod fakes;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fakes::{FakeControl, FakeImages, FakeNetwork, FakeVms};
+use kiln_agent::agent::{Agent, Shared};
+use kiln_agent::config::LogConfig;
+use kiln_agent::network::KilnNetwork;
+use kiln_agent::plan::Phase;
+use kiln_agent::records::StateDir;
+use kiln_agent::runtime::HostNetwork;
+use kiln_api::InstanceState;
+use kiln_api::types::{
+    Assignment, DesiredState, HealthCheck, HealthCheckKind, HostAssignments, ImageRef,
+    InstanceNetwork, InstanceSecrets, ReportInstanceState, ServicePort, ServiceProtocol,
+};
+use kiln_core::{AppId, EnvId, HostId, InstanceId, OrgId, ReleaseId};
+use kiln_testkit::netns::NetNs;
+use tokio::sync::mpsc;
+
+/// How long a test waits for a background task to deliver something.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn assignment(port: u16) -> Assignment {
+    Assignment {
+        instance_id: InstanceId::new(),
+        org_id: OrgId::new(),
+        org: "acme".parse().unwrap(),
+        app_id: AppId::new(),
+        app: "web".parse().unwrap(),
+        env_id: EnvId::new(),
+        env: "prod".parse().unwrap(),
+        release_id: ReleaseId::new(),
+        release_version: 3,
+        process: "web".parse().unwrap(),
+        image: ImageRef {
+            reference: "registry.test/web:1".to_owned(),
+            digest: format!("sha256:{}", "b".repeat(64)),
+        },
+        command: Vec::new(),
+        env_vars: BTreeMap::from([("PORT".to_owned(), port.to_string())]),
+        secrets_version: 0,
+        vcpus: 1,
+        memory_mib: 128,
+        // The "guest" service is a loopback listener of the test.
+        network: InstanceNetwork {
+            ipv6: Ipv6Addr::LOCALHOST,
+            ipv6_prefix: "fd00::/64".to_owned(),
+            ipv4: Ipv4Addr::new(100, 64, 0, 2),
+        },
+        ports: vec![ServicePort {
+            service: "web".to_owned(),
+            port,
+            protocol: ServiceProtocol::Tcp,
+            health_check: Some(HealthCheck {
+                kind: HealthCheckKind::Tcp,
+                interval_secs: 1,
+                timeout_secs: 1,
+                grace_period_secs: 0,
+            }),
+        }],
+        volumes: Vec::new(),
+        kill_signal: "SIGTERM".to_owned(),
+        kill_timeout_secs: 10,
+        startup_scripts: Vec::new(),
+        desired: DesiredState::Running,
+    }
+}
+
+fn assignments(cursor: u64, list: &[Assignment]) -> HostAssignments {
+    HostAssignments {
+        host_id: HostId::new(),
+        cursor,
+        assignments: list.to_vec(),
+    }
+}
+
+type TestAgent<N> = Agent<FakeControl, FakeImages, FakeVms, N>;
+
+struct Harness<N> {
+    agent: TestAgent<N>,
+    outbox: mpsc::UnboundedReceiver<(InstanceId, ReportInstanceState)>,
+    control: FakeControl,
+    images: FakeImages,
+    vms: FakeVms,
+    state: StateDir,
+}
+
+impl<N: HostNetwork> Harness<N> {
+    fn new(root: &std::path::Path, vms: FakeVms, network: N) -> Self {
+        let control = FakeControl::default();
+        let images = FakeImages::default();
+        let state = StateDir::new(root).unwrap();
+        let (agent, outbox) = Agent::new(
+            control.clone(),
+            images.clone(),
+            vms.clone(),
+            network,
+            state.clone(),
+            LogConfig::default(),
+            Arc::new(Shared::default()),
+        );
+        Self {
+            agent,
+            outbox,
+            control,
+            images,
+            vms,
+            state,
+        }
+    }
+
+    /// Runs one pass and delivers the reports it queued, as the reporter task would.
+    async fn pass(&mut self, now: Instant) {
+        self.agent.reconcile_once(now).await;
+        while let Ok((id, report)) = self.outbox.try_recv() {
+            self.control
+                .inner
+                .lock()
+                .unwrap()
+                .reports
+                .push((id, report));
+        }
+    }
+
+    fn phase(&self, id: InstanceId) -> Option<Phase> {
+        self.agent.tracked().get(&id).map(|t| t.phase.clone())
+    }
+}
+
+#[tokio::test]
+async fn assignment_reaches_healthy() {
+    let root = tempfile::tempdir().unwrap();
+    let service = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
+    let mut a = assignment(service.local_addr().unwrap().port());
+    a.secrets_version = 2;
+    let mut h = Harness::new(root.path(), FakeVms::new(), FakeNetwork::default());
+    h.control.inner.lock().unwrap().secrets.insert(
+        a.instance_id,
+        InstanceSecrets {
+            instance_id: a.instance_id,
+            secrets_version: 2,
+            values: BTreeMap::from([("DATABASE_URL".to_owned(), "postgres://x".to_owned())]),
+        },
+    );
+    h.agent
+        .set_desired(assignments(1, std::slice::from_ref(&a)));
+
+    let now = Instant::now();
+    h.pass(now).await;
+    assert_eq!(h.phase(a.instance_id), Some(Phase::Running));
+    h.pass(now).await;
+    assert_eq!(h.phase(a.instance_id), Some(Phase::Healthy));
+
+    assert_eq!(
+        h.control.states(a.instance_id),
+        [
+            InstanceState::Preparing,
+            InstanceState::Booting,
+            InstanceState::Running,
+            InstanceState::Healthy
+        ]
+    );
+    let vms = h.vms.inner.lock().unwrap();
+    let (_, vm) = vms.vms.values().next().unwrap();
+    assert_eq!(vm.secret_names, ["DATABASE_URL"]);
+    assert_eq!(vm.spec_env.get("PORT"), a.env_vars.get("PORT"));
+    let record =
+        std::fs::read_to_string(h.state.run_dir(a.instance_id).join("record.json")).unwrap();
+    assert!(
+        !record.contains("postgres://x"),
+        "secret value on disk: {record}"
+    );
+}
+
+#[tokio::test]
+async fn unhealthy_report_explains_ipv4_only() {
+    let root = tempfile::tempdir().unwrap();
+    let closed = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let vms = FakeVms::new();
+    vms.inner.lock().unwrap().listening_default = vec![SocketAddr::from(([0, 0, 0, 0], port))];
+    let a = assignment(port);
+    let mut h = Harness::new(root.path(), vms, FakeNetwork::default());
+    h.agent
+        .set_desired(assignments(1, std::slice::from_ref(&a)));
+
+    let now = Instant::now();
+    h.pass(now).await;
+    h.pass(now).await;
+
+    assert_eq!(h.phase(a.instance_id), Some(Phase::Unhealthy));
+    let reports = h.control.inner.lock().unwrap().reports.clone();
+    let (_, last) = reports.last().unwrap();
+    let detail = last.detail.clone().unwrap();
+    assert!(detail.contains("IPv4 only"), "{detail}");
+    assert!(detail.contains(&format!("[::]:{port}")), "{detail}");
+}
+
+#[tokio::test]
+async fn health_failures_ignored_during_grace() {
+    let root = tempfile::tempdir().unwrap();
+    let mut a = assignment(1);
+    a.ports[0].health_check.as_mut().unwrap().grace_period_secs = 30;
+    let mut h = Harness::new(root.path(), FakeVms::new(), FakeNetwork::default());
+    h.agent
+        .set_desired(assignments(1, std::slice::from_ref(&a)));
+
+    let now = Instant::now();
+    h.pass(now).await;
+    h.pass(now).await;
+    assert_eq!(h.phase(a.instance_id), Some(Phase::Running));
+    h.pass(now + Duration::from_secs(31)).await;
+    assert_eq!(h.phase(a.instance_id), Some(Phase::Unhealthy));
+}
+
+#[tokio::test]
+async fn crash_restarts_with_backoff_then_crash_loop() {
+    let root = tempfile::tempdir().unwrap();
+    let a = assignment(1);
+    let id = a.instance_id;
+    let mut h = Harness::new(root.path(), FakeVms::new(), FakeNetwork::default());
+    h.agent
+        .set_desired(assignments(1, std::slice::from_ref(&a)));
+
+    let mut now = Instant::now();
+    h.pass(now).await;
+    assert_eq!(h.vms.boots(id), 1);
+
+    for restart in 1..=3u32 {
+        h.vms.crash(id, 3);
+        h.pass(now).await;
+        assert_eq!(h.phase(id), Some(Phase::Exited { code: Some(3) }));
+        let delay = kiln_agent::plan::restart_delay(restart);
+        // Not yet: the backoff has not passed.
+        h.pass(now + delay - Duration::from_millis(1)).await;
+        assert_eq!(h.vms.boots(id), restart);
+        now += delay;
+        h.pass(now).await;
+        assert_eq!(h.vms.boots(id), restart + 1);
+    }
+
+    h.vms.crash(id, 3);
+    h.pass(now).await;
+    let status = h.agent.status();
+    let instance = &status.instances[0];
+    assert!(instance.crash_loop);
+    assert_eq!(instance.state, InstanceState::Failed);
+    let detail = instance.detail.clone().unwrap();
+    assert!(
+        detail.starts_with("crash loop: exited with code 3"),
+        "{detail}"
+    );
+    assert!(detail.contains("out of cheese"), "{detail}");
+    let json = serde_json::to_value(&status).unwrap();
+    assert_eq!(json["instances"][0]["crash_loop"], true);
+}
+
+#[tokio::test]
+async fn start_failure_reported_and_retried() {
+    let root = tempfile::tempdir().unwrap();
+    let a = assignment(1);
+    let id = a.instance_id;
+    let mut h = Harness::new(root.path(), FakeVms::new(), FakeNetwork::default());
+    *h.images.fail.lock().unwrap() = true;
+    h.agent
+        .set_desired(assignments(1, std::slice::from_ref(&a)));
+
+    let now = Instant::now();
+    h.pass(now).await;
+    let Some(Phase::Failed { reason }) = h.phase(id) else {
+        panic!("expected Failed, got {:?}", h.phase(id));
+    };
+    assert!(reason.starts_with("preparing image sha256:"), "{reason}");
+    assert!(reason.contains("not found"), "{reason}");
+    assert_eq!(h.vms.boots(id), 0);
+
+    *h.images.fail.lock().unwrap() = false;
+    h.pass(now + Duration::from_secs(1)).await;
+    assert_eq!(h.vms.boots(id), 1);
+}
+
+#[tokio::test]
+async fn restarted_agent_adopts_without_duplicate() {
+    let root = tempfile::tempdir().unwrap();
+    let service = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
+    let a = assignment(service.local_addr().unwrap().port());
+    let id = a.instance_id;
+    let vms = FakeVms::new();
+    let mut first = Harness::new(root.path(), vms.clone(), FakeNetwork::default());
+    first
+        .agent
+        .set_desired(assignments(7, std::slice::from_ref(&a)));
+    first
+        .state
+        .save_assignments(&assignments(7, std::slice::from_ref(&a)))
+        .unwrap();
+    first.pass(Instant::now()).await;
+
+    // The agent dies right after the boot, before it saved the VM handle (kill -9).
+    let mut record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(first.state.run_dir(id).join("record.json")).unwrap(),
+    )
+    .unwrap();
+    record["vm"] = serde_json::Value::Null;
+    std::fs::write(
+        first.state.run_dir(id).join("record.json"),
+        serde_json::to_vec(&record).unwrap(),
+    )
+    .unwrap();
+    drop(first);
+
+    let mut second = Harness::new(root.path(), vms.clone(), FakeNetwork::default());
+    let cursor = second.agent.readopt().await;
+    assert_eq!(cursor, 7);
+    assert_eq!(second.phase(id), Some(Phase::Running));
+    second.pass(Instant::now()).await;
+    assert_eq!(second.phase(id), Some(Phase::Healthy));
+    assert_eq!(vms.boots(id), 1);
+    assert_eq!(vms.inner.lock().unwrap().duplicates, 0);
+    assert_eq!(vms.running(), 1);
+}
+
+#[tokio::test]
+async fn outage_keeps_adopted_instances_running() {
+    let root = tempfile::tempdir().unwrap();
+    let a = assignment(1);
+    let id = a.instance_id;
+    let vms = FakeVms::new();
+    let mut first = Harness::new(root.path(), vms.clone(), FakeNetwork::default());
+    first
+        .agent
+        .set_desired(assignments(1, std::slice::from_ref(&a)));
+    first.pass(Instant::now()).await;
+    drop(first);
+
+    // No saved assignment set and no control plane: the new agent knows nothing desired,
+    // so it stops nothing.
+    let mut second = Harness::new(root.path(), vms.clone(), FakeNetwork::default());
+    second.control.inner.lock().unwrap().unreachable = true;
+    assert_eq!(second.agent.readopt().await, 0);
+    for _ in 0..3 {
+        second.pass(Instant::now() + Duration::from_secs(60)).await;
+    }
+    assert_eq!(vms.running(), 1);
+    assert!(second.phase(id).unwrap().has_vm());
+
+    // Once the assignments arrive without the instance, it is stopped.
+    second.agent.set_desired(assignments(2, &[]));
+    second.pass(Instant::now()).await;
+    assert_eq!(vms.running(), 0);
+}
+
+#[tokio::test]
+async fn stop_signal_then_kill_then_cleanup() {
+    let root = tempfile::tempdir().unwrap();
+    let vms = FakeVms::new();
+    vms.inner.lock().unwrap().obeys_stop = false;
+    let a = assignment(1);
+    let id = a.instance_id;
+    let mut h = Harness::new(root.path(), vms.clone(), FakeNetwork::default());
+    h.agent
+        .set_desired(assignments(1, std::slice::from_ref(&a)));
+    let now = Instant::now();
+    h.pass(now).await;
+    assert!(h.state.run_dir(id).join("disk.ext4").exists());
+
+    let mut stopped = a.clone();
+    stopped.desired = DesiredState::Stopped;
+    h.agent.set_desired(assignments(2, &[stopped]));
+    h.pass(now).await;
+    let Some(Phase::Stopping { deadline }) = h.phase(id) else {
+        panic!("expected Stopping, got {:?}", h.phase(id));
+    };
+    assert_eq!(deadline, now + Duration::from_secs(10));
+    {
+        let state = vms.inner.lock().unwrap();
+        let (_, vm) = state.vms.values().next().unwrap();
+        assert_eq!(vm.stop_signals, ["SIGTERM"]);
+        assert!(vm.running, "the fake guest ignores SIGTERM");
+    }
+
+    h.pass(deadline - Duration::from_millis(1)).await;
+    assert_eq!(vms.running(), 1);
+    h.pass(deadline).await;
+    assert_eq!(vms.running(), 0);
+    h.pass(deadline).await;
+    h.pass(deadline).await;
+    assert!(!h.state.run_dir(id).exists());
+    assert!(h.control.states(id).contains(&InstanceState::Stopping));
+    assert_eq!(h.control.states(id).last(), Some(&InstanceState::Exited));
+
+    h.agent.set_desired(assignments(3, &[]));
+    h.pass(deadline).await;
+    assert!(h.agent.tracked().is_empty());
+    assert!(!h.state.log_dir(id).exists());
+}
+
+#[tokio::test]
+async fn reports_survive_outage_in_order() {
+    let control = FakeControl::default();
+    control.inner.lock().unwrap().unreachable = true;
+    let (sender, outbox) = mpsc::unbounded_channel();
+    let task = tokio::spawn(kiln_agent::tasks::run_reporter(
+        control.clone(),
+        outbox,
+        Arc::new(Shared::default()),
+    ));
+    let id = InstanceId::new();
+    for state in [
+        InstanceState::Preparing,
+        InstanceState::Booting,
+        InstanceState::Running,
+    ] {
+        let report = ReportInstanceState {
+            state,
+            detail: None,
+            exit_code: None,
+        };
+        sender.send((id, report)).unwrap();
+    }
+    control.inner.lock().unwrap().unreachable = false;
+
+    let deadline = Instant::now() + DELIVERY_TIMEOUT;
+    while control.states(id).len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "reports not delivered within {DELIVERY_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        control.states(id),
+        [
+            InstanceState::Preparing,
+            InstanceState::Booting,
+            InstanceState::Running
+        ]
+    );
+    task.abort();
+}
+
+#[tokio::test]
+async fn logs_shipped_to_control_plane() {
+    let root = tempfile::tempdir().unwrap();
+    let a = assignment(1);
+    let shared;
+    let control;
+    {
+        let mut h = Harness::new(root.path(), FakeVms::new(), FakeNetwork::default());
+        h.agent
+            .set_desired(assignments(1, std::slice::from_ref(&a)));
+        h.pass(Instant::now()).await;
+        shared = h.agent.shared();
+        control = h.control.clone();
+    }
+    let task = tokio::spawn(kiln_agent::tasks::run_log_shipper(
+        control.clone(),
+        shared,
+        Duration::from_millis(20),
+    ));
+    let deadline = Instant::now() + DELIVERY_TIMEOUT;
+    while !control
+        .inner
+        .lock()
+        .unwrap()
+        .shipped
+        .iter()
+        .any(|l| l == "booted")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "logs not shipped within {DELIVERY_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    task.abort();
+}
+
+fn count_links(namespace: &NetNs) -> usize {
+    namespace
+        .ip(&["-o", "link", "show"])
+        .unwrap()
+        .lines()
+        .filter(|line| line.contains(": kt"))
+        .count()
+}
+
+fn count_files(root: &std::path::Path) -> usize {
+    fn walk(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| {
+                let path = entry.unwrap().path();
+                if path.is_dir() { walk(&path) + 1 } else { 1 }
+            })
+            .sum()
+    }
+    walk(root)
+}
+
+#[test]
+fn hundred_cycles_leak_nothing() {
+    let namespace = NetNs::create("agent").unwrap();
+    let root = tempfile::tempdir().unwrap();
+    namespace
+        .block_on(|| async {
+            let network = KilnNetwork::new(kiln_net::HostNetworkConfig::default()).unwrap();
+            let vms = FakeVms::new();
+            let mut h = Harness::new(root.path(), vms.clone(), network);
+            let files_before = count_files(root.path());
+            let mut now = Instant::now();
+
+            for cycle in 0..100u64 {
+                let mut a = assignment(1);
+                a.network.ipv6 = format!("fd00::{}", cycle + 2).parse().unwrap();
+                h.agent
+                    .set_desired(assignments(cycle * 2 + 1, std::slice::from_ref(&a)));
+                h.pass(now).await;
+                assert_eq!(count_links(&namespace), 1, "cycle {cycle}");
+
+                h.agent.set_desired(assignments(cycle * 2 + 2, &[]));
+                // Stop, observe the exit, clean up, forget.
+                for _ in 0..4 {
+                    h.pass(now).await;
+                }
+                now += Duration::from_millis(1);
+                assert!(h.agent.tracked().is_empty(), "cycle {cycle}");
+            }
+
+            assert_eq!(vms.running(), 0);
+            assert_eq!(count_links(&namespace), 0);
+            let ruleset = namespace
+                .exec("/usr/sbin/nft", &["list", "ruleset"])
+                .unwrap();
+            assert!(!ruleset.contains("kiln"), "{ruleset}");
+            // Only the status file may have appeared.
+            assert!(count_files(root.path()) <= files_before + 1);
+        })
+        .unwrap();
+}
