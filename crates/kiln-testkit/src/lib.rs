@@ -6,4 +6,6 @@
 //! that is stopped and removed when the test process ends.
 
 pub mod netns;
+pub mod oci;
 pub mod postgres;
+pub mod registry;
