@@ -7,7 +7,7 @@
 //! keeps health-checking and restarting them from the last known assignments.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,8 @@ pub struct Shared {
     pub host_id: Mutex<Option<HostId>>,
     /// The assignment cursor.
     pub cursor: AtomicU64,
+    /// Number of microVMs running, for heartbeats.
+    pub running: AtomicU32,
     /// Every instance's log, for the shipper.
     pub logs: Mutex<BTreeMap<InstanceId, LogSink>>,
 }
@@ -731,6 +733,11 @@ where
     }
 
     fn write_status(&self) {
+        let running = self.tracked.values().filter(|t| t.phase.has_vm()).count();
+        self.shared.running.store(
+            u32::try_from(running).unwrap_or(u32::MAX),
+            Ordering::Relaxed,
+        );
         let path = self.state.status_file();
         if let Err(error) = write_json(&path, &self.status()) {
             warn!(error = %error_chain(&error), "failed to write status file");

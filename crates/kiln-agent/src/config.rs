@@ -45,6 +45,10 @@ pub struct AgentConfig {
     /// Per-instance log limits.
     #[serde(default)]
     pub logs: LogConfig,
+    /// The image store: registries and their credentials, download parallelism, disk budget
+    /// (see kiln-image's `StoreConfig`). The store lives in `STATE_DIR/images`.
+    #[serde(default)]
+    pub images: kiln_image::StoreConfig,
     /// Host networking.
     #[serde(default)]
     pub network: NetworkConfig,

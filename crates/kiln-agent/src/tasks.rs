@@ -34,14 +34,13 @@ pub async fn run_session<C: ControlPlane>(
     registration: RegisterHost,
     interval: Duration,
     shared: Arc<Shared>,
-    running: impl Fn() -> u32 + Send,
 ) {
     let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
     let mut registered = false;
     loop {
         let result = if registered {
             let heartbeat = Heartbeat {
-                running_instances: running(),
+                running_instances: shared.running.load(Ordering::Relaxed),
             };
             control.heartbeat(&heartbeat).await
         } else {
