@@ -446,6 +446,7 @@ where
             env,
             secrets,
             startup_scripts: assignment.startup_scripts.clone(),
+            kill_signal: assignment.kill_signal.clone(),
             logs,
         };
         self.vms
@@ -535,7 +536,7 @@ where
         let signal = tracked.assignment.kill_signal.clone();
         let timeout = Duration::from_secs(u64::from(tracked.assignment.kill_timeout_secs));
         if let Some(handle) = self.handles.get(&id)
-            && let Err(error) = self.vms.stop(handle, &signal).await
+            && let Err(error) = self.vms.stop(handle, timeout).await
         {
             warn!(instance = %id, error = %error_chain(&*error), "stop signal failed; killing at the deadline");
         }

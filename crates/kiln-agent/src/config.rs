@@ -31,6 +31,16 @@ pub struct AgentConfig {
     /// has no usable KVM. Default `false`; dev stacks and tests turn it on.
     #[serde(default)]
     pub allow_software_virtualization: bool,
+    /// Directory with the guest kernel and initramfs (`bzImage`, `vmlinux`,
+    /// `initramfs.cpio`) that `scripts/guest-kernel` builds. Default `/var/lib/kiln/guest`.
+    #[serde(default = "default_guest_assets_dir")]
+    pub guest_assets_dir: PathBuf,
+    /// The `firecracker` binary, required with `driver = "firecracker"`.
+    #[serde(default)]
+    pub firecracker_binary: Option<PathBuf>,
+    /// Seconds a boot may take until kiln-init answers. Default 60 (TCG boots are slow).
+    #[serde(default = "default_boot_timeout_secs")]
+    pub boot_timeout_secs: u64,
     /// Memory kept for the host itself, in MiB, subtracted from the memory offered to
     /// microVMs. Default 1024.
     #[serde(default = "default_memory_reserve_mib")]
@@ -179,6 +189,20 @@ impl AgentConfig {
                 hint: "use a positive number of seconds, such as 10",
             });
         }
+        if self.driver == VmmDriver::Firecracker && self.firecracker_binary.is_none() {
+            return Err(ConfigError::Invalid {
+                field: "firecracker_binary",
+                value: String::new(),
+                hint: "set the path of the firecracker binary, or use driver = \"qemu\"",
+            });
+        }
+        if self.boot_timeout_secs == 0 {
+            return Err(ConfigError::Invalid {
+                field: "boot_timeout_secs",
+                value: "0".to_owned(),
+                hint: "use a positive number of seconds, such as 60",
+            });
+        }
         if self.vcpus == Some(0) {
             return Err(ConfigError::Invalid {
                 field: "vcpus",
@@ -220,6 +244,14 @@ fn default_state_dir() -> PathBuf {
 
 fn default_driver() -> VmmDriver {
     VmmDriver::Qemu
+}
+
+fn default_guest_assets_dir() -> PathBuf {
+    PathBuf::from("/var/lib/kiln/guest")
+}
+
+fn default_boot_timeout_secs() -> u64 {
+    60
 }
 
 fn default_memory_reserve_mib() -> u64 {

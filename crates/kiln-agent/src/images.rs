@@ -71,6 +71,8 @@ impl Images for StoreImages {
             default_command: effective_argv(config, None, None).unwrap_or_default(),
             working_dir: Some(config.working_dir.clone()).filter(|dir| !dir.is_empty()),
             user: Some(config.user.spec.clone()).filter(|user| !user.is_empty()),
+            uid: config.user.uid,
+            gid: config.user.gid,
             env,
         })
     }

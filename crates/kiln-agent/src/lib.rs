@@ -19,3 +19,4 @@ pub mod records;
 pub mod runtime;
 pub mod status;
 pub mod tasks;
+pub mod vmm;

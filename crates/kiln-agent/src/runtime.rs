@@ -26,8 +26,12 @@ pub struct PreparedImage {
     pub default_command: Vec<String>,
     /// The image's working directory.
     pub working_dir: Option<String>,
-    /// The image's user.
+    /// The image's user as written in its config (for messages).
     pub user: Option<String>,
+    /// The user id the workload runs as, resolved from the image's `/etc/passwd`.
+    pub uid: u32,
+    /// The group id the workload runs as.
+    pub gid: u32,
     /// Environment variables from the image config, overridden by the assignment's.
     pub env: BTreeMap<String, String>,
 }
@@ -84,6 +88,8 @@ pub struct VmSpec {
     pub secrets: Option<InstanceSecrets>,
     /// Scripts run in the guest before the workload.
     pub startup_scripts: Vec<String>,
+    /// Signal sent to the workload to stop it, such as `SIGTERM`.
+    pub kill_signal: String,
     /// Where the driver sends the console and the workload's stdout and stderr.
     pub logs: LogSink,
 }
@@ -132,8 +138,13 @@ pub trait Vms {
     /// Observes the VM.
     async fn status(&self, handle: &VmHandle) -> Result<VmStatus, RuntimeError>;
 
-    /// Asks the guest to stop: `signal` goes to the workload through kiln-init.
-    async fn stop(&self, handle: &VmHandle, signal: &str) -> Result<(), RuntimeError>;
+    /// Asks the guest to stop (the assignment's kill signal goes to the workload through
+    /// kiln-init) and returns at once; the driver stops the VM hard when `timeout` passes.
+    async fn stop(
+        &self,
+        handle: &VmHandle,
+        timeout: std::time::Duration,
+    ) -> Result<(), RuntimeError>;
 
     /// Stops the VM at once.
     async fn kill(&self, handle: &VmHandle) -> Result<(), RuntimeError>;

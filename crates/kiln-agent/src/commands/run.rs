@@ -11,10 +11,13 @@ use kiln_agent::config::AgentConfig;
 use kiln_agent::images::StoreImages;
 use kiln_agent::network::KilnNetwork;
 use kiln_agent::records::StateDir;
-use kiln_agent::runtime::{ListeningSocket, RuntimeError, VmHandle, VmSpec, VmStatus, Vms};
+use kiln_agent::runtime::Vms;
+use kiln_agent::vmm::{VmmSettings, VmmVms};
 use kiln_agent::{overlay_key, tasks};
-use kiln_api::types::{HostCapacity, RegisterHost};
-use kiln_core::InstanceId;
+use kiln_api::types::{HostCapacity, RegisterHost, VmmDriver};
+use kiln_vmm::GuestAssets;
+use kiln_vmm::firecracker::{FirecrackerConfig, FirecrackerDriver};
+use kiln_vmm::qemu::{QemuConfig, QemuDriver};
 use tokio::sync::watch;
 use tracing::info;
 
@@ -68,9 +71,6 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         egress_interface: config.network.egress_interface.clone(),
         ..kiln_net::HostNetworkConfig::default()
     })?;
-    let vms = NoDriver {
-        driver: config.driver,
-    };
 
     let registration = RegisterHost {
         capacity: host_capacity(&config)?,
@@ -86,6 +86,46 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         "agent starting"
     );
 
+    let settings = VmmSettings {
+        assets: GuestAssets::in_dir(&config.guest_assets_dir),
+        boot_timeout: Duration::from_secs(config.boot_timeout_secs),
+        console_limit_bytes: config.logs.max_file_bytes,
+    };
+    settings.assets.check()?;
+    match config.driver {
+        VmmDriver::Qemu => {
+            let driver = QemuDriver::new(QemuConfig {
+                allow_software_virtualization: config.allow_software_virtualization,
+                ..QemuConfig::default()
+            })?;
+            let vms = VmmVms::new(driver, settings);
+            serve(config, client, registration, state, images, network, vms).await
+        }
+        VmmDriver::Firecracker => {
+            let binary = config
+                .firecracker_binary
+                .clone()
+                .context("firecracker_binary is not set")?;
+            let driver = FirecrackerDriver::new(FirecrackerConfig {
+                binary,
+                jailer: None,
+            })?;
+            let vms = VmmVms::new(driver, settings);
+            serve(config, client, registration, state, images, network, vms).await
+        }
+    }
+}
+
+/// Runs the agent's tasks and loop with the chosen VMM driver.
+async fn serve<V: Vms>(
+    config: AgentConfig,
+    client: kiln_api::Client,
+    registration: RegisterHost,
+    state: StateDir,
+    images: StoreImages,
+    network: KilnNetwork,
+    vms: V,
+) -> anyhow::Result<ExitCode> {
     let shared = Arc::new(Shared::default());
     let (mut agent, outbox) = Agent::new(
         client.clone(),
@@ -168,60 +208,5 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         () = terminate => {}
-    }
-}
-
-/// The driver slot until kiln-vmm's drivers are wired in: every VM operation fails with a
-/// clear error, so assignments end up `failed` with that reason instead of hanging.
-// TODO(correctness): replace with kiln-vmm's Firecracker and QEMU drivers.
-struct NoDriver {
-    driver: kiln_api::types::VmmDriver,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("the {driver:?} VMM driver is not built into this kiln-agent")]
-struct DriverMissing {
-    driver: kiln_api::types::VmmDriver,
-}
-
-impl NoDriver {
-    fn missing(&self) -> RuntimeError {
-        Box::new(DriverMissing {
-            driver: self.driver,
-        })
-    }
-}
-
-impl Vms for NoDriver {
-    async fn boot(&self, _spec: VmSpec) -> Result<VmHandle, RuntimeError> {
-        Err(self.missing())
-    }
-
-    async fn adopt(
-        &self,
-        _instance: InstanceId,
-        _run_dir: &std::path::Path,
-        _logs: kiln_agent::logs::LogSink,
-    ) -> Result<Option<VmHandle>, RuntimeError> {
-        Ok(None)
-    }
-
-    async fn status(&self, _handle: &VmHandle) -> Result<VmStatus, RuntimeError> {
-        Err(self.missing())
-    }
-
-    async fn stop(&self, _handle: &VmHandle, _signal: &str) -> Result<(), RuntimeError> {
-        Err(self.missing())
-    }
-
-    async fn kill(&self, _handle: &VmHandle) -> Result<(), RuntimeError> {
-        Err(self.missing())
-    }
-
-    async fn listening_sockets(
-        &self,
-        _handle: &VmHandle,
-    ) -> Result<Vec<ListeningSocket>, RuntimeError> {
-        Err(self.missing())
     }
 }

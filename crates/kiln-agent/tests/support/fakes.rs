@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use kiln_agent::logs::LogSink;
 use kiln_agent::runtime::{
@@ -126,6 +127,8 @@ impl Images for FakeImages {
             default_command: vec!["/bin/app".to_owned()],
             working_dir: None,
             user: None,
+            uid: 0,
+            gid: 0,
             env: BTreeMap::new(),
         })
     }
@@ -145,6 +148,7 @@ pub(crate) struct FakeVm {
     pub(crate) secret_names: Vec<String>,
     pub(crate) logs: LogSink,
     pub(crate) stop_signals: Vec<String>,
+    pub(crate) kill_signal: String,
     /// Whether the VM exits when it gets the stop signal.
     pub(crate) obeys_stop: bool,
 }
@@ -240,6 +244,7 @@ impl Vms for FakeVms {
                         .unwrap_or_default(),
                     logs: spec.logs,
                     stop_signals: Vec::new(),
+                    kill_signal: spec.kill_signal.clone(),
                     obeys_stop,
                 },
             ),
@@ -283,10 +288,10 @@ impl Vms for FakeVms {
         })
     }
 
-    async fn stop(&self, handle: &VmHandle, signal: &str) -> Result<(), RuntimeError> {
+    async fn stop(&self, handle: &VmHandle, _timeout: Duration) -> Result<(), RuntimeError> {
         let mut state = self.inner.lock().unwrap();
         let (_, vm) = state.vms.get_mut(&handle.pid).ok_or("no such VM")?;
-        vm.stop_signals.push(signal.to_owned());
+        vm.stop_signals.push(vm.kill_signal.clone());
         if vm.obeys_stop {
             vm.running = false;
             vm.exit_code = Some(0);
