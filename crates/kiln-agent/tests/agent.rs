@@ -551,3 +551,297 @@ fn hundred_cycles_leak_nothing() {
         })
         .unwrap();
 }
+
+// Real microVMs: QEMU (TCG here) booting kiln-init, real kiln-net in a private network
+// namespace, health checks over the TAP. The image pipeline is replaced by a busybox root
+// filesystem built directly (kiln-image has its own tests against a real registry).
+
+/// How long a real microVM may take from assignment to healthy under TCG.
+const HEALTHY_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// Interval between reconcile passes while a test waits for a state.
+const PASS_INTERVAL: Duration = Duration::from_millis(200);
+
+#[derive(Clone)]
+struct BusyboxImages {
+    rootfs: std::path::PathBuf,
+}
+
+impl kiln_agent::runtime::Images for BusyboxImages {
+    async fn prepare(
+        &self,
+        image: &ImageRef,
+    ) -> Result<kiln_agent::runtime::PreparedImage, kiln_agent::runtime::RuntimeError> {
+        Ok(kiln_agent::runtime::PreparedImage {
+            digest: image.digest.clone(),
+            rootfs: self.rootfs.clone(),
+            default_command: vec!["/bin/sh".to_owned()],
+            working_dir: Some("/srv".to_owned()),
+            user: Some("app".to_owned()),
+            uid: kiln_testkit::guest::APP_UID,
+            gid: kiln_testkit::guest::APP_UID,
+            env: BTreeMap::new(),
+        })
+    }
+
+    async fn create_disk(
+        &self,
+        path: &std::path::Path,
+        size_mib: u64,
+    ) -> Result<(), kiln_agent::runtime::RuntimeError> {
+        kiln_testkit::guest::data_disk(path, u32::try_from(size_mib.min(64)).unwrap())?;
+        Ok(())
+    }
+}
+
+type VmAgent = Agent<
+    FakeControl,
+    BusyboxImages,
+    kiln_agent::vmm::VmmVms<kiln_vmm::qemu::QemuDriver>,
+    KilnNetwork,
+>;
+
+struct VmHarness {
+    agent: VmAgent,
+    outbox: mpsc::UnboundedReceiver<(InstanceId, ReportInstanceState)>,
+    control: FakeControl,
+}
+
+fn vm_harness(root: &std::path::Path, images: BusyboxImages) -> VmHarness {
+    let driver = kiln_vmm::qemu::QemuDriver::new(kiln_vmm::qemu::QemuConfig {
+        allow_software_virtualization: true,
+        ..kiln_vmm::qemu::QemuConfig::default()
+    })
+    .unwrap();
+    let settings = kiln_agent::vmm::VmmSettings {
+        assets: kiln_vmm::GuestAssets::in_dir(&kiln_testkit::guest::guest_assets_dir().unwrap()),
+        boot_timeout: Duration::from_secs(120),
+        console_limit_bytes: 1024 * 1024,
+    };
+    let control = FakeControl::default();
+    let (agent, outbox) = Agent::new(
+        control.clone(),
+        images,
+        kiln_agent::vmm::VmmVms::new(driver, settings),
+        KilnNetwork::new(kiln_net::HostNetworkConfig::default()).unwrap(),
+        StateDir::new(root).unwrap(),
+        LogConfig::default(),
+        Arc::new(Shared::default()),
+    );
+    VmHarness {
+        agent,
+        outbox,
+        control,
+    }
+}
+
+impl VmHarness {
+    async fn pass(&mut self) {
+        self.agent.reconcile_once(Instant::now()).await;
+        while let Ok((id, report)) = self.outbox.try_recv() {
+            self.control
+                .inner
+                .lock()
+                .unwrap()
+                .reports
+                .push((id, report));
+        }
+    }
+
+    /// Runs passes until `done` holds, failing after `timeout`.
+    async fn pass_until(&mut self, what: &str, timeout: Duration, done: impl Fn(&Self) -> bool) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.pass().await;
+            if done(self) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} not reached within {timeout:?}; reports: {:?}",
+                self.control.inner.lock().unwrap().reports
+            );
+            tokio::time::sleep(PASS_INTERVAL).await;
+        }
+    }
+
+    fn phase(&self, id: InstanceId) -> Option<Phase> {
+        self.agent.tracked().get(&id).map(|t| t.phase.clone())
+    }
+
+    fn log_tail(&self, id: InstanceId) -> Vec<String> {
+        let shared = self.agent.shared();
+        let logs = shared.logs.lock().unwrap();
+        logs.get(&id).map(|sink| sink.tail()).unwrap_or_default()
+    }
+}
+
+/// Kills every QEMU recorded under the state directory, so a failing test leaks no VM.
+struct KillVmsOnDrop(std::path::PathBuf);
+
+impl Drop for KillVmsOnDrop {
+    fn drop(&mut self) {
+        for pid in qemu_pids(&self.0) {
+            if kiln_vmm::process::is_alive(pid) {
+                kiln_vmm::process::signal(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+fn qemu_pids(root: &std::path::Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir(root.join("instances")) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| kiln_vmm::record::VmRecord::load(&entry.path().join("vm")).ok())
+        .map(|record| record.pid)
+        .collect()
+}
+
+fn vm_assignment(host_part: u16, script: &str) -> Assignment {
+    let mut a = assignment(8080);
+    a.network.ipv6 = Ipv6Addr::new(0xfd00, 0x6b69, 0x6c6e, 1, 0, 0, 0, host_part);
+    a.network.ipv4 = Ipv4Addr::new(100, 64, 0, u8::try_from(host_part).unwrap());
+    a.command = vec!["/bin/sh".to_owned(), "-c".to_owned(), script.to_owned()];
+    let check = a.ports[0].health_check.as_mut().unwrap();
+    check.grace_period_secs = 300;
+    a
+}
+
+#[test]
+fn real_vm_healthy_readopted_stopped() {
+    let namespace = NetNs::create("vmok").unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let _guard = KillVmsOnDrop(root.path().to_path_buf());
+    let rootfs = root.path().join("rootfs.ext4");
+    kiln_testkit::guest::RootfsBuilder::new()
+        .build(&rootfs)
+        .unwrap();
+    let images = BusyboxImages { rootfs };
+
+    let a = vm_assignment(2, "echo READY; exec httpd -f -p [::]:8080 -h /www");
+    let id = a.instance_id;
+
+    // Each phase runs on its own runtime: when a phase ends, its runtime and every task and
+    // socket of the agent go away, as when the agent process is killed.
+    let pids = namespace
+        .block_on(|| async {
+            let mut h = vm_harness(root.path(), images.clone());
+            h.agent
+                .set_desired(assignments(1, std::slice::from_ref(&a)));
+            h.pass_until("healthy", HEALTHY_TIMEOUT, |h| {
+                h.phase(id) == Some(Phase::Healthy)
+            })
+            .await;
+            assert_eq!(
+                h.control.states(id),
+                [
+                    InstanceState::Preparing,
+                    InstanceState::Booting,
+                    InstanceState::Running,
+                    InstanceState::Healthy
+                ]
+            );
+            assert!(
+                h.log_tail(id).iter().any(|line| line == "READY"),
+                "{:?}",
+                h.log_tail(id)
+            );
+            let pids = qemu_pids(root.path());
+            assert_eq!(pids.len(), 1);
+            pids
+        })
+        .unwrap();
+
+    namespace
+        .block_on(|| async {
+            // The restarted agent adopts the running VM instead of booting a second one.
+            let mut h = vm_harness(root.path(), images.clone());
+            h.agent
+                .set_desired(assignments(1, std::slice::from_ref(&a)));
+            h.agent.readopt().await;
+            assert_eq!(h.phase(id), Some(Phase::Running));
+            h.pass_until("healthy again", HEALTHY_TIMEOUT, |h| {
+                h.phase(id) == Some(Phase::Healthy)
+            })
+            .await;
+            assert_eq!(qemu_pids(root.path()), pids);
+            assert!(
+                h.control
+                    .states(id)
+                    .iter()
+                    .all(|s| *s != InstanceState::Booting)
+            );
+
+            // Unassigned: SIGTERM through kiln-init, the VM powers off, everything goes.
+            h.agent.set_desired(assignments(2, &[]));
+            h.pass_until("forgotten", HEALTHY_TIMEOUT, |h| {
+                h.agent.tracked().is_empty()
+            })
+            .await;
+            assert!(
+                !kiln_vmm::process::is_alive(pids[0]),
+                "QEMU {} still runs",
+                pids[0]
+            );
+            assert_eq!(count_links(&namespace), 0);
+            assert!(!root.path().join("instances").join(id.to_string()).exists());
+            let ruleset = namespace
+                .exec("/usr/sbin/nft", &["list", "ruleset"])
+                .unwrap();
+            assert!(!ruleset.contains("kiln"), "{ruleset}");
+        })
+        .unwrap();
+}
+
+#[test]
+fn real_vm_unhealthy_names_loopback_listener() {
+    let namespace = NetNs::create("vmlo").unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let _guard = KillVmsOnDrop(root.path().to_path_buf());
+    let rootfs = root.path().join("rootfs.ext4");
+    kiln_testkit::guest::RootfsBuilder::new()
+        .build(&rootfs)
+        .unwrap();
+    let images = BusyboxImages { rootfs };
+
+    namespace
+        .block_on(|| async {
+            let mut a = vm_assignment(3, "echo READY; exec httpd -f -p 127.0.0.1:8080 -h /www");
+            a.ports[0].health_check.as_mut().unwrap().grace_period_secs = 0;
+            let id = a.instance_id;
+            let mut h = vm_harness(root.path(), images);
+            h.agent
+                .set_desired(assignments(1, std::slice::from_ref(&a)));
+            // Unhealthy is reported as soon as the VM runs; wait until the app listens, so
+            // the explanation names its socket.
+            h.pass_until("unhealthy with the loopback socket", HEALTHY_TIMEOUT, |h| {
+                let reports = h.control.inner.lock().unwrap().reports.clone();
+                reports.iter().any(|(_, r)| {
+                    r.state == InstanceState::Unhealthy
+                        && r.detail
+                            .as_deref()
+                            .is_some_and(|d| d.contains("127.0.0.1:8080"))
+                })
+            })
+            .await;
+            let reports = h.control.inner.lock().unwrap().reports.clone();
+            let detail = reports
+                .iter()
+                .rev()
+                .find_map(|(_, r)| r.detail.clone())
+                .unwrap();
+            assert!(detail.contains("(loopback)"), "{detail}");
+            assert!(detail.contains("listen on [::]:8080"), "{detail}");
+
+            h.agent.set_desired(assignments(2, &[]));
+            h.pass_until("forgotten", HEALTHY_TIMEOUT, |h| {
+                h.agent.tracked().is_empty()
+            })
+            .await;
+            assert_eq!(h.phase(id), None);
+        })
+        .unwrap();
+}
