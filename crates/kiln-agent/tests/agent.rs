@@ -845,3 +845,193 @@ fn real_vm_unhealthy_names_loopback_listener() {
         })
         .unwrap();
 }
+
+// A real control plane: kiln-control's API on a private PostgreSQL database, served on an
+// ephemeral loopback port and restarted on the same port mid-run.
+
+/// How long a test waits for the agent's tasks to reach the control plane.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+
+struct ControlServer {
+    address: SocketAddr,
+    state: kiln_control::api::AppState,
+    task: tokio::task::JoinHandle<()>,
+    operator_token: String,
+    _database: kiln_testkit::postgres::TestDatabase,
+    _key_dir: tempfile::TempDir,
+}
+
+impl ControlServer {
+    async fn start() -> Self {
+        let database = tokio::task::spawn_blocking(kiln_testkit::postgres::database)
+            .await
+            .unwrap()
+            .unwrap();
+        let store = kiln_control::store::Store::connect(&database.url, 10)
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        let org = kiln_core::OrgName::new("acme").unwrap();
+        let output = kiln_control::bootstrap::bootstrap(
+            &store,
+            &org,
+            "apps.kiln.test",
+            Some("fd12:3456:789a::/48"),
+        )
+        .await
+        .unwrap();
+        let key_dir = tempfile::tempdir().unwrap();
+        let key_file = key_dir.path().join("master.key");
+        kiln_control::secrets::Keyring::generate_key(&key_file).unwrap();
+        let settings = kiln_control::bootstrap::load_settings(&store)
+            .await
+            .unwrap()
+            .unwrap();
+        let state = kiln_control::api::AppState {
+            store: store.clone(),
+            keyring: Arc::new(kiln_control::secrets::Keyring::load(&key_file).unwrap()),
+            notifier: kiln_control::store::watch::Notifier::start(&store)
+                .await
+                .unwrap(),
+            settings: Arc::new(settings),
+            limits: Arc::new(kiln_control::api::ApiLimits {
+                host_lease: Duration::from_secs(30),
+                log_window_lines: 100,
+            }),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let task = serve(listener, state.clone());
+        Self {
+            address,
+            state,
+            task,
+            operator_token: output.operator_token.secret,
+            _database: database,
+            _key_dir: key_dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// Stops serving (connections are refused) until `resume`.
+    fn stop(&self) {
+        self.task.abort();
+    }
+
+    async fn resume(&mut self) {
+        let listener = tokio::net::TcpListener::bind(self.address).await.unwrap();
+        self.task = serve(listener, self.state.clone());
+    }
+}
+
+fn serve(
+    listener: tokio::net::TcpListener,
+    state: kiln_control::api::AppState,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        axum::serve(listener, kiln_control::api::router(state))
+            .await
+            .unwrap();
+    })
+}
+
+async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + CONTROL_TIMEOUT;
+    while !done().await {
+        assert!(
+            Instant::now() < deadline,
+            "{what} not reached within {CONTROL_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_control_plane_register_watch_outage() {
+    let mut server = ControlServer::start().await;
+    let operator = kiln_api::Client::new(&server.url(), server.operator_token.clone()).unwrap();
+    let created = operator
+        .create_host(&kiln_api::types::CreateHost {
+            name: "host-1".to_owned(),
+        })
+        .await
+        .unwrap();
+    let client = kiln_api::Client::new(&server.url(), created.token.secret.clone()).unwrap();
+
+    let shared = Arc::new(Shared::default());
+    let key_dir = tempfile::tempdir().unwrap();
+    let registration = kiln_api::types::RegisterHost {
+        capacity: kiln_api::types::HostCapacity {
+            vcpus: 2,
+            memory_mib: 4096,
+        },
+        driver: kiln_api::types::VmmDriver::Qemu,
+        overlay_public_key: kiln_agent::overlay_key::load_or_generate(
+            &key_dir.path().join("overlay.key"),
+        )
+        .unwrap(),
+        overlay_endpoint: "[::1]:51820".parse().unwrap(),
+    };
+    let session = tokio::spawn(kiln_agent::tasks::run_session(
+        client.clone(),
+        registration.clone(),
+        Duration::from_millis(200),
+        Arc::clone(&shared),
+    ));
+    let (sender, mut receiver) = tokio::sync::watch::channel(None);
+    let watcher = tokio::spawn(kiln_agent::tasks::run_watcher(
+        client.clone(),
+        0,
+        Arc::clone(&shared),
+        sender,
+    ));
+
+    wait_for("registration", async || {
+        shared.host_id.lock().unwrap().is_some()
+    })
+    .await;
+    let host = operator.get_host("host-1").await.unwrap();
+    assert_eq!(host.state, kiln_api::types::HostState::Ready);
+    assert_eq!(host.capacity, Some(registration.capacity));
+    assert_eq!(
+        host.overlay_public_key,
+        Some(registration.overlay_public_key.clone())
+    );
+    assert!(host.ipv6_prefix.is_some());
+    let first_lease = host.lease_expires_at.unwrap();
+
+    receiver.changed().await.unwrap();
+    let set = receiver.borrow_and_update().clone().unwrap();
+    assert_eq!(set.host_id, created.host.id);
+    assert!(set.assignments.is_empty());
+
+    // The control plane goes away: the agent notices and keeps retrying.
+    server.stop();
+    wait_for("outage noticed", async || {
+        !shared.reachable.load(std::sync::atomic::Ordering::Relaxed)
+    })
+    .await;
+
+    // It comes back on the same address: heartbeats renew the lease again.
+    server.resume().await;
+    wait_for("lease renewed after the outage", async || {
+        let host = operator.get_host("host-1").await.unwrap();
+        host.lease_expires_at.is_some_and(|at| at > first_lease)
+            && shared.reachable.load(std::sync::atomic::Ordering::Relaxed)
+    })
+    .await;
+
+    // A host token reaches nothing but its own host's endpoints.
+    let error = client.list_hosts().await.unwrap_err();
+    assert_eq!(
+        error.code(),
+        Some(kiln_api::ErrorCode::Forbidden),
+        "{error}"
+    );
+
+    session.abort();
+    watcher.abort();
+}
