@@ -1,9 +1,10 @@
 //! The reconcile loop and the executor: observe the VMs, [`plan`] against the desired
 //! assignments, carry out each action, report every state change, write the status snapshot.
 //!
-//! Calls to the control plane never block the loop: assignments arrive from a watcher task,
-//! and reports, heartbeats and log batches leave through background tasks that retry with
-//! backoff. With the control plane unreachable, running instances keep running and the loop
+//! Assignments arrive from a watcher task, and reports, heartbeats and log batches leave through
+//! background tasks that retry with backoff, so an outage does not stall the loop. The one call
+//! the loop makes itself is fetching an instance's secrets while starting it, bounded by the
+//! client's request timeout. With the control plane unreachable, running instances keep running and the loop
 //! keeps health-checking and restarting them from the last known assignments.
 
 use std::collections::BTreeMap;
@@ -214,7 +215,7 @@ where
         info!("agent stopping; microVMs keep running");
     }
 
-    /// One reconcile pass: observe, plan, execute.
+    /// Runs one reconcile pass: observe, plan, execute.
     pub async fn reconcile_once(&mut self, now: Instant) {
         self.observe(now).await;
         let Some(desired) = &self.desired else {
@@ -384,7 +385,7 @@ where
         }
     }
 
-    /// The named steps of a start; each failure names its step. Resources made before a
+    /// Runs the named steps of a start; each failure names its step. Resources made before a
     /// failure stay until the instance is cleaned up or started again (they are reused).
     async fn boot(&mut self, assignment: &Assignment) -> Result<VmHandle, String> {
         let id = assignment.instance_id;

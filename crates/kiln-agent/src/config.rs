@@ -38,7 +38,7 @@ pub struct AgentConfig {
     /// The `firecracker` binary, required with `driver = "firecracker"`.
     #[serde(default)]
     pub firecracker_binary: Option<PathBuf>,
-    /// Seconds a boot may take until kiln-init answers. Default 60 (TCG boots are slow).
+    /// Seconds a boot may take until kiln-init sends its hello. Default 60 (TCG boots are slow).
     #[serde(default = "default_boot_timeout_secs")]
     pub boot_timeout_secs: u64,
     /// Memory kept for the host itself, in MiB, subtracted from the memory offered to

@@ -1,5 +1,5 @@
-//! Per-instance logs: the console and the workload's stdout and stderr, kept on disk with a
-//! size bound and rotation, and queued (bounded too) for shipping to the control plane.
+//! Per-instance logs: the workload's stdout and stderr and the agent's lines about the instance,
+//! kept on disk with a size bound and rotation, and queued (bounded too) for shipping to the control plane.
 //!
 //! A guest that floods its console can neither fill the disk (at most `max_file_bytes` times
 //! `max_files + 1` per instance) nor the agent's memory (at most `max_pending_bytes` queued,
@@ -20,7 +20,7 @@ use tracing::warn;
 
 use crate::config::LogConfig;
 
-/// The longest line kept; longer lines are cut and marked with `…`.
+/// Maximum length of a kept line; longer lines are cut and marked with `…`.
 pub const MAX_LINE_BYTES: usize = 16 * 1024;
 
 /// Lines kept in memory for crash reports ("last lines before the exit").

@@ -14,7 +14,7 @@ pub const CRASH_LOOP_RESTARTS: u32 = 3;
 /// First restart delay; it doubles with every restart up to [`MAX_RESTART_DELAY`].
 pub const FIRST_RESTART_DELAY: Duration = Duration::from_secs(1);
 
-/// Longest restart delay.
+/// Maximum restart delay.
 pub const MAX_RESTART_DELAY: Duration = Duration::from_secs(300);
 
 /// Running this long without exiting resets the restart count.
@@ -39,7 +39,7 @@ pub enum Phase {
         /// The workload's exit code, when known.
         code: Option<i32>,
     },
-    /// Starting failed (image, network, boot); `reason` says which step.
+    /// Starting failed (image, network, boot); `reason` names the step.
     Failed {
         /// What failed.
         reason: String,

@@ -18,7 +18,7 @@ use crate::control::ControlPlane;
 /// First retry delay after a failed control plane call.
 pub const FIRST_RETRY: Duration = Duration::from_millis(200);
 
-/// Longest retry delay.
+/// Maximum retry delay.
 pub const MAX_RETRY: Duration = Duration::from_secs(30);
 
 /// Seconds one assignment long-poll waits for a change.

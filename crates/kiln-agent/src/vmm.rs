@@ -26,7 +26,7 @@ use tracing::{info, warn};
 use crate::logs::LogSink;
 use crate::runtime::{ListeningSocket, RuntimeError, VmHandle, VmSpec, VmStatus, Vms};
 
-/// How long a listening-socket request waits for kiln-init's answer.
+/// Time a listening-socket request waits for kiln-init's reply.
 const SOCKETS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Guest MTU on the TAP.
@@ -65,7 +65,7 @@ impl VmAccess for FirecrackerVm {
 pub struct VmmSettings {
     /// Guest kernel and initramfs.
     pub assets: GuestAssets,
-    /// How long a boot may take until kiln-init says hello.
+    /// Time a boot may take until kiln-init sends its hello.
     pub boot_timeout: Duration,
     /// Size bound of the serial console log the driver keeps in the VM's directory.
     pub console_limit_bytes: u64,
@@ -263,7 +263,7 @@ where
 
     async fn status(&self, handle: &VmHandle) -> Result<VmStatus, RuntimeError> {
         let entry = self.entry(handle)?;
-        // A stop in progress holds the VM; it is running until the stop ends.
+        // A stop in progress has the VM locked, and the VM counts as running until it ends.
         let Ok(mut vm) = entry.vm.try_lock() else {
             return Ok(VmStatus::Running);
         };
