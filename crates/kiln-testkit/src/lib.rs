@@ -12,4 +12,9 @@ pub mod guest;
 
 pub mod guest;
 pub mod oci;
+
+pub mod guest;
+pub mod netns;
+pub mod oci;
+pub mod postgres;
 pub mod registry;
