@@ -5,14 +5,6 @@
 //! environment (`KILN_TEST_PG_DIR`, `KILN_TEST_REGISTRY`) and otherwise starts a private one
 //! that is stopped and removed when the test process ends.
 
-pub mod oci;
-pub mod registry;
-pub mod postgres;
-pub mod guest;
-
-pub mod guest;
-pub mod oci;
-
 pub mod guest;
 pub mod netns;
 pub mod oci;
