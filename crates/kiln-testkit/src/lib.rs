@@ -4,3 +4,5 @@
 //! Each fixture uses a shared service when the test runner provides one through the
 //! environment (`KILN_TEST_PG_DIR`, `KILN_TEST_REGISTRY`) and otherwise starts a private one
 //! that is stopped and removed when the test process ends.
+
+pub mod postgres;
