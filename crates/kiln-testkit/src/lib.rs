@@ -6,3 +6,4 @@
 //! that is stopped and removed when the test process ends.
 
 pub mod postgres;
+pub mod simagent;
