@@ -10,6 +10,7 @@
 pub mod cluster;
 pub mod ipam;
 pub mod plan;
+pub mod progress;
 pub mod schedule;
 
 pub use cluster::{ClusterSnapshot, Host, HostState, PlacedInstance, Resources};
