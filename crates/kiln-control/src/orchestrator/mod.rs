@@ -3,3 +3,4 @@
 //! outcome as an event so a restarted control plane resumes where the last one stopped.
 
 pub mod convert;
+pub mod engine;
