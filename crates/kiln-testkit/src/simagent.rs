@@ -20,7 +20,7 @@ use kiln_core::InstanceId;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// What a simulated instance does once it is assigned.
+/// The behavior of a simulated instance once it is assigned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// Reports preparing, booting, running, then healthy.
@@ -61,7 +61,7 @@ impl Default for SimAgentConfig {
     }
 }
 
-/// Why a simulated agent could not start.
+/// Error returned when a simulated agent cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum SimAgentError {
     /// The client could not be built.
@@ -78,7 +78,7 @@ pub enum SimAgentError {
     Register(#[source] ClientError),
 }
 
-/// What the simulated host runs, as last reported to the control plane.
+/// The simulated host's instances, as last reported to the control plane.
 #[derive(Debug, Clone, Default)]
 struct SimState {
     /// Instances it reported as started, with their last reported state.
@@ -246,7 +246,7 @@ async fn watch_loop(
 }
 
 /// Brings the simulated host to the complete desired set: starts what is new, stops what is
-/// marked stopped, and forgets instances no longer assigned.
+/// marked stopped, and drops instances no longer assigned.
 async fn reconcile(
     client: &Client,
     config: &SimAgentConfig,
