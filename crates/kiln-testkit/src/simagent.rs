@@ -4,7 +4,7 @@
 //! Orchestration tests run many of these against a real `kiln-control` to drive deploys end to
 //! end in seconds. What an instance does after it is assigned (become healthy, fail its health
 //! check, exit) is chosen per assignment by the test, so rollbacks can be provoked. The real
-//! agent has its own tests with real microVMs; this fixture only stands in for it where the
+//! agent has its own tests with real microVMs; this fixture replaces it only where the
 //! subject under test is the control plane.
 
 use std::collections::{BTreeMap, BTreeSet};
