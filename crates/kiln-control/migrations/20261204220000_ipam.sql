@@ -24,3 +24,18 @@ CREATE TABLE ipam_instance_addresses (
 );
 
 CREATE INDEX ipam_instance_addresses_host ON ipam_instance_addresses (host_id);
+
+-- Orchestrator state: the plan of each deploy, fixed when the deploy starts, and which
+-- instances receive traffic. Step outcomes are events (`DeployStepCompleted`).
+CREATE TABLE deploy_plans (
+    deploy_id    uuid PRIMARY KEY,
+    plan         jsonb NOT NULL,
+    base_version bigint NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE routed_instances (
+    env_id      uuid NOT NULL,
+    instance_id uuid NOT NULL,
+    PRIMARY KEY (env_id, instance_id)
+);

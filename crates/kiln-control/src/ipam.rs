@@ -160,6 +160,28 @@ pub async fn host_prefixes(
     Ok(prefixes)
 }
 
+/// Records that a host uses `slot` (for example the subnet of the /64 it was given at
+/// registration) unless it already has one, and returns its prefixes.
+pub async fn adopt_host_slot(
+    conn: &mut PgConnection,
+    ipam: &Ipam,
+    host: HostId,
+    slot: u32,
+) -> Result<HostPrefixes, IpamStoreError> {
+    ipam.host_prefixes(slot)
+        .map_err(IpamStoreError::Allocation)?;
+    sqlx::query(
+        "INSERT INTO ipam_host_slots (host_id, slot) VALUES ($1, $2) \
+         ON CONFLICT (host_id) DO NOTHING",
+    )
+    .bind(host.as_uuid())
+    .bind(i32::try_from(slot).unwrap_or(i32::MAX))
+    .execute(&mut *conn)
+    .await
+    .map_err(query_failed("adopt the host's slot"))?;
+    host_prefixes(conn, ipam, host).await
+}
+
 /// Frees a host's slot; fails while instances on it still hold addresses.
 pub async fn release_host(conn: &mut PgConnection, host: HostId) -> Result<bool, IpamStoreError> {
     lock(conn).await?;

@@ -5,8 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use kiln_api::{DeployStrategy, HostState as ApiHostState, InstanceState, PlanStep, Release};
-use kiln_core::{HostId, ProcessName};
+use kiln_api::{DeployStrategy, HostState as ApiHostState, InstanceState, PlanStep};
+use kiln_core::{HostId, ProcessName, ReleaseId};
 use kiln_scheduler::plan::{Action, Plan, ProcessSpec, ReleaseCommandSpec, ReleaseSpec, Strategy};
 use kiln_scheduler::progress::Observed;
 use kiln_scheduler::{Host, HostState, Resources};
@@ -41,14 +41,16 @@ pub fn scheduler_host(host: &kiln_api::Host) -> Option<Host> {
 }
 
 /// The planner's view of a release, with the env's scale overriding the manifest's counts.
-pub fn planner_release(release: &Release, scale: &BTreeMap<ProcessName, u32>) -> ReleaseSpec {
+pub fn planner_release(
+    id: ReleaseId,
+    release: &kiln_api::ReleaseSpec,
+    scale: &BTreeMap<ProcessName, u32>,
+) -> ReleaseSpec {
     let processes = release
-        .spec
         .processes
         .iter()
         .map(|(name, spec)| {
             let routed = release
-                .spec
                 .services
                 .iter()
                 .any(|service| &service.process == name);
@@ -65,7 +67,6 @@ pub fn planner_release(release: &Release, scale: &BTreeMap<ProcessName, u32>) ->
         .collect();
 
     let release_command = release
-        .spec
         .release_command
         .as_ref()
         .map(|_| ReleaseCommandSpec {
@@ -77,7 +78,7 @@ pub fn planner_release(release: &Release, scale: &BTreeMap<ProcessName, u32>) ->
         });
 
     ReleaseSpec {
-        id: release.id,
+        id,
         processes,
         release_command,
     }
@@ -152,8 +153,8 @@ pub fn api_plan(plan: &Plan, host_names: &BTreeMap<HostId, String>) -> kiln_api:
 
 #[cfg(test)]
 mod tests {
-    use kiln_api::{HostCapacity, ImageRef, ServiceProtocol, ServiceSpec};
-    use kiln_core::{EnvId, ReleaseId};
+    use kiln_api::{HostCapacity, ImageRef, Release, ServiceProtocol, ServiceSpec};
+    use kiln_core::EnvId;
     use time::OffsetDateTime;
 
     use super::*;
@@ -245,7 +246,11 @@ mod tests {
             created_at: OffsetDateTime::UNIX_EPOCH,
         };
 
-        let spec = planner_release(&release, &BTreeMap::from([(worker.clone(), 5)]));
+        let spec = planner_release(
+            release.id,
+            &release.spec,
+            &BTreeMap::from([(worker.clone(), 5)]),
+        );
         assert_eq!(spec.processes[&web].count, 2);
         assert_eq!(spec.processes[&worker].count, 5);
         assert!(spec.processes[&web].routed);

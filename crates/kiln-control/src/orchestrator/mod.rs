@@ -4,3 +4,4 @@
 
 pub mod convert;
 pub mod engine;
+pub mod pg;
