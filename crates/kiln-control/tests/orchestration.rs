@@ -100,21 +100,27 @@ fn bootstrap() -> Cluster {
 }
 
 fn start_control(cluster: &Cluster) -> Control {
+    start_control_on(cluster, "127.0.0.1:0")
+}
+
+/// Starts `kiln-control serve` listening on `listen`.
+fn start_control_on(cluster: &Cluster, listen: &str) -> Control {
     let dir = cluster.dir.path();
     let mut child = Command::new(binary())
         .arg("serve")
         .arg("--config")
         .arg(dir.join("control.toml"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--database-url",
-            &cluster.database_url,
-        ])
+        .args(["--listen", listen, "--database-url", &cluster.database_url])
         .arg("--master-key-file")
         .arg(dir.join("master.key"))
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("control.log"))
+                .unwrap(),
+        )
         .spawn()
         .unwrap();
 
@@ -386,5 +392,124 @@ async fn lost_host_instances_rescheduled() {
             "instances not rescheduled: {instances:?}"
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Outcome records of a deploy's steps, read from the projection.
+async fn step_records(pool: &sqlx::PgPool, deploy: &Deploy) -> Vec<String> {
+    sqlx::query_scalar("SELECT step FROM deploy_steps WHERE deploy_id = $1 ORDER BY position")
+        .bind(deploy.id.as_uuid())
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_killed_between_steps_resumes() {
+    let cluster = bootstrap();
+    let mut control = start_control(&cluster);
+    let pool = sqlx::PgPool::connect(&cluster.database_url).await.unwrap();
+    let mut agents = Vec::new();
+    for name in ["h1", "h2"] {
+        agents.push(add_host(&control, &cluster, name, SimAgentConfig::default()).await);
+    }
+    let (client, env) = create_env(&control, &cluster).await;
+    let first = deploy(&client, &env, release(2, 1, "a")).await;
+    let first = wait_deploy(&client, &env, &first).await;
+    assert_eq!(first.state, DeployState::Succeeded, "{:?}", first.failure);
+
+    // Kill kiln-control each time one more step is recorded, then start it again. The
+    // simulated agents keep running and reach the new process on the same address.
+    let second = deploy(&client, &env, release(2, 1, "b")).await;
+    let mut seen = 0;
+    let started = Instant::now();
+    let mut kills = 0;
+    loop {
+        let state: String = sqlx::query_scalar("SELECT state FROM deploys WHERE id = $1")
+            .bind(second.id.as_uuid())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if state == "succeeded" || state == "failed" {
+            break;
+        }
+        let records = step_records(&pool, &second).await.len();
+        if records > seen {
+            seen = records;
+            let address = control.url.trim_start_matches("http://").to_owned();
+            drop(control);
+            kills += 1;
+            control = start_control_on(&cluster, &address);
+        }
+        if started.elapsed() > DEPLOY_TIMEOUT {
+            let records = step_records(&pool, &second).await;
+            let instances: Vec<(String, String, String)> =
+                sqlx::query_as("SELECT id::text, desired, state FROM instances")
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+            let terms: Vec<(String, i64)> = sqlx::query_as("SELECT name, term FROM leader_terms")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+            panic!(
+                "deploy not finished after {kills} restarts: {records:?} {instances:?} {terms:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(kills >= 3, "only {kills} restarts happened");
+
+    let client = Client::new(&control.url, &cluster.org_token).unwrap();
+    let second = client.get_deploy(&env, second.id).await.unwrap();
+    assert_eq!(second.state, DeployState::Succeeded, "{:?}", second.failure);
+
+    let records = step_records(&pool, &second).await;
+    let unique: std::collections::BTreeSet<_> = records.iter().collect();
+    assert_eq!(
+        unique.len(),
+        records.len(),
+        "a step was recorded twice: {records:?}"
+    );
+
+    let instances = running(&client, &env).await;
+    assert_eq!(instances.len(), 3, "{instances:?}");
+    assert!(instances.iter().all(|i| i.release_id == second.release_id));
+    for agent in &agents {
+        assert!(agent.duplicate_starts().is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_controls_one_orchestrator() {
+    let cluster = bootstrap();
+    let control = start_control(&cluster);
+    let _other = start_control(&cluster);
+    let pool = sqlx::PgPool::connect(&cluster.database_url).await.unwrap();
+    let mut agents = Vec::new();
+    for name in ["h1", "h2"] {
+        agents.push(add_host(&control, &cluster, name, SimAgentConfig::default()).await);
+    }
+    let (client, env) = create_env(&control, &cluster).await;
+
+    let first = deploy(&client, &env, release(3, 0, "a")).await;
+    let first = wait_deploy(&client, &env, &first).await;
+    assert_eq!(first.state, DeployState::Succeeded, "{:?}", first.failure);
+    let second = deploy(&client, &env, release(3, 0, "b")).await;
+    let second = wait_deploy(&client, &env, &second).await;
+    assert_eq!(second.state, DeployState::Succeeded, "{:?}", second.failure);
+
+    // Only one replica orchestrates: each step outcome and each placement is written once.
+    let records = step_records(&pool, &second).await;
+    let unique: std::collections::BTreeSet<_> = records.iter().collect();
+    assert_eq!(unique.len(), records.len(), "{records:?}");
+    let placed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE type = 'InstancePlaced'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(placed, 6, "each instance is placed exactly once");
+    for agent in &agents {
+        assert!(agent.duplicate_starts().is_empty());
     }
 }

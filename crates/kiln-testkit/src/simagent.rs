@@ -20,6 +20,12 @@ use kiln_core::InstanceId;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+/// Attempts at reporting one instance state before giving up.
+const REPORT_ATTEMPTS: u32 = 150;
+
+/// Pause between report attempts.
+const REPORT_RETRY_PAUSE: Duration = Duration::from_millis(100);
+
 /// The behavior of a simulated instance once it is assigned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -328,8 +334,19 @@ async fn report(
         detail: Some("simulated".to_owned()),
         exit_code,
     };
-    if let Err(error) = client.report_instance_state(instance, &request).await {
-        tracing::warn!(error = %error, instance = %instance, state = ?new_state, "simulated report failed");
+    // Retry while the control plane is unreachable (it may be restarting), as a real agent
+    // does, so no state change is lost; give up after REPORT_ATTEMPTS.
+    for attempt in 1..=REPORT_ATTEMPTS {
+        match client.report_instance_state(instance, &request).await {
+            Ok(_) => break,
+            Err(error) if error.is_retryable() && attempt < REPORT_ATTEMPTS => {
+                tokio::time::sleep(REPORT_RETRY_PAUSE).await;
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, instance = %instance, state = ?new_state, "simulated report failed");
+                break;
+            }
+        }
     }
     let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
     state.instances.insert(instance, new_state);
