@@ -27,7 +27,7 @@ pub enum IpamStoreError {
     /// A query failed.
     #[error("IPAM query failed: {operation}")]
     Query {
-        /// What the query was for.
+        /// The purpose of the query.
         operation: &'static str,
         /// The database error.
         #[source]
@@ -96,7 +96,7 @@ pub async fn bootstrap(
     load(conn).await
 }
 
-/// The allocator for the stored cluster prefix.
+/// Loads the allocator for the stored cluster prefix.
 pub async fn load(conn: &mut PgConnection) -> Result<Ipam, IpamStoreError> {
     let row = sqlx::query("SELECT prefix, host_ipv4_prefix_len FROM ipam_cluster")
         .fetch_optional(conn)
@@ -117,7 +117,7 @@ pub async fn load(conn: &mut PgConnection) -> Result<Ipam, IpamStoreError> {
     Ipam::with_host_ipv4_prefix_len(prefix, len).map_err(IpamStoreError::Allocation)
 }
 
-/// The prefixes of a host, allocating its slot on first use.
+/// Returns the prefixes of a host, allocating its slot on first use.
 pub async fn host_prefixes(
     conn: &mut PgConnection,
     ipam: &Ipam,
@@ -204,7 +204,7 @@ pub async fn release_host(conn: &mut PgConnection, host: HostId) -> Result<bool,
     Ok(deleted.rows_affected() > 0)
 }
 
-/// The addresses of an instance, allocating them inside its host's prefixes on first use.
+/// Returns the addresses of an instance, allocating them inside its host's prefixes on first use.
 pub async fn instance_addresses(
     conn: &mut PgConnection,
     ipam: &Ipam,

@@ -46,7 +46,7 @@ pub enum OrchestratorError {
     /// A query failed.
     #[error("orchestrator query failed: {operation}")]
     Query {
-        /// What the query was for.
+        /// The purpose of the query.
         operation: &'static str,
         /// The database error.
         #[source]
@@ -55,7 +55,7 @@ pub enum OrchestratorError {
     /// A stored value does not parse.
     #[error("invalid stored value in {what}: {value}")]
     Corrupt {
-        /// Where the value is.
+        /// The table and column of the value.
         what: &'static str,
         /// The value.
         value: String,
@@ -83,7 +83,7 @@ pub struct Orchestrator {
 }
 
 impl Orchestrator {
-    /// An orchestrator over `store` for the cluster prefix `ula_prefix` (its /48).
+    /// Creates an orchestrator over `store` for the cluster prefix `ula_prefix` (its /48).
     pub fn new(
         store: Store,
         ula_prefix: Ipv6Addr,
@@ -348,7 +348,7 @@ impl Orchestrator {
         Ok(OrgId::from_uuid(org))
     }
 
-    /// The cluster and the env as the planner needs them.
+    /// Reads the cluster and the env as the planner needs them.
     async fn snapshot(
         &self,
         env: EnvId,
