@@ -164,6 +164,9 @@ pub enum SingletonError {
     /// A store operation failed.
     #[error("store operation failed")]
     Store(#[from] StoreError),
+    /// The deploy orchestrator failed.
+    #[error("deploy orchestration failed")]
+    Orchestrator(#[from] crate::orchestrator::pg::OrchestratorError),
 }
 
 async fn singleton_pass(store: &Store, term: i64) -> Result<(), SingletonError> {
@@ -192,6 +195,15 @@ async fn singleton_pass(store: &Store, term: i64) -> Result<(), SingletonError> 
             .await
             .map_err(StoreError::database("commit host loss"))?;
         tracing::warn!(%host_id, term, "host lease expired");
+    }
+
+    if let Some(settings) = crate::bootstrap::load_settings(store).await? {
+        let orchestrator = crate::orchestrator::pg::Orchestrator::new(
+            store.clone(),
+            settings.ula_prefix,
+            kiln_scheduler::plan::Timeouts::default(),
+        )?;
+        orchestrator.run_once(term).await?;
     }
 
     sqlx::query("DELETE FROM idempotency_keys WHERE created_at < now() - interval '24 hours'")

@@ -10,3 +10,5 @@ pub mod netns;
 pub mod oci;
 pub mod postgres;
 pub mod registry;
+
+pub mod simagent;
