@@ -205,6 +205,13 @@ impl Dir {
         .map(drop)
     }
 
+    /// Sets the mode of the child `name`, which the caller just created (so it is not a
+    /// symlink: `fchmodat` has no working no-follow flag on Linux).
+    pub(crate) fn chmod(&self, name: &CStr, mode: u32) -> io::Result<()> {
+        // SAFETY: `name` is NUL-terminated.
+        check(unsafe { libc::fchmodat(self.fd.as_raw_fd(), name.as_ptr(), mode, 0) }).map(drop)
+    }
+
     /// Sets the access and modification time of the child `name` (or of this directory when
     /// `name` is `None`) to `mtime` seconds, without following a symlink.
     pub(crate) fn set_mtime(&self, name: Option<&CStr>, mtime: i64) -> io::Result<()> {

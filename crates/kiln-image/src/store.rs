@@ -89,7 +89,7 @@ pub enum StoreError {
     Manifest {
         /// The image reference.
         reference: String,
-        /// Which document (`manifest`, `index`, `config`).
+        /// The document kind (`manifest`, `index`, `config`).
         document: &'static str,
         /// The parse error.
         #[source]
@@ -113,11 +113,11 @@ pub enum StoreError {
     DescriptorSize {
         /// The image reference.
         reference: String,
-        /// What the descriptor points at.
+        /// The kind of content the descriptor points at.
         what: &'static str,
         /// Its digest.
         digest: Digest,
-        /// The size the descriptor says.
+        /// The size in the descriptor.
         expected: u64,
         /// The size of the content.
         actual: u64,
@@ -227,14 +227,13 @@ pub struct PulledImage {
     pub architecture: String,
     /// The image's operating system.
     pub os: String,
-    /// The runtime defaults from the image config (not serialized: they are re-read from
-    /// the config blob).
-    #[serde(skip)]
+    /// The runtime defaults from the image config (`User`, `Entrypoint`, `Cmd`, ...).
+    #[serde(default)]
     pub runtime: crate::manifest::RuntimeConfig,
 }
 
 impl PulledImage {
-    /// The compressed size of all layers, in bytes.
+    /// Returns the compressed size of all layers, in bytes.
     pub fn layers_size(&self) -> u64 {
         self.layers.iter().map(|layer| layer.size).sum()
     }
@@ -253,7 +252,7 @@ pub struct Rootfs {
     pub size_bytes: u64,
 }
 
-/// What a GC run did.
+/// The outcome of a GC run.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct GcReport {
     /// Images removed, oldest use first.
@@ -366,7 +365,6 @@ impl ImageStore {
                 .map_err(StoreError::Task)??
             }
         };
-        self.write_record(&image)?;
         tracing::info!(reference = %reference, digest = %image.digest, layers = image.layers.len(), "image pulled");
         Ok(image)
     }
@@ -424,6 +422,7 @@ impl ImageStore {
             }
         };
         check_layers(&display, &manifest)?;
+        self.write_record(&display, &digest, index_digest.as_ref(), &manifest)?;
 
         // The config and all layers download concurrently, bounded by the configured limit.
         let blobs = &self.inner.blobs;
@@ -493,6 +492,12 @@ impl ImageStore {
             Some(&descriptor.media_type),
         )?;
         check_layers(display, &manifest)?;
+        self.write_record(
+            display,
+            &descriptor.digest,
+            index_digest.as_ref(),
+            &manifest,
+        )?;
 
         for blob in std::iter::once(&manifest.config).chain(&manifest.layers) {
             fetch(blob)?;
@@ -801,13 +806,21 @@ impl ImageStore {
             .join(format!("{}.json", digest.hex()))
     }
 
-    fn write_record(&self, image: &PulledImage) -> Result<(), StoreError> {
+    /// Writes the image's record before its blobs download, so that a concurrent GC counts
+    /// them as used (and sees the image as the most recently used).
+    fn write_record(
+        &self,
+        reference: &str,
+        digest: &Digest,
+        index_digest: Option<&Digest>,
+        manifest: &Manifest,
+    ) -> Result<(), StoreError> {
         let record = ImageRecord {
-            reference: image.reference.clone(),
-            digest: image.digest.clone(),
-            index_digest: image.index_digest.clone(),
-            config_digest: image.config_digest.clone(),
-            layers: image
+            reference: reference.to_owned(),
+            digest: digest.clone(),
+            index_digest: index_digest.cloned(),
+            config_digest: manifest.config.digest.clone(),
+            layers: manifest
                 .layers
                 .iter()
                 .map(|layer| layer.digest.clone())
@@ -816,12 +829,16 @@ impl ImageStore {
             rootfs_built: false,
             pinned_by: Vec::new(),
         };
-        let path = self.record_path(&image.digest);
+        let path = self.record_path(digest);
         let json = serde_json::to_vec_pretty(&record).map_err(|source| StoreError::Io {
             path: path.clone(),
             source: io::Error::other(source),
         })?;
-        let temp = path.with_extension("json.tmp");
+        let temp = path.with_extension(format!(
+            "json.{}.{}.tmp",
+            std::process::id(),
+            BUILD_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
         write_synced(&temp, &json)?;
         fs::rename(&temp, &path).map_err(io_error(&path))
     }

@@ -108,6 +108,8 @@ pub struct UnpackStats {
 }
 
 /// Applies `layers` in order to the existing, empty directory `root`.
+// TODO(security): nothing caps the unpacked size, so a layer that decompresses to more than
+// the free disk space fills the store's filesystem before the build fails.
 pub fn unpack(root: &Path, layers: &[Layer]) -> Result<UnpackStats, UnpackError> {
     let root_dir = Dir::open(root).map_err(|source| UnpackError::OpenRoot {
         path: root.to_owned(),
@@ -312,6 +314,9 @@ impl Unpacker {
                 &target.parent
             }) {
                 Ok(dir) => dir,
+                Err(error) if error.raw_os_error() == Some(libc::ENOENT) => {
+                    return Err(unsafe_entry("is a hardlink to a path that does not exist"));
+                }
                 Err(error) => {
                     return Err(classify(
                         error,
@@ -457,6 +462,10 @@ impl Unpacker {
                 parent
                     .chown(&name, uid, gid)
                     .map_err(|error| write_error("chown", error))?;
+                // mknod applies the umask, and chown clears setuid and setgid bits.
+                parent
+                    .chmod(&name, mode)
+                    .map_err(|error| write_error("chmod", error))?;
                 parent
                     .set_mtime(Some(&name), mtime)
                     .map_err(|error| write_error("set mtime of", error))?;
@@ -525,6 +534,8 @@ impl Unpacker {
                     let name = c_string(component)?;
                     current.mkdir(&name, IMPLIED_DIR_MODE)?;
                     current.chown(&name, 0, 0)?;
+                    // mkdir applies the process umask, so the mode is set explicitly.
+                    current.chmod(&name, IMPLIED_DIR_MODE)?;
                     self.root.open_dir_beneath(&prefix)?
                 }
                 Err(error) => return Err(error),

@@ -190,6 +190,13 @@ async fn registry_image_becomes_ext4_tree() {
             None,
             b"",
             Meta::mode(0o600),
+        )
+        .raw(
+            tar::EntryType::Char,
+            b"dev/console",
+            None,
+            b"",
+            Meta::mode(0o620),
         );
     let image = ImageBuilder::new()
         .layer(layer1, Compression::Gzip)
@@ -262,6 +269,13 @@ async fn registry_image_becomes_ext4_tree() {
         (17, 1000, 50)
     );
     assert_eq!(stat(ext4, "/run/fifo").kind, "FIFO");
+    let console = stat(ext4, "/dev/console");
+    assert_eq!((console.kind.as_str(), console.mode), ("character", 0o620));
+    // 1_700_000_000 seconds, as the builder stamps every entry; directories keep theirs too
+    // although later entries were created inside them.
+    assert!(tool.text.contains("mtime: 0x6553f100"), "{}", tool.text);
+    assert!(home.text.contains("mtime: 0x6553f100"), "{}", home.text);
+    assert!(stat(ext4, "/usr/bin").text.contains("mtime: 0x6553f100"));
     let xattrs = debugfs(ext4, "ea_list /usr/bin/capable");
     assert!(
         xattrs.contains("user.kiln") && xattrs.contains("marked"),
@@ -308,6 +322,8 @@ async fn cached_rootfs_is_reused_and_built_once() {
     let reference = fixture.push("cache", &Artifact::Image(image)).await;
     let pulled = fixture.store.pull(&reference).await.unwrap();
 
+    // Without the per-digest lock the second build would fail renaming onto the first one's
+    // non-empty cache directory, so both succeeding with one inode means one build.
     let (first, second) =
         tokio::join!(fixture.store.rootfs(&pulled), fixture.store.rootfs(&pulled));
     let (first, second) = (first.unwrap(), second.unwrap());
@@ -626,6 +642,22 @@ async fn escapes_are_rejected() {
             "stolen",
         ),
         (
+            "hardlink-to-directory",
+            vec![
+                LayerBuilder::new()
+                    .dir("d", Meta::mode(0o755))
+                    .hardlink("d2", "d"),
+            ],
+            0,
+            "d2",
+        ),
+        (
+            "hardlink-to-missing",
+            vec![LayerBuilder::new().hardlink("dangling", "no/such/file")],
+            0,
+            "dangling",
+        ),
+        (
             "whiteout-through-symlink",
             vec![
                 LayerBuilder::new().symlink("out", "../../../outside"),
@@ -782,4 +814,133 @@ async fn large_multi_layer_image() {
         (rootfs.size_bytes as usize) < expected_bytes + expected_bytes / 5 + 64 * 1024 * 1024,
         "sized from content"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_auth_registry() {
+    let temp = tempfile::Builder::new()
+        .prefix("kiln-image-test-")
+        .tempdir()
+        .unwrap();
+    let registry = Registry::start_with_basic_auth("deployer", "s3cret").unwrap();
+    let image = ImageBuilder::new()
+        .layer(
+            LayerBuilder::new().file("private", b"members only", Meta::mode(0o644)),
+            Compression::Gzip,
+        )
+        .build();
+    let repository = registry.unique_repository("auth");
+    Artifact::Image(image)
+        .push_as(
+            registry.address(),
+            &repository,
+            "v1",
+            Some(("deployer", "s3cret")),
+        )
+        .await
+        .unwrap();
+    let reference: ImageRef = format!("{}/{repository}:v1", registry.address())
+        .parse()
+        .unwrap();
+
+    let anonymous =
+        ImageStore::open(&temp.path().join("anonymous"), StoreConfig::default()).unwrap();
+    let error = anonymous.pull(&reference).await.unwrap_err();
+    let message = anyhow_chain(&error);
+    assert!(message.contains("requires authentication"), "{message}");
+    assert!(
+        message.contains(&format!("registry {}", registry.address())),
+        "{message}"
+    );
+
+    let with_password = |password: &str| {
+        let settings = json!({"registries": [{"host": registry.address(), "username": "deployer", "password": password}]});
+        let mut config: StoreConfig = serde_json::from_value(settings).unwrap();
+        config.validate().unwrap();
+        config
+    };
+    let wrong = ImageStore::open(&temp.path().join("wrong"), with_password("guess")).unwrap();
+    let error = wrong.pull(&reference).await.unwrap_err();
+    assert!(
+        anyhow_chain(&error).contains("requires authentication"),
+        "{error:?}"
+    );
+    assert!(
+        !format!("{error:?}").contains("guess"),
+        "the password never appears in errors"
+    );
+
+    let store = ImageStore::open(&temp.path().join("store"), with_password("s3cret")).unwrap();
+    let rootfs = store.pull_rootfs(&reference).await.unwrap();
+    assert_eq!(cat(&rootfs.path, "/private"), "members only");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_by_digest_reference() {
+    let fixture = fixture();
+    let image = ImageBuilder::new()
+        .layer(
+            LayerBuilder::new().file("pinned", b"by digest", Meta::mode(0o644)),
+            Compression::Gzip,
+        )
+        .build();
+    let digest = image.manifest.digest.clone();
+    let repository = fixture.registry.unique_repository("digest");
+    Artifact::Image(image)
+        .push(fixture.registry.address(), &repository, "v1")
+        .await
+        .unwrap();
+
+    let reference: ImageRef = format!("{}/{repository}@{digest}", fixture.registry.address())
+        .parse()
+        .unwrap();
+    let rootfs = fixture.store.pull_rootfs(&reference).await.unwrap();
+    assert_eq!(rootfs.digest.to_string(), digest);
+    assert_eq!(cat(&rootfs.path, "/pinned"), "by digest");
+
+    let unknown = format!("sha256:{}", "0".repeat(64));
+    let reference: ImageRef = format!("{}/{repository}@{unknown}", fixture.registry.address())
+        .parse()
+        .unwrap();
+    let error = fixture.store.pull(&reference).await.unwrap_err();
+    let message = anyhow_chain(&error);
+    assert!(message.contains("404"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_written_archive_is_read() {
+    let fixture = fixture();
+    let image = ImageBuilder::new()
+        .layer(base_layer(), Compression::Gzip)
+        .layer(
+            LayerBuilder::new().file("from-skopeo", b"interop", Meta::mode(0o644)),
+            Compression::Zstd,
+        )
+        .config("User", json!("app"))
+        .build();
+    let layout = fixture.work.join("layout");
+    Artifact::Image(image)
+        .write_oci_layout(&layout, "v1")
+        .unwrap();
+
+    // skopeo (a real, independent implementation) repacks our layout as an oci-archive.
+    let archive = fixture.work.join("skopeo.tar");
+    let output = Command::new("/usr/bin/skopeo")
+        .arg("copy")
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("oci-archive:{}:v1", archive.display()))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "skopeo: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let reference: ImageRef = format!("oci-archive:{}:v1", archive.display())
+        .parse()
+        .unwrap();
+    let rootfs = fixture.store.pull_rootfs(&reference).await.unwrap();
+    assert_eq!(cat(&rootfs.path, "/from-skopeo"), "interop");
+    assert_eq!(rootfs.image_config.user.uid, 1000);
 }

@@ -258,7 +258,7 @@ fn start_haproxy(settings: &Settings, backends: &[SocketAddr]) -> ProxyProcess {
     // Two threads, as kiln-ingress's runtime has on this two-core machine; no health checks,
     // as kiln-ingress does none in static mode.
     let config = format!(
-        "global\n    maxconn 20000\n    nbthread 2\n\
+        "global\n    maxconn 8000\n    nbthread 2\n\
          defaults\n    mode tcp\n    timeout connect 3s\n    timeout client 600s\n    timeout server 600s\n\
          frontend tls\n    bind 127.0.0.1:{port}\n    tcp-request inspect-delay 5s\n\
          \x20   tcp-request content accept if {{ req.ssl_hello_type 1 }}\n\
@@ -268,7 +268,7 @@ fn start_haproxy(settings: &Settings, backends: &[SocketAddr]) -> ProxyProcess {
     let path = dir.path().join("haproxy.cfg");
     std::fs::write(&path, config).unwrap();
     let child = Command::new(&settings.haproxy_binary)
-        .args(["-db", "-q", "-f"])
+        .args(["-db", "-f"])
         .arg(&path)
         .stdout(Stdio::null())
         .spawn()
@@ -282,10 +282,10 @@ fn start_haproxy(settings: &Settings, backends: &[SocketAddr]) -> ProxyProcess {
 
 async fn wait_ready(connector: &TlsConnector, addr: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while exchange(connector, addr, b"ping\n", false).await.is_err() {
+    while let Err(error) = exchange(connector, addr, b"ping\n", false).await {
         assert!(
             Instant::now() < deadline,
-            "proxy on {addr} not ready within 20 s"
+            "proxy on {addr} not ready within 20 s: {error}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

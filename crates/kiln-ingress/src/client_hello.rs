@@ -37,7 +37,7 @@ pub enum HelloScan {
     NoSni,
 }
 
-/// Why the bytes a client sent are not a ClientHello the ingress can route.
+/// Error in the bytes a client sent instead of a routable ClientHello.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum HelloError {
     /// The first record is not a TLS handshake record, so the client does not speak TLS.
@@ -138,7 +138,7 @@ fn reassemble_message(
 }
 
 /// Returns the ClientHello body and the handshake bytes it spans (header included) if
-/// `handshake` holds all of it, after checking the header.
+/// `handshake` contains all of it, after checking the header.
 fn complete_message(
     handshake: &[u8],
     max_bytes: usize,

@@ -95,7 +95,7 @@ pub enum ConfigError {
         path: PathBuf,
         /// `line L, column C` of the offending value.
         location: String,
-        /// What is wrong, from the TOML parser.
+        /// The TOML parser's message.
         message: String,
     },
     /// A field has a value the ingress cannot run with.

@@ -8,6 +8,7 @@
 pub mod balance;
 pub mod client_hello;
 pub mod config;
+pub mod control;
 pub mod copy;
 pub mod metrics;
 pub mod proxy;
@@ -15,5 +16,5 @@ pub mod proxy_protocol;
 pub mod routes;
 
 pub use config::{Balance, IngressConfig};
-pub use proxy::{DrainReport, Ingress, StartError};
-pub use routes::{Backends, Route, RouteSet};
+pub use proxy::{ApplyError, DrainReport, Ingress, StartError};
+pub use routes::{Backends, Route, RouteSet, TcpService};

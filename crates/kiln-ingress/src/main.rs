@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use kiln_ingress::{Ingress, IngressConfig, RouteSet};
+use kiln_ingress::{Ingress, IngressConfig, RouteSet, control};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// L4 ingress: routes TLS connections by SNI to backends without terminating TLS.
@@ -34,8 +34,15 @@ struct RunArgs {
     #[arg(long = "listen", value_name = "ADDR:PORT")]
     listen: Vec<SocketAddr>,
     /// Static route file (TOML `[[routes]]`), reloaded on SIGHUP.
-    #[arg(long = "routes", value_name = "FILE")]
+    #[arg(long = "routes", value_name = "FILE", conflicts_with = "control_url")]
     routes: Option<PathBuf>,
+    /// Base URL of kiln-control, such as `https://control.example.com`; the ingress follows
+    /// its route watch instead of a route file.
+    #[arg(long, value_name = "URL", requires = "token_file")]
+    control_url: Option<String>,
+    /// File containing the ingress token for `--control-url`.
+    #[arg(long, value_name = "FILE", requires = "control_url")]
+    token_file: Option<PathBuf>,
     /// Address of the Prometheus metrics endpoint, such as `127.0.0.1:9443`.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics_listen: Option<SocketAddr>,
@@ -90,12 +97,6 @@ fn load_config(args: &RunArgs) -> anyhow::Result<IngressConfig> {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = load_config(&args)?;
-    let routes_file = config
-        .routes_file
-        .clone()
-        .context("no route source: pass --routes FILE or set routes_file in the config")?;
-    let routes = RouteSet::from_file(&routes_file)?;
-
     let mut hangup =
         signal(SignalKind::hangup()).context("failed to install the SIGHUP handler")?;
     let mut terminate =
@@ -103,6 +104,36 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut interrupt =
         signal(SignalKind::interrupt()).context("failed to install the SIGINT handler")?;
 
+    if let (Some(url), Some(token_file)) = (&args.control_url, &args.token_file) {
+        let token = std::fs::read_to_string(token_file)
+            .with_context(|| format!("failed to read the token file {}", token_file.display()))?;
+        let client = kiln_api::Client::new(url, token.trim()).with_context(|| {
+            format!("invalid control URL {url}: use http://HOST:PORT or https://HOST")
+        })?;
+        let initial = tokio::select! {
+            initial = control::fetch_initial_routes(&client) => initial?,
+            _ = terminate.recv() => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
+        };
+        let ingress = Ingress::start(config, &control::route_set_from_table(&initial)).await?;
+        tracing::info!(
+            cursor = initial.cursor,
+            "following routes from the control plane"
+        );
+
+        let result = tokio::select! {
+            result = control::follow_routes(&client, &ingress, initial.cursor) => result,
+            _ = terminate.recv() => Ok(()),
+            _ = interrupt.recv() => Ok(()),
+        };
+        drain(ingress).await;
+        return Ok(result?);
+    }
+
+    let routes_file = config.routes_file.clone().context(
+        "no route source: pass --routes FILE, --control-url URL, or set routes_file in the config",
+    )?;
+    let routes = RouteSet::from_file(&routes_file)?;
     let ingress = Ingress::start(config, &routes).await?;
     if let Some(addr) = ingress.metrics_addr() {
         tracing::info!(%addr, "serving metrics");
@@ -115,7 +146,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = interrupt.recv() => break,
         }
     }
+    drain(ingress).await;
+    Ok(())
+}
 
+async fn drain(ingress: Ingress) {
     let report = ingress.shutdown().await;
     if report.closed_at_deadline > 0 {
         tracing::warn!(
@@ -123,7 +158,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             "connections closed at the drain deadline"
         );
     }
-    Ok(())
 }
 
 /// Rereads the route file; on any error the old routes stay in place.

@@ -40,7 +40,7 @@ enum Phase {
     Closing,
 }
 
-/// Why the ingress could not start.
+/// Error starting the ingress.
 #[derive(Debug, Error)]
 pub enum StartError {
     /// The configuration is invalid.
@@ -49,6 +49,9 @@ pub enum StartError {
     /// The initial route set is invalid.
     #[error(transparent)]
     Routes(#[from] RouteError),
+    /// The initial route set could not be applied.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
     /// A listener could not be bound.
     #[error("failed to listen on {addr}")]
     Bind {
@@ -58,6 +61,46 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
+}
+
+/// Error applying a route set. The previous routes stay in effect.
+#[derive(Debug, Error)]
+pub enum ApplyError {
+    /// The route set is invalid.
+    #[error(transparent)]
+    Routes(#[from] RouteError),
+    /// A TCP service wants an address and port the SNI listeners already use.
+    #[error(
+        "TCP service address {listen} is also an SNI listener; give the service its own address or port"
+    )]
+    ListenConflict {
+        /// The conflicting address.
+        listen: SocketAddr,
+    },
+    /// A TCP service's listener could not be bound.
+    #[error("failed to listen on {listen} for a TCP service")]
+    Bind {
+        /// The service's listen address.
+        listen: SocketAddr,
+        /// The socket failure.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Routing mode of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ListenerKind {
+    /// The SNI of the ClientHello.
+    Sni,
+    /// Nothing: the TCP service configured on this listen address gets every connection.
+    Tcp(SocketAddr),
+}
+
+/// A running TCP service listener.
+struct TcpListenerEntry {
+    local: SocketAddr,
+    task: JoinHandle<()>,
 }
 
 /// Result of a graceful shutdown.
@@ -77,6 +120,8 @@ struct Shared {
     phase: watch::Sender<Phase>,
     /// Woken whenever a connection ends, for the drain wait.
     connection_ended: Notify,
+    /// TCP service listeners by configured listen address; also serializes route applies.
+    tcp_listeners: Mutex<HashMap<SocketAddr, TcpListenerEntry>>,
 }
 
 /// A running ingress: its bound addresses, route reloads and shutdown.
@@ -98,6 +143,7 @@ impl Ingress {
         let metrics = Arc::new(Metrics::default());
         let registry = BackendRegistry::default();
         let table = RouteTable::compile(routes, &registry, &metrics);
+        check_listen_conflicts(&config, routes)?;
         let (phase, _) = watch::channel(Phase::Running);
         let shared = Arc::new(Shared {
             routes: ArcSwap::from_pointee(table),
@@ -106,6 +152,7 @@ impl Ingress {
             clients: Mutex::new(HashMap::new()),
             phase,
             connection_ended: Notify::new(),
+            tcp_listeners: Mutex::new(HashMap::new()),
             config,
         });
 
@@ -134,8 +181,19 @@ impl Ingress {
             })?;
             tracing::info!(listen = %local, "listening");
             listen_addrs.push(local);
-            listener_tasks.push(tokio::spawn(accept_loop(Arc::clone(&shared), listener)));
+            listener_tasks.push(tokio::spawn(accept_loop(
+                Arc::clone(&shared),
+                listener,
+                ListenerKind::Sni,
+            )));
         }
+        let mut tcp_listeners = shared
+            .tcp_listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let desired: Vec<SocketAddr> = routes.tcp_services.iter().map(|s| s.listen).collect();
+        reconcile_tcp_listeners(&shared, &mut tcp_listeners, &desired)?;
+        drop(tcp_listeners);
 
         Ok(Self {
             shared,
@@ -156,27 +214,60 @@ impl Ingress {
         self.metrics_addr
     }
 
-    /// The ingress counters.
+    /// Returns the ingress counters.
     pub fn metrics(&self) -> &Metrics {
         &self.shared.metrics
     }
 
     /// Replaces the route table atomically. New connections use the new routes at once;
-    /// open connections keep their backend. An invalid set leaves the old table in place.
-    pub fn apply_routes(&self, routes: &RouteSet) -> Result<(), RouteError> {
-        if let Err(error) = routes.validate() {
+    /// open connections keep their backend. TCP service listeners are opened before the
+    /// swap and closed after it. On any error the old table and listeners stay in place.
+    pub fn apply_routes(&self, routes: &RouteSet) -> Result<(), ApplyError> {
+        let result = self.try_apply_routes(routes);
+        if result.is_err() {
             self.shared
                 .metrics
                 .reloads_failed
                 .fetch_add(1, Ordering::Relaxed);
-            return Err(error);
         }
-        let table = RouteTable::compile(routes, &self.shared.registry, &self.shared.metrics);
+        result
+    }
+
+    fn try_apply_routes(&self, routes: &RouteSet) -> Result<(), ApplyError> {
+        let shared = &self.shared;
+        routes.validate()?;
+        check_listen_conflicts(&shared.config, routes)?;
+
+        // Holding the lock serializes applies, so listeners and table change together.
+        let mut tcp_listeners = shared
+            .tcp_listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let desired: Vec<SocketAddr> = routes.tcp_services.iter().map(|s| s.listen).collect();
+        let opened = open_missing_tcp_listeners(shared, &mut tcp_listeners, &desired)?;
+
+        let table = RouteTable::compile(routes, &shared.registry, &shared.metrics);
         let route_count = table.len();
-        self.shared.routes.store(Arc::new(table));
-        self.shared.metrics.reloads.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(routes = route_count, "route table applied");
+        shared.routes.store(Arc::new(table));
+        close_unwanted_tcp_listeners(&mut tcp_listeners, &desired);
+        shared.metrics.reloads.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            routes = route_count,
+            tcp_services = desired.len(),
+            opened,
+            "route table applied"
+        );
         Ok(())
+    }
+
+    /// Bound address of the TCP service configured on `listen`, if it is running.
+    pub fn tcp_service_addr(&self, listen: SocketAddr) -> Option<SocketAddr> {
+        let tcp_listeners = self
+            .shared
+            .tcp_listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        tcp_listeners.get(&listen).map(|entry| entry.local)
     }
 
     /// Counts a reload that failed before a route set existed, such as an unreadable file.
@@ -192,8 +283,15 @@ impl Ingress {
     pub async fn shutdown(self) -> DrainReport {
         let shared = &self.shared;
         shared.phase.send_replace(Phase::Draining);
-        for task in &self.listener_tasks {
+        // Awaiting the aborted tasks drops their sockets, so the listeners are closed once
+        // the drain starts.
+        for task in self.listener_tasks {
             task.abort();
+            let _ = task.await;
+        }
+        for task in take_tcp_listener_tasks(shared) {
+            task.abort();
+            let _ = task.await;
         }
         tracing::info!(
             open = shared.metrics.active.load(Ordering::Relaxed),
@@ -238,21 +336,113 @@ async fn wait_for_no_connections(shared: &Shared, limit: Duration) -> bool {
 
 /// Binds a listening socket; IPv6 sockets are IPv6-only so IPv4 can bind the same port.
 fn bind_listener(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    let bind_error = |source| StartError::Bind { addr, source };
-    let domain = socket2::Domain::for_address(addr);
-    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))
-        .map_err(bind_error)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true).map_err(bind_error)?;
-    }
-    socket.set_reuse_address(true).map_err(bind_error)?;
-    socket.set_nonblocking(true).map_err(bind_error)?;
-    socket.bind(&addr.into()).map_err(bind_error)?;
-    socket.listen(1024).map_err(bind_error)?;
-    TcpListener::from_std(socket.into()).map_err(bind_error)
+    bind_socket(addr, false).map_err(|source| StartError::Bind { addr, source })
 }
 
-async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+/// Rejects TCP services on an address and port an SNI listener uses.
+fn check_listen_conflicts(config: &IngressConfig, routes: &RouteSet) -> Result<(), ApplyError> {
+    for service in &routes.tcp_services {
+        if config.listen.contains(&service.listen) {
+            return Err(ApplyError::ListenConflict {
+                listen: service.listen,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Opens listeners for the TCP services in `desired` that have none; on failure closes the
+/// ones it opened and returns the error. Returns how many it opened.
+fn open_missing_tcp_listeners(
+    shared: &Arc<Shared>,
+    tcp_listeners: &mut HashMap<SocketAddr, TcpListenerEntry>,
+    desired: &[SocketAddr],
+) -> Result<usize, ApplyError> {
+    let mut opened = Vec::new();
+    for &listen in desired {
+        if tcp_listeners.contains_key(&listen) {
+            continue;
+        }
+        let bound =
+            bind_socket(listen, true).and_then(|listener| Ok((listener.local_addr()?, listener)));
+        let (local, listener) = match bound {
+            Ok(bound) => bound,
+            Err(source) => {
+                for listen in opened {
+                    if let Some(entry) = tcp_listeners.remove(&listen) {
+                        entry.task.abort();
+                    }
+                }
+                return Err(ApplyError::Bind { listen, source });
+            }
+        };
+        tracing::info!(%listen, %local, "listening for a TCP service");
+        let task = tokio::spawn(accept_loop(
+            Arc::clone(shared),
+            listener,
+            ListenerKind::Tcp(listen),
+        ));
+        tcp_listeners.insert(listen, TcpListenerEntry { local, task });
+        opened.push(listen);
+    }
+    Ok(opened.len())
+}
+
+/// Closes the TCP service listeners not in `desired`. Open connections are not affected.
+fn close_unwanted_tcp_listeners(
+    tcp_listeners: &mut HashMap<SocketAddr, TcpListenerEntry>,
+    desired: &[SocketAddr],
+) {
+    tcp_listeners.retain(|listen, entry| {
+        let keep = desired.contains(listen);
+        if !keep {
+            tracing::info!(%listen, "closing TCP service listener");
+            entry.task.abort();
+        }
+        keep
+    });
+}
+
+/// Removes every TCP service listener and returns their tasks.
+fn take_tcp_listener_tasks(shared: &Shared) -> Vec<JoinHandle<()>> {
+    let mut tcp_listeners = shared
+        .tcp_listeners
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    tcp_listeners.drain().map(|(_, entry)| entry.task).collect()
+}
+
+fn reconcile_tcp_listeners(
+    shared: &Arc<Shared>,
+    tcp_listeners: &mut HashMap<SocketAddr, TcpListenerEntry>,
+    desired: &[SocketAddr],
+) -> Result<(), ApplyError> {
+    open_missing_tcp_listeners(shared, tcp_listeners, desired)?;
+    close_unwanted_tcp_listeners(tcp_listeners, desired);
+    Ok(())
+}
+
+/// Creates a listening TCP socket. `freebind` allows an address not (yet) configured on
+/// the host, as a dedicated address may be routed here before or after the listener opens.
+fn bind_socket(addr: SocketAddr, freebind: bool) -> io::Result<TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    if freebind && addr.is_ipv6() {
+        socket.set_freebind_v6(true)?;
+    } else if freebind {
+        socket.set_freebind_v4(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, kind: ListenerKind) {
     let mut phase = shared.phase.subscribe();
     loop {
         let accepted = tokio::select! {
@@ -263,7 +453,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             Ok((stream, peer)) => {
                 let shared = Arc::clone(&shared);
                 let span = tracing::debug_span!("connection", %peer);
-                tokio::spawn(handle_connection(shared, stream, peer).instrument(span));
+                tokio::spawn(handle_connection(shared, stream, peer, kind).instrument(span));
             }
             Err(error) => {
                 // Typically EMFILE or ENFILE: back off instead of spinning.
@@ -274,7 +464,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-/// Why a connection ended early, with the route if one was chosen.
+/// Reason a connection ended early, with the route if one was chosen.
 struct Closed {
     reason: CloseReason,
     route: Option<Arc<RouteTarget>>,
@@ -341,14 +531,19 @@ fn reserve_client_slot(shared: &Arc<Shared>, ip: IpAddr) -> Option<ClientSlot> {
     })
 }
 
-async fn handle_connection(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
+async fn handle_connection(
+    shared: Arc<Shared>,
+    client: TcpStream,
+    peer: SocketAddr,
+    kind: ListenerKind,
+) {
     shared.metrics.connections.fetch_add(1, Ordering::Relaxed);
     shared.metrics.active.fetch_add(1, Ordering::AcqRel);
     let _connection = ConnectionGuard(Arc::clone(&shared));
 
     let mut phase = shared.phase.subscribe();
     let result = tokio::select! {
-        result = proxy_connection(&shared, client, peer) => result,
+        result = proxy_connection(&shared, client, peer, kind) => result,
         _ = phase.wait_for(|p| *p == Phase::Closing) => Err(Closed::new(CloseReason::DrainDeadline)),
     };
 
@@ -368,6 +563,7 @@ async fn proxy_connection(
     shared: &Arc<Shared>,
     client: TcpStream,
     peer: SocketAddr,
+    kind: ListenerKind,
 ) -> Result<(), Closed> {
     let Some(_slot) = reserve_client_slot(shared, peer.ip()) else {
         return Err(Closed::new(CloseReason::ClientLimit));
@@ -378,9 +574,21 @@ async fn proxy_connection(
         .map_err(|_| Closed::new(CloseReason::ClientHelloMalformed))?;
     let mut client = client;
 
-    let (hello, sni) = read_client_hello(&shared.config, &mut client).await?;
-
-    let route = choose_route(shared, sni.as_deref())?;
+    let (hello, route) = match kind {
+        ListenerKind::Sni => {
+            let (hello, sni) = read_client_hello(&shared.config, &mut client).await?;
+            (hello, choose_route(shared, sni.as_deref())?)
+        }
+        ListenerKind::Tcp(listen) => {
+            // The listener is closed right after its service is removed; a connection
+            // accepted in between finds no service.
+            let table = shared.routes.load();
+            let route = table
+                .tcp_service(listen)
+                .ok_or(Closed::new(CloseReason::NoHealthyBackend))?;
+            (Vec::new(), Arc::clone(route))
+        }
+    };
     route.metrics.connections.fetch_add(1, Ordering::Relaxed);
     route.metrics.active.fetch_add(1, Ordering::Relaxed);
     let _route_active = RouteActiveGuard(Arc::clone(&route));

@@ -32,6 +32,23 @@ pub struct RouteFile {
     /// Route for connections whose SNI is missing or matches no route. Without it such
     /// connections are closed.
     pub fallback: Option<Backends>,
+    /// Raw TCP services, each on its own (typically dedicated per-env) address and port.
+    #[serde(default)]
+    pub tcp_services: Vec<TcpService>,
+}
+
+/// A raw TCP service: every connection to `listen` goes to its backends, with no SNI.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpService {
+    /// Address and port to accept on, such as an env's dedicated IPv6 address. The address
+    /// need not be configured on the host yet (the listener uses IP_FREEBIND).
+    pub listen: SocketAddr,
+    /// Backend addresses, `ADDR:PORT` with IPv6 in brackets.
+    pub backends: Vec<SocketAddr>,
+    /// Sends a PROXY protocol v2 header before the client's bytes.
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 /// A set of backends and how to connect to them.
@@ -67,9 +84,11 @@ pub struct RouteSet {
     pub routes: Vec<Route>,
     /// Route for connections without a matching SNI.
     pub fallback: Option<Backends>,
+    /// Raw TCP services on their own listen addresses.
+    pub tcp_services: Vec<TcpService>,
 }
 
-/// Why a route set could not be loaded.
+/// Error loading a route set.
 #[derive(Debug, Error)]
 pub enum RouteError {
     /// The route file could not be read.
@@ -88,8 +107,16 @@ pub enum RouteError {
         path: PathBuf,
         /// `line L, column C` of the offending value.
         location: String,
-        /// What is wrong, from the TOML parser.
+        /// The TOML parser's message.
         message: String,
+    },
+    /// Two TCP services share a listen address.
+    #[error(
+        "listen address {listen} has more than one TCP service; give each service its own address or port"
+    )]
+    DuplicateListen {
+        /// The repeated address.
+        listen: SocketAddr,
     },
     /// Two routes name the same hostname, so which one applies would be ambiguous.
     #[error(
@@ -116,6 +143,7 @@ impl RouteSet {
         let set = RouteSet {
             routes: file.routes,
             fallback: file.fallback,
+            tcp_services: file.tcp_services,
         };
         set.validate()?;
         Ok(set)
@@ -128,6 +156,14 @@ impl RouteSet {
             if !seen.insert(route.hostname.as_str()) {
                 return Err(RouteError::DuplicateHostname {
                     hostname: route.hostname.clone(),
+                });
+            }
+        }
+        let mut listens = std::collections::HashSet::new();
+        for service in &self.tcp_services {
+            if !listens.insert(service.listen) {
+                return Err(RouteError::DuplicateListen {
+                    listen: service.listen,
                 });
             }
         }
@@ -180,7 +216,7 @@ impl Backend {
         self.failed_until_ms.store(0, Ordering::Relaxed);
     }
 
-    /// Whether a recent connect failed and its cooldown has not passed.
+    /// Returns true if a recent connect failed and its cooldown has not passed.
     pub fn is_cooling_down(&self) -> bool {
         let until_ms = self.failed_until_ms.load(Ordering::Relaxed);
         until_ms != 0 && self.epoch.elapsed().as_millis() < u128::from(until_ms)
@@ -210,7 +246,7 @@ impl BackendRegistry {
         if let Some(backend) = backends.get(&addr).and_then(Weak::upgrade) {
             return backend;
         }
-        // Forget backends that no table and no connection holds any more.
+        // Forget backends that no table and no connection references any more.
         backends.retain(|_, backend| backend.strong_count() > 0);
         let backend = Arc::new(Backend::new(addr));
         backends.insert(addr, Arc::downgrade(&backend));
@@ -238,6 +274,8 @@ pub struct RouteTable {
     /// Wildcard routes keyed by the part after `*.`.
     wildcard: HashMap<String, Arc<RouteTarget>>,
     fallback: Option<Arc<RouteTarget>>,
+    /// TCP services keyed by their configured listen address.
+    tcp: HashMap<SocketAddr, Arc<RouteTarget>>,
 }
 
 impl RouteTable {
@@ -268,6 +306,11 @@ impl RouteTable {
                 fallback.proxy_protocol,
             )
         });
+        for service in &set.tcp_services {
+            let name = format!("tcp:{}", service.listen);
+            let compiled = target(&name, &service.backends, service.proxy_protocol);
+            table.tcp.insert(service.listen, compiled);
+        }
         table
     }
 
@@ -281,9 +324,19 @@ impl RouteTable {
         self.wildcard.get(parent)
     }
 
-    /// The route for connections without a matching SNI, if configured.
+    /// Returns the route for connections without a matching SNI, if configured.
     pub fn fallback(&self) -> Option<&Arc<RouteTarget>> {
         self.fallback.as_ref()
+    }
+
+    /// Returns the TCP service configured on `listen`, if any.
+    pub fn tcp_service(&self, listen: SocketAddr) -> Option<&Arc<RouteTarget>> {
+        self.tcp.get(&listen)
+    }
+
+    /// Listen addresses of all TCP services.
+    pub fn tcp_listen_addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.tcp.keys().copied()
     }
 
     /// Number of hostname routes.
@@ -291,7 +344,7 @@ impl RouteTable {
         self.exact.len() + self.wildcard.len()
     }
 
-    /// Whether the table has no hostname routes.
+    /// Returns true if the table has no hostname routes.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -320,6 +373,11 @@ mod tests {
 
         [fallback]
         backends = ["127.0.0.1:7443"]
+
+        [[tcp_services]]
+        listen = "[fd00:6b69:6c6e::5]:5432"
+        backends = ["[fd00:6b69:6c6e:1::9]:5432"]
+        proxy_protocol = true
     "#;
 
     #[test]
@@ -354,6 +412,21 @@ mod tests {
         );
         assert!(table.lookup("other.example.test").is_none());
         assert_eq!(table.fallback().unwrap().name, FALLBACK_ROUTE_NAME);
+        let tcp = table
+            .tcp_service("[fd00:6b69:6c6e::5]:5432".parse().unwrap())
+            .unwrap();
+        assert_eq!(tcp.name, "tcp:[fd00:6b69:6c6e::5]:5432");
+        assert!(tcp.proxy_protocol);
+    }
+
+    #[test]
+    fn route_file_duplicate_listen_rejected() {
+        let service = "[[tcp_services]]\nlisten = \"127.0.0.1:5432\"\nbackends = []\n";
+        let error = parse(&service.repeat(2)).unwrap_err();
+        assert!(
+            matches!(error, RouteError::DuplicateListen { .. }),
+            "{error}"
+        );
     }
 
     #[test]

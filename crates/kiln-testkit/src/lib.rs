@@ -5,5 +5,10 @@
 //! environment (`KILN_TEST_PG_DIR`, `KILN_TEST_REGISTRY`) and otherwise starts a private one
 //! that is stopped and removed when the test process ends.
 
+pub mod guest;
+pub mod netns;
 pub mod oci;
+pub mod postgres;
 pub mod registry;
+
+pub mod simagent;

@@ -110,7 +110,7 @@ impl Default for LayerBuilder {
 }
 
 impl LayerBuilder {
-    /// An empty layer.
+    /// Starts an empty layer.
     pub fn new() -> Self {
         Self {
             tar: tar::Builder::new(Vec::new()),
@@ -178,12 +178,12 @@ impl LayerBuilder {
             .expect("appending to an in-memory tar cannot fail");
     }
 
-    /// A directory.
+    /// Appends a directory.
     pub fn dir(self, path: &str, meta: Meta) -> Self {
         self.raw(tar::EntryType::Directory, path.as_bytes(), None, &[], meta)
     }
 
-    /// A regular file.
+    /// Appends a regular file.
     pub fn file(self, path: &str, contents: &[u8], meta: Meta) -> Self {
         self.raw(
             tar::EntryType::Regular,
@@ -194,7 +194,7 @@ impl LayerBuilder {
         )
     }
 
-    /// A regular file with extended attributes (PAX `SCHILY.xattr.*` records).
+    /// Appends a regular file with extended attributes (PAX `SCHILY.xattr.*` records).
     pub fn file_with_xattrs(
         mut self,
         path: &str,
@@ -218,7 +218,7 @@ impl LayerBuilder {
         )
     }
 
-    /// A symlink to `target` (stored verbatim).
+    /// Appends a symlink to `target` (stored verbatim).
     pub fn symlink(self, path: &str, target: &str) -> Self {
         self.raw(
             tar::EntryType::Symlink,
@@ -229,7 +229,7 @@ impl LayerBuilder {
         )
     }
 
-    /// A hardlink to `target` (a path in the image).
+    /// Appends a hardlink to `target` (a path in the image).
     pub fn hardlink(self, path: &str, target: &str) -> Self {
         self.raw(
             tar::EntryType::Link,
@@ -240,7 +240,7 @@ impl LayerBuilder {
         )
     }
 
-    /// A whiteout that deletes `path` from lower layers.
+    /// Appends a whiteout that deletes `path` from lower layers.
     pub fn whiteout(self, path: &str) -> Self {
         let (parent, name) = path
             .rsplit_once('/')
@@ -253,7 +253,7 @@ impl LayerBuilder {
         self.file(&whiteout, &[], Meta::mode(0o644))
     }
 
-    /// An opaque marker: `dir` hides everything lower layers put in it.
+    /// Appends an opaque marker, so `dir` hides everything lower layers put in it.
     pub fn opaque(self, dir: &str) -> Self {
         self.file(&format!("{dir}/.wh..wh..opq"), &[], Meta::mode(0o644))
     }
@@ -299,7 +299,7 @@ impl Default for ImageBuilder {
 }
 
 impl ImageBuilder {
-    /// An empty linux/amd64 image with OCI media types.
+    /// Starts an empty linux/amd64 image with OCI media types.
     pub fn new() -> Self {
         Self {
             os: "linux".to_owned(),
@@ -489,7 +489,31 @@ impl Artifact {
 
     /// Pushes the artifact to `registry` (`host:port`, plain HTTP) as `repository:tag`.
     pub async fn push(&self, registry: &str, repository: &str, tag: &str) -> anyhow::Result<()> {
-        let client = reqwest::Client::new();
+        self.push_as(registry, repository, tag, None).await
+    }
+
+    /// Pushes like [`Self::push`], sending basic auth `credentials` (user, password) with
+    /// every request.
+    pub async fn push_as(
+        &self,
+        registry: &str,
+        repository: &str,
+        tag: &str,
+        credentials: Option<(&str, &str)>,
+    ) -> anyhow::Result<()> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some((username, password)) = credentials {
+            use base64::Engine as _;
+            let pair =
+                base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
+            headers.insert(
+                reqwest::header::AUTHORIZATION,
+                format!("Basic {pair}").parse()?,
+            );
+        }
+        let client = reqwest::Client::builder()
+            .default_headers(headers)
+            .build()?;
         let base = format!("http://{registry}/v2/{repository}");
         for image in self.images() {
             for blob in std::iter::once(&image.config).chain(&image.layers) {

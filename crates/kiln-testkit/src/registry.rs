@@ -49,13 +49,27 @@ impl Registry {
             });
         }
 
+        Self::start_private(None)
+    }
+
+    /// Starts a private registry that requires basic auth as `username`/`password` (an
+    /// htpasswd file with a bcrypt hash made by Python's `crypt` module).
+    pub fn start_with_basic_auth(username: &str, password: &str) -> anyhow::Result<Self> {
+        Self::start_private(Some((username, password)))
+    }
+
+    fn start_private(credentials: Option<(&str, &str)>) -> anyhow::Result<Self> {
         let storage = tempfile::Builder::new()
             .prefix("kiln-image-registry-")
             .tempdir()
             .context("failed to create registry storage directory")?;
+        let auth = match credentials {
+            Some((username, password)) => Some(write_htpasswd(storage.path(), username, password)?),
+            None => None,
+        };
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
-            match start_private(storage.path()) {
+            match start_private(storage.path(), auth.as_deref()) {
                 Ok((address, process)) => {
                     return Ok(Self {
                         address,
@@ -98,15 +112,16 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-fn start_private(storage: &Path) -> anyhow::Result<(String, Child)> {
+fn start_private(storage: &Path, auth: Option<&str>) -> anyhow::Result<(String, Child)> {
     let port = free_port()?;
     let address = format!("127.0.0.1:{port}");
     let config = format!(
         "version: 0.1\n\
          log:\n  level: error\n  accesslog:\n    disabled: true\n\
          storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-         http:\n  addr: {address}\n",
-        storage.join("data").display()
+         http:\n  addr: {address}\n{}",
+        storage.join("data").display(),
+        auth.unwrap_or_default()
     );
     let config_path = storage.join(format!("config-{port}.yml"));
     std::fs::write(&config_path, config).context("failed to write registry config")?;
@@ -165,4 +180,34 @@ fn probe(address: &str) -> std::io::Result<bool> {
     Ok(status.starts_with("HTTP/1.0 200")
         || status.starts_with("HTTP/1.1 200")
         || status.contains(" 401"))
+}
+
+/// Writes an htpasswd file and returns the registry config section that uses it.
+fn write_htpasswd(dir: &Path, username: &str, password: &str) -> anyhow::Result<String> {
+    // docker-registry accepts only bcrypt hashes; Python's crypt module (glibc's libcrypt)
+    // makes them without extra packages.
+    let output = Command::new("/usr/bin/python3")
+        .args([
+            "-W",
+            "ignore",
+            "-c",
+            "import crypt, sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))",
+            password,
+        ])
+        .output()
+        .context("failed to run python3 to hash the registry password")?;
+    if !output.status.success() {
+        bail!(
+            "python3 failed to hash the password: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let hash = String::from_utf8(output.stdout).context("python3 printed a non-UTF-8 hash")?;
+    let path = dir.join("htpasswd");
+    std::fs::write(&path, format!("{username}:{}\n", hash.trim()))
+        .context("failed to write htpasswd")?;
+    Ok(format!(
+        "auth:\n  htpasswd:\n    realm: kiln-test\n    path: {}\n",
+        path.display()
+    ))
 }

@@ -130,7 +130,9 @@ fn open_store(args: &StoreArgs) -> anyhow::Result<(ImageStore, StoreConfig)> {
         None => StoreConfig::default(),
     };
     config.validate().context("invalid image store config")?;
-    let store = ImageStore::open(&args.store, config.clone())
+    let root = std::path::absolute(&args.store)
+        .with_context(|| format!("invalid store path {}", args.store.display()))?;
+    let store = ImageStore::open(&root, config.clone())
         .with_context(|| format!("failed to open image store {}", args.store.display()))?;
     Ok((store, config))
 }
@@ -158,8 +160,8 @@ async fn unpack(args: &StoreArgs, reference: &str, out: &Path) -> anyhow::Result
             out.display()
         );
     }
-    std::fs::create_dir_all(out).with_context(|| format!("failed to create {}", out.display()))?;
     let image = store.pull(&parse_reference(reference)?).await?;
+    std::fs::create_dir_all(out).with_context(|| format!("failed to create {}", out.display()))?;
     let stats = store.unpack(&image, out).await?;
     eprintln!("unpacked {} entries, {} bytes", stats.entries, stats.bytes);
     println!("{}", out.display());
@@ -202,7 +204,6 @@ async fn inspect(args: &StoreArgs, reference: &str, json: bool) -> anyhow::Resul
     if json {
         let object = serde_json::json!({
             "image": image,
-            "config": image.runtime,
             "rootfs": rootfs,
         });
         println!("{}", serde_json::to_string_pretty(&object)?);

@@ -11,9 +11,15 @@ pub(crate) enum Command {
     /// Boot one microVM outside the control plane.
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Run the host daemon: register, watch assignments, run and supervise microVMs.
+    Run(run::RunArgs),
+    /// List this host's instances with state, addresses and uptime.
+    Status(status::StatusArgs),
 }
 
 mod image;
+mod run;
+mod status;
 mod vm;
 
 /// Runs one subcommand and returns the process exit code.
@@ -21,5 +27,7 @@ pub(crate) async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Image(command) => image::run(command).await,
         Command::Vm(command) => vm::run(command).await,
+        Command::Run(args) => run::run(args).await,
+        Command::Status(args) => status::run(args).await,
     }
 }

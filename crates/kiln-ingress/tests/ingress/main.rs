@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod binary;
+mod control;
 mod support;
 
 use std::net::SocketAddr;
@@ -40,6 +41,7 @@ fn routes(routes: Vec<Route>) -> RouteSet {
     RouteSet {
         routes,
         fallback: None,
+        tcp_services: Vec::new(),
     }
 }
 
@@ -254,6 +256,7 @@ async fn fallback_takes_no_and_unknown_sni() {
             backends: vec![fallback.addr],
             proxy_protocol: false,
         }),
+        tcp_services: Vec::new(),
     };
     let ingress = Ingress::start(config(&["127.0.0.1:0"]), &set)
         .await
@@ -524,7 +527,8 @@ async fn ipv6_and_ipv4_listeners() {
         .await
         .unwrap();
     let (v6, v4) = (ingress.listen_addrs()[0], ingress.listen_addrs()[1]);
-    assert!(v6.is_ipv6() && v4.is_ipv4());
+    assert!(v6.is_ipv6());
+    assert!(v4.is_ipv4());
 
     for listener in [v6, v4] {
         assert_eq!(
@@ -770,4 +774,165 @@ async fn http_get(addr: SocketAddr, path: &str) -> String {
         .unwrap()
         .unwrap();
     response
+}
+
+/// Starts a raw TCP backend that expects a PROXY v2 header, records it, then echoes bytes.
+async fn start_echo_backend() -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<ProxyHeader>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                let (header, len) = loop {
+                    let n = stream.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "connection closed before the PROXY header");
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(parsed) = kiln_ingress::proxy_protocol::parse_v2(&buf).unwrap() {
+                        break parsed;
+                    }
+                };
+                sender.send(header).unwrap();
+                stream.write_all(&buf[len..]).await.unwrap();
+                let (mut read, mut write) = stream.split();
+                tokio::io::copy(&mut read, &mut write).await.unwrap();
+            });
+        }
+    });
+    (addr, receiver)
+}
+
+fn tcp_service(listen: SocketAddr, backend: SocketAddr) -> kiln_ingress::TcpService {
+    kiln_ingress::TcpService {
+        listen,
+        backends: vec![backend],
+        proxy_protocol: true,
+    }
+}
+
+#[tokio::test]
+async fn tcp_service_forwards_without_sni() {
+    let (backend, mut headers) = start_echo_backend().await;
+    let listen = closed_port().await;
+    let set = RouteSet {
+        tcp_services: vec![tcp_service(listen, backend)],
+        ..RouteSet::default()
+    };
+    let ingress = Ingress::start(config(&["127.0.0.1:0"]), &set)
+        .await
+        .unwrap();
+    assert_eq!(ingress.tcp_service_addr(listen), Some(listen));
+
+    let mut client = TcpStream::connect(listen).await.unwrap();
+    let client_addr = client.local_addr().unwrap();
+    client.write_all(b"not TLS at all\n").await.unwrap();
+    let mut echo = [0u8; 15];
+    tokio::time::timeout(WAIT, client.read_exact(&mut echo))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echo, b"not TLS at all\n");
+    let header = tokio::time::timeout(WAIT, headers.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        header,
+        ProxyHeader::Proxy {
+            client: client_addr,
+            destination: listen
+        }
+    );
+    let metrics = ingress.metrics().render();
+    assert!(
+        metrics.contains(&format!(
+            "kiln_ingress_route_connections_total{{route=\"tcp:{listen}\"}} 1"
+        )),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn tcp_service_listener_follows_routes() {
+    let (backend, _headers) = start_echo_backend().await;
+    let listen = closed_port().await;
+    let without = RouteSet::default();
+    let with = RouteSet {
+        tcp_services: vec![tcp_service(listen, backend)],
+        ..RouteSet::default()
+    };
+    let ingress = Ingress::start(config(&["127.0.0.1:0"]), &without)
+        .await
+        .unwrap();
+    assert!(
+        TcpStream::connect(listen).await.is_err(),
+        "no listener before the service exists"
+    );
+
+    ingress.apply_routes(&with).unwrap();
+    let mut open = TcpStream::connect(listen).await.unwrap();
+    open.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    tokio::time::timeout(WAIT, open.read_exact(&mut echo))
+        .await
+        .unwrap()
+        .unwrap();
+
+    ingress.apply_routes(&without).unwrap();
+    wait_until("listener closed", || {
+        std::net::TcpStream::connect(listen).is_err()
+    })
+    .await;
+    open.write_all(b"pong").await.unwrap();
+    tokio::time::timeout(WAIT, open.read_exact(&mut echo))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        &echo, b"pong",
+        "open connection survives the service's removal"
+    );
+}
+
+#[tokio::test]
+async fn tcp_service_binds_unconfigured_address() {
+    // A dedicated address may reach the host after the listener opens: IP_FREEBIND allows it.
+    let listen: SocketAddr = "[fd00:6b69:6c6e:ffff::99]:5432".parse().unwrap();
+    let set = RouteSet {
+        tcp_services: vec![tcp_service(listen, closed_port().await)],
+        ..RouteSet::default()
+    };
+    let ingress = Ingress::start(config(&["127.0.0.1:0"]), &set)
+        .await
+        .unwrap();
+    assert_eq!(ingress.tcp_service_addr(listen), Some(listen));
+}
+
+#[tokio::test]
+async fn tcp_service_on_sni_listener_rejected() {
+    let port = closed_port().await.port();
+    let sni_listen = format!("127.0.0.1:{port}");
+    let ingress = Ingress::start(config(&[&sni_listen]), &RouteSet::default())
+        .await
+        .unwrap();
+    let set = RouteSet {
+        tcp_services: vec![tcp_service(
+            sni_listen.parse().unwrap(),
+            closed_port().await,
+        )],
+        ..RouteSet::default()
+    };
+    let error = ingress.apply_routes(&set).unwrap_err();
+    assert!(
+        matches!(error, kiln_ingress::ApplyError::ListenConflict { .. }),
+        "{error}"
+    );
+    assert_eq!(ingress.metrics().reloads_failed.load(Ordering::Relaxed), 1);
 }

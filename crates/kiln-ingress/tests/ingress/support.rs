@@ -301,3 +301,19 @@ pub(crate) async fn closed_port() -> SocketAddr {
 /// Captured ClientHellos from `tests/fixtures`.
 pub(crate) const RUSTLS_PQ_HELLO: &[u8] = include_bytes!("../fixtures/rustls-pq.bin");
 pub(crate) const CURL_HELLO: &[u8] = include_bytes!("../fixtures/curl.bin");
+
+/// Polls the async `condition` every 20 ms until it holds, bounded by [`WAIT`].
+pub(crate) async fn wait_until_async<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let poll = async {
+        while !condition().await {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    if tokio::time::timeout(WAIT, poll).await.is_err() {
+        panic!("timed out after {WAIT:?} waiting for {what}");
+    }
+}

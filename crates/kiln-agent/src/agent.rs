@@ -1,0 +1,760 @@
+//! The reconcile loop and the executor: observe the VMs, [`plan`] against the desired
+//! assignments, carry out each action, report every state change, write the status snapshot.
+//!
+//! Assignments arrive from a watcher task, and reports, heartbeats and log batches leave through
+//! background tasks that retry with backoff, so an outage does not stall the loop. The one call
+//! the loop makes itself is fetching an instance's secrets while starting it, bounded by the
+//! client's request timeout. With the control plane unreachable, running instances keep running and the loop
+//! keeps health-checking and restarting them from the last known assignments.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kiln_api::InstanceState;
+use kiln_api::types::{
+    Assignment, DesiredState, HostAssignments, InstanceSecrets, ReportInstanceState,
+};
+use kiln_core::{HostId, InstanceId};
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::config::LogConfig;
+use crate::control::ControlPlane;
+use crate::health::{DEFAULT_CHECK, diagnose, probe};
+use crate::logs::LogSink;
+use crate::plan::{Action, Phase, STABLE_AFTER, Tracked, plan, restart_delay};
+use crate::records::{InstanceRecord, StateDir, write_json};
+use crate::runtime::{HostNetwork, Images, NetworkRequest, VmHandle, VmSpec, VmStatus, Vms};
+use crate::status::{AgentStatus, InstanceStatus};
+
+/// Size of an instance's writable disk, in MiB (sparse: it takes space only as it fills).
+const WRITABLE_DISK_MIB: u64 = 1024;
+
+/// State shared with the background tasks.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// Whether the last control plane call succeeded.
+    pub reachable: AtomicBool,
+    /// The host id, once registered.
+    pub host_id: Mutex<Option<HostId>>,
+    /// The assignment cursor.
+    pub cursor: AtomicU64,
+    /// Number of microVMs running, for heartbeats.
+    pub running: AtomicU32,
+    /// Every instance's log, for the shipper.
+    pub logs: Mutex<BTreeMap<InstanceId, LogSink>>,
+}
+
+/// The agent over a control plane `C`, images `I`, VMs `V` and host networking `N`.
+pub struct Agent<C, I, V, N> {
+    control: C,
+    images: I,
+    vms: V,
+    network: N,
+    state: StateDir,
+    log_config: LogConfig,
+    shared: Arc<Shared>,
+    reports: mpsc::UnboundedSender<(InstanceId, ReportInstanceState)>,
+    /// `None` until the first assignment set is known (from the watcher or from disk): until
+    /// then nothing is stopped, so an agent restarted during an outage keeps every VM.
+    desired: Option<BTreeMap<InstanceId, Assignment>>,
+    tracked: BTreeMap<InstanceId, Tracked>,
+    handles: BTreeMap<InstanceId, VmHandle>,
+    reported: BTreeMap<InstanceId, (InstanceState, Option<String>)>,
+    /// Secret values, in memory only.
+    secrets: BTreeMap<InstanceId, InstanceSecrets>,
+}
+
+impl<C, I, V, N> Agent<C, I, V, N>
+where
+    C: ControlPlane,
+    I: Images,
+    V: Vms,
+    N: HostNetwork,
+{
+    /// Creates the agent and the receiving end of its report outbox (for
+    /// [`crate::tasks::run_reporter`]).
+    pub fn new(
+        control: C,
+        images: I,
+        vms: V,
+        network: N,
+        state: StateDir,
+        log_config: LogConfig,
+        shared: Arc<Shared>,
+    ) -> (
+        Self,
+        mpsc::UnboundedReceiver<(InstanceId, ReportInstanceState)>,
+    ) {
+        let (reports, outbox) = mpsc::unbounded_channel();
+        let agent = Self {
+            control,
+            images,
+            vms,
+            network,
+            state,
+            log_config,
+            shared,
+            reports,
+            desired: None,
+            tracked: BTreeMap::new(),
+            handles: BTreeMap::new(),
+            reported: BTreeMap::new(),
+            secrets: BTreeMap::new(),
+        };
+        (agent, outbox)
+    }
+
+    /// Re-adopts the VMs recorded on disk and loads the last known assignments; returns the
+    /// cursor to resume watching from.
+    pub async fn readopt(&mut self) -> u64 {
+        let now = Instant::now();
+        let records = match self.state.load_records() {
+            Ok(records) => records,
+            Err(error) => {
+                warn!(error = %error_chain(&error), "failed to load instance records");
+                Vec::new()
+            }
+        };
+        for record in records {
+            let id = record.assignment.instance_id;
+            let run_dir = self.state.run_dir(id);
+            let sink = self.open_log(id);
+            let adopted = match self.vms.adopt(id, &run_dir, sink).await {
+                Ok(adopted) => adopted,
+                Err(error) => {
+                    warn!(instance = %id, error = %error_chain(&*error), "failed to adopt VM");
+                    None
+                }
+            };
+            let phase = match &adopted {
+                Some(_) => Phase::Running,
+                None => Phase::Exited { code: None },
+            };
+            info!(instance = %id, adopted = adopted.is_some(), "instance re-adopted from disk");
+            if let Some(handle) = adopted {
+                self.handles.insert(id, handle);
+            }
+            self.tracked.insert(
+                id,
+                Tracked {
+                    assignment: record.assignment,
+                    phase,
+                    booted_at: Some(now),
+                    restarts: record.restarts,
+                    next_start_at: None,
+                    next_probe_at: Some(now),
+                    has_resources: true,
+                },
+            );
+        }
+        if let Err(error) = self.sync_network().await {
+            warn!(%error, "failed to restore the network of re-adopted instances");
+        }
+
+        match self.state.load_assignments() {
+            Ok(Some(saved)) => {
+                let cursor = saved.cursor;
+                self.set_desired(saved);
+                cursor
+            }
+            Ok(None) => 0,
+            Err(error) => {
+                warn!(error = %error_chain(&error), "failed to load saved assignments");
+                0
+            }
+        }
+    }
+
+    /// Replaces the desired assignment set.
+    pub fn set_desired(&mut self, assignments: HostAssignments) {
+        self.shared
+            .cursor
+            .store(assignments.cursor, Ordering::Relaxed);
+        self.desired = Some(
+            assignments
+                .assignments
+                .into_iter()
+                .map(|assignment| (assignment.instance_id, assignment))
+                .collect(),
+        );
+    }
+
+    /// Runs the loop until `shutdown` resolves. VMs keep running after the agent stops.
+    pub async fn run(
+        mut self,
+        mut assignments: watch::Receiver<Option<HostAssignments>>,
+        shutdown: impl std::future::Future<Output = ()>,
+        tick: Duration,
+    ) {
+        tokio::pin!(shutdown);
+        loop {
+            self.reconcile_once(Instant::now()).await;
+            self.write_status();
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                changed = assignments.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let latest = assignments.borrow_and_update().clone();
+                    if let Some(latest) = latest {
+                        if let Err(error) = self.state.save_assignments(&latest) {
+                            warn!(error = %error_chain(&error), "failed to save assignments");
+                        }
+                        self.set_desired(latest);
+                    }
+                }
+                () = tokio::time::sleep(tick) => {}
+            }
+        }
+        info!("agent stopping; microVMs keep running");
+    }
+
+    /// Runs one reconcile pass: observe, plan, execute.
+    pub async fn reconcile_once(&mut self, now: Instant) {
+        self.observe(now).await;
+        let Some(desired) = &self.desired else {
+            // Without an assignment set, only keep what runs healthy-checked.
+            let probes: Vec<InstanceId> = self
+                .tracked
+                .iter()
+                .filter(|(_, t)| t.phase.has_vm() && t.next_probe_at.is_none_or(|d| d <= now))
+                .map(|(id, _)| *id)
+                .collect();
+            for id in probes {
+                self.probe(id, now).await;
+            }
+            return;
+        };
+        let actions = plan(desired, &self.tracked, now);
+        for action in actions {
+            self.execute(action, now).await;
+        }
+    }
+
+    /// Returns the state shared with the background tasks.
+    pub fn shared(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared)
+    }
+
+    /// Returns the tracked instances (for tests and status).
+    pub fn tracked(&self) -> &BTreeMap<InstanceId, Tracked> {
+        &self.tracked
+    }
+
+    async fn execute(&mut self, action: Action, now: Instant) {
+        match action {
+            Action::Start(id) => self.start(id, now).await,
+            Action::Probe(id) => self.probe(id, now).await,
+            Action::Stop(id) => self.stop(id, now).await,
+            Action::Kill(id) => self.kill(id).await,
+            Action::Cleanup(id) => self.cleanup(id).await,
+            Action::Forget(id) => self.forget(id),
+        }
+    }
+
+    /// Polls every VM and moves exited ones to `Exited`, scheduling a restart with backoff.
+    async fn observe(&mut self, now: Instant) {
+        let ids: Vec<InstanceId> = self.handles.keys().copied().collect();
+        for id in ids {
+            let Some(handle) = self.handles.get(&id) else {
+                continue;
+            };
+            let status = match self.vms.status(handle).await {
+                Ok(status) => status,
+                Err(error) => {
+                    warn!(instance = %id, error = %error_chain(&*error), "failed to observe VM");
+                    continue;
+                }
+            };
+            let sink = self.log_sink(id);
+            let Some(tracked) = self.tracked.get_mut(&id) else {
+                continue;
+            };
+            if status == VmStatus::Running {
+                if tracked
+                    .booted_at
+                    .is_some_and(|at| now.duration_since(at) >= STABLE_AFTER)
+                {
+                    tracked.restarts = 0;
+                }
+                continue;
+            }
+
+            let VmStatus::Exited { code } = status else {
+                continue;
+            };
+            self.handles.remove(&id);
+            let was_stopping = matches!(tracked.phase, Phase::Stopping { .. });
+            tracked.phase = Phase::Exited { code };
+            tracked.booted_at = None;
+            let wants_running = self
+                .desired
+                .as_ref()
+                .and_then(|desired| desired.get(&id))
+                .is_some_and(|a| a.desired == DesiredState::Running);
+            let mut detail = match code {
+                Some(code) => format!("exited with code {code}"),
+                None => "the VM stopped".to_owned(),
+            };
+            if wants_running && !was_stopping {
+                tracked.restarts += 1;
+                let delay = restart_delay(tracked.restarts);
+                tracked.next_start_at = Some(now + delay);
+                detail.push_str(&format!(
+                    "; restart {} in {}s",
+                    tracked.restarts,
+                    delay.as_secs()
+                ));
+                if tracked.is_crash_looping() {
+                    detail = format!("crash loop: {detail}");
+                    if let Some(sink) = &sink {
+                        let tail = sink.tail();
+                        let last = tail.iter().rev().take(5).rev().cloned().collect::<Vec<_>>();
+                        if !last.is_empty() {
+                            detail.push_str(&format!("; last lines: {}", last.join(" | ")));
+                        }
+                    }
+                }
+            }
+            let restarts = tracked.restarts;
+            let assignment = tracked.assignment.clone();
+            info!(instance = %id, ?code, restarts, "VM exited");
+            self.save_record(&assignment, None, restarts);
+            let state = if detail.starts_with("crash loop") {
+                InstanceState::Failed
+            } else {
+                InstanceState::Exited
+            };
+            self.report(id, state, Some(detail), code);
+        }
+    }
+
+    async fn start(&mut self, id: InstanceId, now: Instant) {
+        let Some(assignment) = self.desired.as_ref().and_then(|d| d.get(&id)).cloned() else {
+            return;
+        };
+        let restarts = self.tracked.get(&id).map_or(0, |t| t.restarts);
+        self.tracked.insert(
+            id,
+            Tracked {
+                assignment: assignment.clone(),
+                phase: Phase::Failed {
+                    reason: "starting".to_owned(),
+                },
+                booted_at: None,
+                restarts,
+                next_start_at: None,
+                next_probe_at: None,
+                has_resources: true,
+            },
+        );
+        self.report(id, InstanceState::Preparing, None, None);
+
+        match self.boot(&assignment).await {
+            Ok(handle) => {
+                self.save_record(&assignment, Some(handle.clone()), restarts);
+                self.handles.insert(id, handle);
+                if let Some(tracked) = self.tracked.get_mut(&id) {
+                    tracked.phase = Phase::Running;
+                    tracked.booted_at = Some(now);
+                    tracked.next_probe_at = Some(now);
+                }
+                info!(instance = %id, "instance booted");
+                self.report(id, InstanceState::Running, None, None);
+            }
+            Err(reason) => {
+                warn!(instance = %id, %reason, "instance failed to start");
+                if let Some(sink) = self.log_sink(id) {
+                    sink.agent_line(&format!("start failed: {reason}"));
+                }
+                if let Some(tracked) = self.tracked.get_mut(&id) {
+                    tracked.restarts += 1;
+                    tracked.next_start_at = Some(now + restart_delay(tracked.restarts));
+                    tracked.phase = Phase::Failed {
+                        reason: reason.clone(),
+                    };
+                }
+                self.report(id, InstanceState::Failed, Some(reason), None);
+            }
+        }
+    }
+
+    /// Runs the named steps of a start; each failure names its step. Resources made before a
+    /// failure stay until the instance is cleaned up or started again (they are reused).
+    async fn boot(&mut self, assignment: &Assignment) -> Result<VmHandle, String> {
+        let id = assignment.instance_id;
+        let image = self
+            .images
+            .prepare(&assignment.image)
+            .await
+            .map_err(|error| {
+                format!(
+                    "preparing image {}: {}",
+                    assignment.image.digest,
+                    error_chain(&*error)
+                )
+            })?;
+
+        let run_dir = self.state.run_dir(id);
+        let restarts = self.tracked.get(&id).map_or(0, |t| t.restarts);
+        // The record exists before the VM does: a restarted agent then finds the VM through
+        // its run directory and never boots a second one.
+        self.state
+            .save_record(&InstanceRecord {
+                assignment: assignment.clone(),
+                vm: None,
+                restarts,
+            })
+            .map_err(|error| format!("saving the instance record: {}", error_chain(&error)))?;
+        let disk = run_dir.join("disk.ext4");
+        self.images
+            .create_disk(&disk, WRITABLE_DISK_MIB)
+            .await
+            .map_err(|error| format!("creating the writable disk: {}", error_chain(&*error)))?;
+
+        let secrets = self.fetch_secrets(assignment).await?;
+
+        let networks = self.sync_network().await?;
+        let network = networks
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| "setting up the network: no TAP for the instance".to_owned())?;
+
+        let mut env = image.env.clone();
+        env.extend(assignment.env_vars.clone());
+        let command = if assignment.command.is_empty() {
+            image.default_command.clone()
+        } else {
+            assignment.command.clone()
+        };
+        let logs = self.open_log(id);
+        self.report(id, InstanceState::Booting, None, None);
+        let spec = VmSpec {
+            instance: id,
+            run_dir,
+            vcpus: assignment.vcpus,
+            memory_mib: assignment.memory_mib,
+            image,
+            disk,
+            network,
+            command,
+            env,
+            secrets,
+            startup_scripts: assignment.startup_scripts.clone(),
+            kill_signal: assignment.kill_signal.clone(),
+            logs,
+        };
+        self.vms
+            .boot(spec)
+            .await
+            .map_err(|error| format!("booting the microVM: {}", error_chain(&*error)))
+    }
+
+    async fn fetch_secrets(
+        &mut self,
+        assignment: &Assignment,
+    ) -> Result<Option<InstanceSecrets>, String> {
+        let id = assignment.instance_id;
+        if assignment.secrets_version == 0 {
+            return Ok(None);
+        }
+        if let Some(cached) = self.secrets.get(&id)
+            && cached.secrets_version == assignment.secrets_version
+        {
+            return Ok(Some(cached.clone()));
+        }
+        let secrets = self
+            .control
+            .secrets(id)
+            .await
+            .map_err(|error| format!("fetching secrets: {}", error_chain(&error)))?;
+        self.secrets.insert(id, secrets.clone());
+        Ok(Some(secrets))
+    }
+
+    async fn probe(&mut self, id: InstanceId, now: Instant) {
+        let Some(tracked) = self.tracked.get(&id) else {
+            return;
+        };
+        let assignment = &tracked.assignment;
+        let port = assignment
+            .ports
+            .iter()
+            .find(|port| port.health_check.is_some())
+            .or_else(|| assignment.ports.first())
+            .cloned();
+        let Some(port) = port else {
+            // Nothing to check: a process without ports is healthy while it runs.
+            if tracked.phase == Phase::Running {
+                self.set_phase(id, Phase::Healthy, None);
+            }
+            if let Some(tracked) = self.tracked.get_mut(&id) {
+                tracked.next_probe_at = Some(now + Duration::from_secs(5));
+            }
+            return;
+        };
+        let check = port.health_check.clone().unwrap_or(DEFAULT_CHECK);
+        let target = std::net::SocketAddr::new(assignment.network.ipv6.into(), port.port);
+        let grace = Duration::from_secs(u64::from(check.grace_period_secs));
+        let in_grace = tracked
+            .booted_at
+            .is_some_and(|at| now.duration_since(at) < grace);
+        let interval = Duration::from_secs(u64::from(check.interval_secs.max(1)));
+        let result = probe(target, &check).await;
+
+        if let Some(tracked) = self.tracked.get_mut(&id) {
+            tracked.next_probe_at = Some(now + interval);
+        }
+        match result {
+            Ok(()) => self.set_phase(id, Phase::Healthy, None),
+            Err(_) if in_grace => {}
+            Err(failure) => {
+                let explanation = match self.handles.get(&id) {
+                    Some(handle) => match self.vms.listening_sockets(handle).await {
+                        Ok(sockets) => diagnose(port.port, &sockets),
+                        Err(error) => {
+                            format!("listening sockets unknown: {}", error_chain(&*error))
+                        }
+                    },
+                    None => "the VM is not running".to_owned(),
+                };
+                let detail = format!("health check failed: {failure}; {explanation}");
+                self.set_phase(id, Phase::Unhealthy, Some(detail));
+            }
+        }
+    }
+
+    async fn stop(&mut self, id: InstanceId, now: Instant) {
+        let Some(tracked) = self.tracked.get(&id) else {
+            return;
+        };
+        let signal = tracked.assignment.kill_signal.clone();
+        let timeout = Duration::from_secs(u64::from(tracked.assignment.kill_timeout_secs));
+        if let Some(handle) = self.handles.get(&id)
+            && let Err(error) = self.vms.stop(handle, timeout).await
+        {
+            warn!(instance = %id, error = %error_chain(&*error), "stop signal failed; killing at the deadline");
+        }
+        info!(instance = %id, %signal, ?timeout, "instance stopping");
+        self.set_phase(
+            id,
+            Phase::Stopping {
+                deadline: now + timeout,
+            },
+            None,
+        );
+    }
+
+    async fn kill(&mut self, id: InstanceId) {
+        if let Some(handle) = self.handles.get(&id) {
+            if let Err(error) = self.vms.kill(handle).await {
+                warn!(instance = %id, error = %error_chain(&*error), "failed to kill VM");
+                return;
+            }
+            info!(instance = %id, "kill timeout passed; VM stopped hard");
+        }
+    }
+
+    async fn cleanup(&mut self, id: InstanceId) {
+        if let Some(tracked) = self.tracked.get_mut(&id) {
+            tracked.has_resources = false;
+        }
+        self.secrets.remove(&id);
+        if let Err(error) = self.sync_network().await {
+            warn!(instance = %id, %error, "failed to remove the instance's network");
+        }
+        if let Err(error) = self.state.remove_run_dir(id) {
+            warn!(instance = %id, error = %error_chain(&error), "failed to remove run directory");
+        }
+        info!(instance = %id, "instance cleaned up");
+    }
+
+    fn forget(&mut self, id: InstanceId) {
+        self.tracked.remove(&id);
+        self.reported.remove(&id);
+        self.lock_logs().remove(&id);
+        if let Err(error) = self.state.remove_logs(id) {
+            warn!(instance = %id, error = %error_chain(&error), "failed to remove logs");
+        }
+    }
+
+    /// Applies the network of every instance that has or is about to get a VM.
+    async fn sync_network(
+        &mut self,
+    ) -> Result<BTreeMap<InstanceId, crate::runtime::GuestNetwork>, String> {
+        let requests: Vec<NetworkRequest> = self
+            .tracked
+            .values()
+            .filter(|tracked| tracked.has_resources)
+            .map(|tracked| NetworkRequest {
+                instance: tracked.assignment.instance_id,
+                org: tracked.assignment.org_id,
+                ipv6: tracked.assignment.network.ipv6,
+                ipv4: tracked.assignment.network.ipv4,
+            })
+            .collect();
+        self.network
+            .apply(&requests)
+            .await
+            .map_err(|error| format!("setting up the network: {}", error_chain(&*error)))
+    }
+
+    fn set_phase(&mut self, id: InstanceId, phase: Phase, detail: Option<String>) {
+        let Some(tracked) = self.tracked.get_mut(&id) else {
+            return;
+        };
+        tracked.phase = phase.clone();
+        let state = match phase {
+            Phase::Running => InstanceState::Running,
+            Phase::Healthy => InstanceState::Healthy,
+            Phase::Unhealthy => InstanceState::Unhealthy,
+            Phase::Stopping { .. } => InstanceState::Stopping,
+            Phase::Exited { .. } => InstanceState::Exited,
+            Phase::Failed { .. } => InstanceState::Failed,
+        };
+        self.report(id, state, detail, None);
+    }
+
+    /// Queues a report unless it repeats the last one.
+    fn report(
+        &mut self,
+        id: InstanceId,
+        state: InstanceState,
+        detail: Option<String>,
+        exit_code: Option<i32>,
+    ) {
+        let current = (state, detail.clone());
+        if self.reported.get(&id) == Some(&current) {
+            return;
+        }
+        self.reported.insert(id, current);
+        if let Some(sink) = self.log_sink(id) {
+            let text = match &detail {
+                Some(detail) => format!("state {state:?}: {detail}"),
+                None => format!("state {state:?}"),
+            };
+            sink.agent_line(&text);
+        }
+        let report = ReportInstanceState {
+            state,
+            detail,
+            exit_code,
+        };
+        // The reporter task ends only when the agent does.
+        let _ = self.reports.send((id, report));
+    }
+
+    fn save_record(&self, assignment: &Assignment, vm: Option<VmHandle>, restarts: u32) {
+        let record = InstanceRecord {
+            assignment: assignment.clone(),
+            vm,
+            restarts,
+        };
+        if let Err(error) = self.state.save_record(&record) {
+            warn!(instance = %assignment.instance_id, error = %error_chain(&error), "failed to save instance record");
+        }
+    }
+
+    fn open_log(&self, id: InstanceId) -> LogSink {
+        if let Some(sink) = self.log_sink(id) {
+            return sink;
+        }
+        let dir = self.state.log_dir(id);
+        let sink = match LogSink::open(&dir, id, self.log_config.clone()) {
+            Ok(sink) => sink,
+            Err(error) => {
+                warn!(instance = %id, dir = %dir.display(), %error, "failed to open log directory; logging to a temporary one");
+                let fallback = std::env::temp_dir().join(format!("kiln-agent-log-{id}"));
+                match LogSink::open(&fallback, id, self.log_config.clone()) {
+                    Ok(sink) => sink,
+                    Err(_) => return LogSink::discard(id),
+                }
+            }
+        };
+        self.lock_logs().insert(id, sink.clone());
+        sink
+    }
+
+    fn log_sink(&self, id: InstanceId) -> Option<LogSink> {
+        self.lock_logs().get(&id).cloned()
+    }
+
+    fn lock_logs(&self) -> std::sync::MutexGuard<'_, BTreeMap<InstanceId, LogSink>> {
+        self.shared
+            .logs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Builds the status snapshot.
+    pub fn status(&self) -> AgentStatus {
+        let now = Instant::now();
+        let instances = self
+            .tracked
+            .iter()
+            .map(|(id, tracked)| {
+                let assignment = &tracked.assignment;
+                let (state, detail) = match self.reported.get(id) {
+                    Some((state, detail)) => (*state, detail.clone()),
+                    None => (InstanceState::Pending, None),
+                };
+                InstanceStatus {
+                    id: *id,
+                    env: format!("{}/{}/{}", assignment.org, assignment.app, assignment.env),
+                    process: assignment.process.to_string(),
+                    release_version: assignment.release_version,
+                    state,
+                    crash_loop: tracked.is_crash_looping(),
+                    detail,
+                    ipv6: assignment.network.ipv6,
+                    ipv4: assignment.network.ipv4,
+                    uptime_secs: tracked.booted_at.map(|at| now.duration_since(at).as_secs()),
+                    restarts: tracked.restarts,
+                    dropped_log_lines: self.log_sink(*id).map_or(0, |sink| sink.dropped_total()),
+                }
+            })
+            .collect();
+        AgentStatus {
+            time: OffsetDateTime::now_utc(),
+            pid: std::process::id(),
+            host_id: *self
+                .shared
+                .host_id
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            control_plane_reachable: self.shared.reachable.load(Ordering::Relaxed),
+            cursor: self.shared.cursor.load(Ordering::Relaxed),
+            instances,
+        }
+    }
+
+    fn write_status(&self) {
+        let running = self.tracked.values().filter(|t| t.phase.has_vm()).count();
+        self.shared.running.store(
+            u32::try_from(running).unwrap_or(u32::MAX),
+            Ordering::Relaxed,
+        );
+        let path = self.state.status_file();
+        if let Err(error) = write_json(&path, &self.status()) {
+            warn!(error = %error_chain(&error), "failed to write status file");
+        }
+    }
+}
+
+/// Formats an error and its sources as one line.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,282 @@
+//! Health checks (TCP connect or HTTP GET) and the explanation of a failure in the user's
+//! terms, from the sockets the guest listens on.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use kiln_api::types::{HealthCheck, HealthCheckKind};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::runtime::ListeningSocket;
+
+/// Timings used when a service has no health check of its own.
+pub const DEFAULT_CHECK: HealthCheck = HealthCheck {
+    kind: HealthCheckKind::Tcp,
+    interval_secs: 2,
+    timeout_secs: 2,
+    grace_period_secs: 30,
+};
+
+/// Longest HTTP status line read from a health endpoint.
+const MAX_STATUS_LINE: usize = 1024;
+
+/// Why one probe failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeFailure {
+    /// The connection was refused or reset.
+    #[error("connection to {target} failed: {reason}")]
+    Connect {
+        /// The probed address.
+        target: SocketAddr,
+        /// The operating system's message.
+        reason: String,
+    },
+    /// No answer within the timeout.
+    #[error("no answer from {target} within {timeout:?}")]
+    Timeout {
+        /// The probed address.
+        target: SocketAddr,
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// The HTTP answer was not 2xx or 3xx.
+    #[error("GET {path} on {target} returned {status_line:?}, expected a 2xx or 3xx status")]
+    HttpStatus {
+        /// The probed address.
+        target: SocketAddr,
+        /// The request path.
+        path: String,
+        /// The status line received.
+        status_line: String,
+    },
+}
+
+/// Probes `target` once as `check` says.
+pub async fn probe(target: SocketAddr, check: &HealthCheck) -> Result<(), ProbeFailure> {
+    let timeout = Duration::from_secs(u64::from(check.timeout_secs.max(1)));
+    match tokio::time::timeout(timeout, probe_inner(target, &check.kind)).await {
+        Ok(result) => result,
+        Err(_) => Err(ProbeFailure::Timeout { target, timeout }),
+    }
+}
+
+async fn probe_inner(target: SocketAddr, kind: &HealthCheckKind) -> Result<(), ProbeFailure> {
+    let connect_failed = |error: std::io::Error| ProbeFailure::Connect {
+        target,
+        reason: error.to_string(),
+    };
+    let mut stream = TcpStream::connect(target).await.map_err(connect_failed)?;
+    let HealthCheckKind::Http { path } = kind else {
+        return Ok(());
+    };
+
+    let host = match target.ip() {
+        IpAddr::V6(ip) => format!("[{ip}]:{}", target.port()),
+        IpAddr::V4(ip) => format!("{ip}:{}", target.port()),
+    };
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: kiln-agent\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(connect_failed)?;
+
+    let mut buffer = Vec::with_capacity(256);
+    let mut chunk = [0u8; 256];
+    while !buffer.contains(&b'\n') && buffer.len() < MAX_STATUS_LINE {
+        let read = stream.read(&mut chunk).await.map_err(connect_failed)?;
+        if read == 0 {
+            break;
+        }
+        buffer.extend_from_slice(&chunk[..read]);
+    }
+    let status_line = String::from_utf8_lossy(&buffer)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse::<u16>().ok());
+    match status {
+        Some(200..=399) if status_line.starts_with("HTTP/") => Ok(()),
+        _ => Err(ProbeFailure::HttpStatus {
+            target,
+            path: path.clone(),
+            status_line,
+        }),
+    }
+}
+
+/// Explains why `port` is unreachable from the host, given the sockets the guest listens on.
+///
+/// The agent probes the guest's IPv6 address, so an app that listens on IPv4 only, on
+/// loopback only, or on another port is unreachable even though it runs.
+pub fn diagnose(port: u16, listening: &[ListeningSocket]) -> String {
+    let on_port: Vec<&ListeningSocket> = listening.iter().filter(|s| s.port() == port).collect();
+    if on_port.is_empty() {
+        let mut others: Vec<u16> = listening.iter().map(|s| s.port()).collect();
+        others.sort_unstable();
+        others.dedup();
+        if others.is_empty() {
+            return format!(
+                "the app is not listening on any TCP port; it should listen on [::]:{port}"
+            );
+        }
+        let list = others
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        return format!(
+            "the app listens on port {list}, not on the service port {port}; make it listen on \
+             [::]:{port} or change the service's internal_port"
+        );
+    }
+
+    if on_port.iter().all(|s| s.ip().is_loopback()) {
+        let addresses = join(&on_port);
+        return format!(
+            "the app listens on {addresses} only (loopback), so nothing outside the microVM can \
+             reach it; listen on [::]:{port}"
+        );
+    }
+    if on_port.iter().all(|s| s.is_ipv4()) {
+        let addresses = join(&on_port);
+        return format!(
+            "the app listens on {addresses} (IPv4 only); Kiln reaches instances over IPv6, so \
+             listen on [::]:{port}"
+        );
+    }
+    format!("the app listens on port {port} but does not answer the health check")
+}
+
+fn join(sockets: &[&ListeningSocket]) -> String {
+    sockets
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    fn check(kind: HealthCheckKind) -> HealthCheck {
+        HealthCheck {
+            kind,
+            interval_secs: 1,
+            timeout_secs: 2,
+            grace_period_secs: 0,
+        }
+    }
+
+    async fn http_server(response: &'static str) -> SocketAddr {
+        let listener = TcpListener::bind("[::1]:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let mut request = [0u8; 1024];
+                let _ = stream.read(&mut request).await;
+                let _ = stream.write_all(response.as_bytes()).await;
+            }
+        });
+        address
+    }
+
+    #[tokio::test]
+    async fn tcp_probe_passes_on_listener() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = listener.local_addr().unwrap();
+        probe(target, &check(HealthCheckKind::Tcp)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn tcp_probe_fails_when_closed() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = listener.local_addr().unwrap();
+        drop(listener);
+        let failure = probe(target, &check(HealthCheckKind::Tcp))
+            .await
+            .unwrap_err();
+        assert!(matches!(failure, ProbeFailure::Connect { .. }), "{failure}");
+    }
+
+    #[tokio::test]
+    async fn http_probe_accepts_2xx() {
+        let target = http_server("HTTP/1.1 204 No Content\r\n\r\n").await;
+        let kind = HealthCheckKind::Http {
+            path: "/healthz".to_owned(),
+        };
+        probe(target, &check(kind)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn http_probe_rejects_5xx() {
+        let target = http_server("HTTP/1.1 503 Service Unavailable\r\n\r\n").await;
+        let kind = HealthCheckKind::Http {
+            path: "/healthz".to_owned(),
+        };
+        let failure = probe(target, &check(kind)).await.unwrap_err();
+        assert!(failure.to_string().contains("503"), "{failure}");
+    }
+
+    #[tokio::test]
+    async fn http_probe_rejects_garbage() {
+        let target = http_server("SSH-2.0-OpenSSH\r\n").await;
+        let kind = HealthCheckKind::Http {
+            path: "/".to_owned(),
+        };
+        let failure = probe(target, &check(kind)).await.unwrap_err();
+        assert!(
+            matches!(failure, ProbeFailure::HttpStatus { .. }),
+            "{failure}"
+        );
+    }
+
+    #[tokio::test]
+    async fn silent_server_times_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = listener.local_addr().unwrap();
+        let kind = HealthCheckKind::Http {
+            path: "/".to_owned(),
+        };
+        let mut check = check(kind);
+        check.timeout_secs = 1;
+        let failure = probe(target, &check).await.unwrap_err();
+        assert!(matches!(failure, ProbeFailure::Timeout { .. }), "{failure}");
+        drop(listener);
+    }
+
+    #[test]
+    fn diagnose_names_each_case() {
+        let sockets = |list: &[&str]| -> Vec<SocketAddr> {
+            list.iter().map(|s| s.parse().unwrap()).collect()
+        };
+        let cases = [
+            (sockets(&[]), "not listening on any TCP port"),
+            (
+                sockets(&["[::]:9090"]),
+                "listens on port 9090, not on the service port 8080",
+            ),
+            (
+                sockets(&["127.0.0.1:8080"]),
+                "127.0.0.1:8080 only (loopback)",
+            ),
+            (sockets(&["[::1]:8080", "127.0.0.1:8080"]), "(loopback)"),
+            (sockets(&["0.0.0.0:8080"]), "0.0.0.0:8080 (IPv4 only)"),
+            (sockets(&["[::]:8080"]), "does not answer the health check"),
+        ];
+        for (listening, expected) in cases {
+            let text = diagnose(8080, &listening);
+            assert!(text.contains(expected), "{listening:?}: {text}");
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! Releases: immutable, numbered per environment (v1, v2, ...). A release fixes the image
+//! digest, the resolved manifest of its environment ([`ReleaseSpec`]) and the config version.
+//!
+//! The CLI resolves `kiln.toml` (with the environment's overrides applied) into a
+//! [`ReleaseSpec`], so the server stores one explicit wire format independent of the file
+//! format.
+
+use std::collections::BTreeMap;
+
+use kiln_core::{EnvId, Hostname, ProcessName, ReleaseId};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// An OCI image pinned by digest.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageRef {
+    /// Reference the user gave, such as `registry.example/app:1.2` (for display and pulls).
+    pub reference: String,
+    /// Manifest digest, `sha256:` followed by 64 lowercase hex characters.
+    pub digest: String,
+}
+
+/// One process type of a release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessSpec {
+    /// Argv to run; empty runs the image's entrypoint and cmd.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// Number of instances.
+    pub count: u32,
+    /// Virtual CPUs per instance, 1 to 32.
+    pub vcpus: u32,
+    /// Memory per instance in MiB, 128 to 65536.
+    pub memory_mib: u32,
+}
+
+/// Transport of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceProtocol {
+    /// TLS routed by SNI on the shared ingress addresses; the tenant terminates TLS.
+    Tls,
+    /// Raw TCP on the environment's dedicated IPv6 address.
+    Tcp,
+}
+
+/// Health check of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// How to probe.
+    pub kind: HealthCheckKind,
+    /// Seconds between probes.
+    pub interval_secs: u32,
+    /// Seconds before one probe counts as failed.
+    pub timeout_secs: u32,
+    /// Seconds after boot during which failures do not count.
+    pub grace_period_secs: u32,
+}
+
+/// How a health check probes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum HealthCheckKind {
+    /// A TCP connect to the service port succeeds.
+    Tcp,
+    /// An HTTP GET of `path` on the service port returns 2xx or 3xx.
+    Http {
+        /// Request path, starting with `/`.
+        path: String,
+    },
+}
+
+/// A service: a port of a process type that the ingress exposes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// Name of the service, unique within the release.
+    pub name: String,
+    /// The process type that listens.
+    pub process: ProcessName,
+    /// Port the process listens on inside the microVM, 1 to 65535.
+    pub internal_port: u16,
+    /// Transport.
+    pub protocol: ServiceProtocol,
+    /// Extra hostnames routed to this service besides the platform hostname.
+    #[serde(default)]
+    pub hostnames: Vec<Hostname>,
+    /// Whether the ingress prepends a PROXY protocol v2 header.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// Health check; absent means a TCP connect check with default timings.
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+}
+
+/// A volume mounted into instances.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeSpec {
+    /// Name of the volume.
+    pub name: String,
+    /// Absolute mount path inside the guest.
+    pub mount_path: String,
+    /// Size in MiB.
+    pub size_mib: u32,
+}
+
+/// How a deploy replaces instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeployStrategy {
+    /// Start new instances, wait until healthy, shift routes, drain old ones.
+    #[default]
+    Rolling,
+    /// Stop old instances and start new ones at once.
+    Immediate,
+}
+
+/// The resolved manifest of one environment, as a release records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseSpec {
+    /// Process types by name.
+    pub processes: BTreeMap<ProcessName, ProcessSpec>,
+    /// Services exposed through the ingress.
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+    /// Environment variables from the manifest (config vars override them).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Volumes.
+    #[serde(default)]
+    pub volumes: Vec<VolumeSpec>,
+    /// Deploy strategy.
+    #[serde(default)]
+    pub strategy: DeployStrategy,
+    /// Extra instances a rolling deploy may start per process type.
+    #[serde(default = "default_max_surge")]
+    pub max_surge: u32,
+    /// Signal sent to stop an instance, such as `SIGTERM`.
+    #[serde(default = "default_kill_signal")]
+    pub kill_signal: String,
+    /// Seconds between the kill signal and a forced stop.
+    #[serde(default = "default_kill_timeout")]
+    pub kill_timeout_secs: u32,
+    /// Scripts run inside the microVM, in order, before the workload.
+    #[serde(default)]
+    pub startup_scripts: Vec<String>,
+    /// Command run once per release in its own microVM before the rollout.
+    #[serde(default)]
+    pub release_command: Option<Vec<String>>,
+}
+
+fn default_max_surge() -> u32 {
+    1
+}
+
+fn default_kill_signal() -> String {
+    "SIGTERM".to_owned()
+}
+
+fn default_kill_timeout() -> u32 {
+    30
+}
+
+/// A release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    /// Id of the release.
+    pub id: ReleaseId,
+    /// The environment it belongs to.
+    pub env_id: EnvId,
+    /// Number within the environment, from 1.
+    pub version: u64,
+    /// The image.
+    pub image: ImageRef,
+    /// The resolved manifest.
+    pub spec: ReleaseSpec,
+    /// Config version the release was cut with.
+    pub config_version: u64,
+    /// For a rollback: the release whose image and config this one repeats.
+    #[serde(default)]
+    pub rollback_of: Option<ReleaseId>,
+    /// Free-form description, such as a commit message.
+    #[serde(default)]
+    pub description: String,
+    /// When the release was created.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+/// Body of `POST .../envs/{env}/releases`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRelease {
+    /// The image, pinned by digest.
+    pub image: ImageRef,
+    /// The resolved manifest.
+    pub spec: ReleaseSpec,
+    /// Free-form description.
+    #[serde(default)]
+    pub description: String,
+}

@@ -1,0 +1,42 @@
+//! `kiln config unset NAME...`.
+
+use kiln_api::{ConfigVars, UpdateConfig, routes};
+
+use super::check_var_name;
+use crate::commands::EnvTarget;
+use crate::error::CliResult;
+use crate::session::Session;
+
+/// Arguments of `kiln config unset`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:\n  kiln config unset LOG_LEVEL --env prod")]
+pub(crate) struct Args {
+    /// Names of the variables to remove
+    #[arg(required = true, value_name = "NAME")]
+    names: Vec<String>,
+}
+
+/// Removes the variables in one change.
+pub(crate) async fn run(session: &mut Session, args: Args) -> CliResult {
+    for name in &args.names {
+        check_var_name("variable", name)?;
+    }
+    let target = EnvTarget::from_session(session)?;
+    let api = session.api()?;
+    let update = UpdateConfig {
+        unset: args.names.clone(),
+        ..UpdateConfig::default()
+    };
+
+    let config: ConfigVars = api.patch(&target.route(routes::CONFIG), &update).await?;
+
+    if session.out.is_json() {
+        return session.out.json(&config);
+    }
+    session.out.line(&format!(
+        "Unset {} on {} (config version {})",
+        args.names.join(", "),
+        target.label(),
+        config.version
+    ))
+}

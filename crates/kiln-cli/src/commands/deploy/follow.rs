@@ -1,0 +1,352 @@
+//! Following a deploy through the org's event feed until it reaches a final state.
+//!
+//! The feed is read after a cursor with long polls, so a dropped connection or a slow client
+//! loses nothing: the next poll starts where the last one ended. On a terminal the rollout is
+//! drawn as lines on stderr under a spinner; with `--json` each relevant event is one line of
+//! NDJSON on stdout, and the final line is the deploy object.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use indicatif::ProgressBar;
+use kiln_api::{
+    CreatedDeploy, Deploy, DeployState, Event, EventEnvelope, EventPage, InstanceState, LogPage,
+    routes,
+};
+use kiln_core::{InstanceId, ProcessName};
+
+use crate::commands::{EnvTarget, route};
+use crate::error::{CliError, CliResult};
+use crate::exit::ExitKind;
+use crate::http::Http;
+use crate::session::Session;
+
+/// Seconds one long poll waits on the server for new events.
+const POLL_WAIT_SECS: u64 = 20;
+
+/// Log lines shown for the instance that failed a deploy.
+const FAILURE_LOG_LINES: u32 = 20;
+
+/// Prints the created deploy and, unless `detach`, follows it.
+pub(crate) async fn after_create(
+    session: &Session,
+    api: &Http,
+    target: &EnvTarget,
+    created: &CreatedDeploy,
+    detach: bool,
+) -> CliResult {
+    let deploy = &created.deploy;
+    let again = format!(
+        "kiln deploy --attach {} --app {} --env {}",
+        deploy.id, target.app, target.env
+    );
+
+    if detach {
+        if session.out.is_json() {
+            return session.out.json(created);
+        }
+        session.out.line(&format!(
+            "Deploy {} of {} v{} started",
+            deploy.id,
+            target.label(),
+            created.release.version
+        ))?;
+        session.out.note(&format!("Follow it with: {again}"));
+        return Ok(());
+    }
+
+    // Registered before anything is printed, so a Ctrl-C from someone who saw the first line
+    // always detaches instead of killing the process with the default action.
+    let mut interrupt = crate::terminal::interrupt_signal()?;
+    if !session.out.is_json() {
+        session.out.note(&format!(
+            "Deploying {} v{} ({}) as {}",
+            target.label(),
+            created.release.version,
+            created.release.image.digest,
+            deploy.id
+        ));
+    }
+    follow(session, api, target, created, &again, &mut interrupt).await
+}
+
+/// Progress of one deploy, built from events.
+#[derive(Debug, Default)]
+struct View {
+    /// Instances of the new release: process type and last known state.
+    new_instances: BTreeMap<InstanceId, (ProcessName, InstanceState)>,
+    /// The most recent instance of the new release that failed, with the reason.
+    failed_instance: Option<(InstanceId, String)>,
+}
+
+impl View {
+    /// Records `event` and returns a progress line for people, if it is one.
+    fn apply(&mut self, created: &CreatedDeploy, event: &Event) -> Option<String> {
+        match event {
+            Event::InstancePlaced {
+                instance_id,
+                release_id,
+                process,
+                host_id,
+                ..
+            } if *release_id == created.release.id => {
+                self.new_instances
+                    .insert(*instance_id, (process.clone(), InstanceState::Pending));
+                Some(format!("placed {process} {instance_id} on host {host_id}"))
+            }
+            Event::InstanceStateChanged {
+                instance_id,
+                state,
+                detail,
+                exit_code,
+                ..
+            } => {
+                let (process, known) = self.new_instances.get_mut(instance_id)?;
+                *known = *state;
+                let mut reason = detail.clone().unwrap_or_default();
+                if let Some(code) = exit_code {
+                    reason = format!("{reason} (exit code {code})").trim().to_owned();
+                }
+                if matches!(state, InstanceState::Failed | InstanceState::Unhealthy) {
+                    self.failed_instance = Some((*instance_id, reason.clone()));
+                }
+                let state = serde_json::to_value(state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                let line = format!("{process} {instance_id} {state}");
+                Some(if reason.is_empty() {
+                    line
+                } else {
+                    format!("{line}: {reason}")
+                })
+            }
+            Event::InstanceStopRequested {
+                instance_id,
+                reason,
+                ..
+            } if !self.new_instances.contains_key(instance_id) => {
+                Some(format!("draining old instance {instance_id}: {reason}"))
+            }
+            Event::InstanceRemoved { instance_id, .. }
+                if !self.new_instances.contains_key(instance_id) =>
+            {
+                Some(format!("old instance {instance_id} stopped"))
+            }
+            Event::RoutesChanged { routes, .. } => {
+                let backends: usize = routes.iter().map(|r| r.backends.len()).sum();
+                Some(format!(
+                    "routes moved: {} routes to {backends} backends",
+                    routes.len()
+                ))
+            }
+            Event::DeployStepCompleted {
+                deploy_id,
+                step,
+                detail,
+                ..
+            } if *deploy_id == created.deploy.id => Some(format!("{step}: {detail}")),
+            _ => None,
+        }
+    }
+
+    /// `healthy/total` of the new instances, for the spinner.
+    fn summary(&self) -> String {
+        let healthy = self
+            .new_instances
+            .values()
+            .filter(|(_, state)| *state == InstanceState::Healthy)
+            .count();
+        format!(
+            "{healthy}/{} new instances healthy",
+            self.new_instances.len()
+        )
+    }
+}
+
+/// Whether `event` belongs to the deploy's environment and so to its output.
+fn concerns(created: &CreatedDeploy, event: &Event) -> bool {
+    event.env_id() == Some(created.deploy.env_id)
+}
+
+async fn follow(
+    session: &Session,
+    api: &Http,
+    target: &EnvTarget,
+    created: &CreatedDeploy,
+    again: &str,
+    interrupt: &mut tokio::signal::unix::Signal,
+) -> CliResult {
+    let started = Instant::now();
+    let path = route(routes::ORG_EVENTS, &[("org", target.org.as_str())]);
+    let deploy_path = target.route_with(
+        routes::DEPLOY,
+        &[("deploy", &created.deploy.id.to_string())],
+    );
+    let spinner = session
+        .out
+        .spinner(&format!("Deploying v{}", created.release.version));
+    let mut view = View::default();
+    let mut cursor = created.cursor;
+
+    let deploy = loop {
+        let query = [
+            ("after", cursor.to_string()),
+            ("wait", POLL_WAIT_SECS.to_string()),
+            ("app", target.app.to_string()),
+            ("env", target.env.to_string()),
+        ];
+        let page: EventPage = tokio::select! {
+            page = api.get_query(&path, &query, Duration::from_secs(POLL_WAIT_SECS)) => page?,
+            _ = interrupt.recv() => {
+                spinner.finish_and_clear();
+                return Err(CliError::new(
+                    ExitKind::Interrupted,
+                    format!("stopped following deploy {}; it continues on the server", created.deploy.id),
+                )
+                .with_hint(format!("follow it again with: {again}")));
+            }
+        };
+
+        let mut finished = None;
+        for envelope in &page.events {
+            if let Some(deploy) = handle(session, &spinner, &mut view, created, envelope)? {
+                finished = Some(deploy);
+            }
+        }
+        cursor = page.cursor.max(cursor);
+        spinner.set_message(format!(
+            "Deploying v{}: {}",
+            created.release.version,
+            view.summary()
+        ));
+
+        // The deploy's own record is the authority on its state: it is read when the feed
+        // goes quiet or reports the end, so a missed event can never leave the CLI waiting.
+        if page.events.is_empty() || finished.is_some() {
+            let deploy: Deploy = api.get(&deploy_path).await?;
+            if deploy.state.is_terminal() {
+                break deploy;
+            }
+        }
+    };
+    spinner.finish_and_clear();
+
+    if session.out.is_json() {
+        session.out.json_line(&deploy)?;
+    }
+    finish(session, api, target, created, &view, &deploy, started).await
+}
+
+/// Prints one event; returns the deploy's final state when the event carries it.
+fn handle(
+    session: &Session,
+    spinner: &ProgressBar,
+    view: &mut View,
+    created: &CreatedDeploy,
+    envelope: &EventEnvelope,
+) -> CliResult<Option<DeployState>> {
+    if !concerns(created, &envelope.event) {
+        return Ok(None);
+    }
+    if session.out.is_json() {
+        session.out.json_line(envelope)?;
+    }
+    if let Some(line) = view.apply(created, &envelope.event) {
+        spinner.println(format!("  {line}"));
+    }
+    match &envelope.event {
+        Event::DeployStateChanged {
+            deploy_id, state, ..
+        } if *deploy_id == created.deploy.id && state.is_terminal() => Ok(Some(*state)),
+        _ => Ok(None),
+    }
+}
+
+async fn finish(
+    session: &Session,
+    api: &Http,
+    target: &EnvTarget,
+    created: &CreatedDeploy,
+    view: &View,
+    deploy: &Deploy,
+    started: Instant,
+) -> CliResult {
+    let version = created.release.version;
+    match deploy.state {
+        DeployState::Succeeded => {
+            if !session.out.is_json() {
+                session.out.line(&format!(
+                    "Deployed {} v{version} in {}s",
+                    target.label(),
+                    started.elapsed().as_secs()
+                ))?;
+            }
+            Ok(())
+        }
+        DeployState::Superseded => Err(CliError::new(
+            ExitKind::DeployFailed,
+            format!(
+                "deploy {} of {} v{version} was superseded by a newer deploy",
+                deploy.id,
+                target.label()
+            ),
+        )
+        .with_hint(format!(
+            "see the newer deploy with: kiln status --env {}",
+            target.env
+        ))),
+        _ => Err(failure(api, target, created, view, deploy).await),
+    }
+}
+
+/// Builds the error for a failed deploy: the reason, the instance that failed and its last
+/// log lines.
+async fn failure(
+    api: &Http,
+    target: &EnvTarget,
+    created: &CreatedDeploy,
+    view: &View,
+    deploy: &Deploy,
+) -> CliError {
+    let reason = deploy
+        .failure
+        .clone()
+        .unwrap_or_else(|| "no reason given".to_owned());
+    let mut error = CliError::new(
+        ExitKind::DeployFailed,
+        format!(
+            "deploy {} of {} v{} failed: {reason}",
+            deploy.id,
+            target.label(),
+            created.release.version
+        ),
+    );
+
+    let Some((instance, why)) = &view.failed_instance else {
+        return error.with_hint(format!(
+            "see what happened with: kiln events --app {} --env {}",
+            target.app, target.env
+        ));
+    };
+    let mut detail = format!("instance {instance} failed: {why}");
+    let query = [
+        ("instance", instance.to_string()),
+        ("limit", FAILURE_LOG_LINES.to_string()),
+    ];
+    if let Ok(page) = api
+        .get_query::<LogPage>(&target.route(routes::LOGS), &query, Duration::ZERO)
+        .await
+        && !page.entries.is_empty()
+    {
+        detail.push_str("\nlast log lines:");
+        for entry in &page.entries {
+            detail.push_str(&format!("\n  | {}", entry.line));
+        }
+    }
+    error = error.with_detail(detail);
+    error.with_hint(format!(
+        "see more with: kiln logs --env {} --instance {instance}",
+        target.env
+    ))
+}

@@ -1,0 +1,207 @@
+//! Reading kiln.toml for a deploy: parse and validate it locally, apply the environment's
+//! overrides, and convert the result to the API's release spec.
+//!
+//! Validation happens before any network call, so a typo is reported with its file, line,
+//! column and the offending text underlined, without a round trip.
+
+use std::io::IsTerminal;
+use std::path::Path;
+
+use kiln_api::{
+    DeployStrategy, HealthCheck, HealthCheckKind, ProcessSpec, ReleaseSpec, ServiceProtocol,
+    ServiceSpec, VolumeSpec,
+};
+use kiln_core::manifest::{Deploy, Manifest, ManifestErrors, Probe, Protocol, ResolvedManifest};
+use kiln_core::{AppName, EnvName};
+use miette::{GraphicalReportHandler, GraphicalTheme, ThemeCharacters, ThemeStyles};
+
+use crate::error::{CliError, CliResult};
+
+/// The manifest of one environment, ready to send.
+#[derive(Debug, Clone)]
+pub(crate) struct LoadedManifest {
+    /// The app the manifest names.
+    pub(crate) app: AppName,
+    /// The release spec for the environment.
+    pub(crate) spec: ReleaseSpec,
+}
+
+/// Loads the manifest at `path` and resolves it for `env`.
+pub(crate) fn load(path: &Path, env: &EnvName) -> CliResult<LoadedManifest> {
+    let source = std::fs::read_to_string(path).map_err(|error| {
+        let hint = if error.kind() == std::io::ErrorKind::NotFound {
+            "run `kiln init` to create one, or pass --config PATH"
+        } else {
+            "check the file's permissions, or pass --config PATH"
+        };
+        CliError::failure(format!("cannot read manifest {}", path.display()))
+            .with_source(error)
+            .with_hint(hint)
+    })?;
+
+    let manifest =
+        Manifest::parse_named(&path.display().to_string(), &source).map_err(|errors| {
+            CliError::failure(errors.to_string())
+                .with_detail(render(&errors))
+                .with_hint("fix the marked values; docs/manifest.md describes every key")
+        })?;
+
+    let resolved = manifest.resolve(env);
+    Ok(LoadedManifest {
+        app: resolved.app.clone(),
+        spec: release_spec(&resolved),
+    })
+}
+
+/// Renders every error with the offending text underlined: in colour on a terminal, in
+/// plain ASCII otherwise (CI logs, `NO_COLOR`).
+fn render(errors: &ManifestErrors) -> String {
+    let color = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let theme = if color {
+        GraphicalTheme::unicode()
+    } else {
+        GraphicalTheme {
+            characters: ThemeCharacters::ascii(),
+            styles: ThemeStyles::none(),
+        }
+    };
+    let handler = GraphicalReportHandler::new_themed(theme).with_width(100);
+    let mut text = String::new();
+    if handler.render_report(&mut text, errors).is_err() {
+        // The graphical report failed to format; the plain form carries the same facts.
+        return errors.render_plain();
+    }
+    text
+}
+
+/// Converts a resolved manifest to the API's release spec.
+fn release_spec(manifest: &ResolvedManifest) -> ReleaseSpec {
+    let processes = manifest
+        .processes
+        .iter()
+        .map(|(name, process)| {
+            let spec = ProcessSpec {
+                command: process.command.clone().unwrap_or_default(),
+                count: process.count,
+                vcpus: process.vcpus,
+                memory_mib: process.memory_mib,
+            };
+            (name.clone(), spec)
+        })
+        .collect();
+
+    let services = manifest
+        .services
+        .iter()
+        .map(|(name, service)| ServiceSpec {
+            name: name.to_string(),
+            process: service.process.clone(),
+            internal_port: service.port,
+            protocol: match service.protocol {
+                Protocol::Tls => ServiceProtocol::Tls,
+                Protocol::Tcp => ServiceProtocol::Tcp,
+            },
+            hostnames: service.hostnames.clone(),
+            proxy_protocol: false,
+            health_check: Some(HealthCheck {
+                kind: match &service.health.probe {
+                    Probe::Tcp => HealthCheckKind::Tcp,
+                    Probe::Http { path, .. } => HealthCheckKind::Http { path: path.clone() },
+                },
+                interval_secs: whole_secs(service.health.interval),
+                timeout_secs: whole_secs(service.health.timeout),
+                grace_period_secs: whole_secs(service.health.grace_period),
+            }),
+        })
+        .collect();
+
+    let volumes = manifest
+        .volumes
+        .iter()
+        .map(|(name, volume)| VolumeSpec {
+            name: name.to_string(),
+            mount_path: volume.path.clone(),
+            size_mib: volume.size_mib,
+        })
+        .collect();
+
+    let largest_count = manifest
+        .processes
+        .values()
+        .map(|p| p.count)
+        .max()
+        .unwrap_or(1);
+    let (strategy, max_surge) = match manifest.deploy {
+        Deploy::Rolling { max_surge } => (
+            DeployStrategy::Rolling,
+            max_surge.instances_for(largest_count),
+        ),
+        Deploy::Immediate => (DeployStrategy::Immediate, 1),
+    };
+
+    // TODO(correctness): the API's release spec has one kill signal and one kill timeout, an
+    // argv string per startup script, and no per-process volume or expected HTTP status. The
+    // CLI sends the first process type's signal, the longest timeout and each script's argv
+    // joined with spaces, so the other manifest details do not reach the server yet.
+    let kill_signal = manifest.processes.values().next().map_or_else(
+        || "SIGTERM".to_owned(),
+        |p| p.kill_signal.as_str().to_owned(),
+    );
+    let kill_timeout_secs = manifest
+        .processes
+        .values()
+        .map(|p| whole_secs(p.kill_timeout))
+        .max()
+        .unwrap_or(30);
+
+    ReleaseSpec {
+        processes,
+        services,
+        env: manifest.env.clone(),
+        volumes,
+        strategy,
+        max_surge,
+        kill_signal,
+        kill_timeout_secs,
+        startup_scripts: manifest
+            .startup
+            .iter()
+            .map(|script| script.command.join(" "))
+            .collect(),
+        release_command: manifest.release_command.as_ref().map(|r| r.command.clone()),
+    }
+}
+
+/// Seconds, rounded up so a sub-second value never becomes 0.
+fn whole_secs(duration: std::time::Duration) -> u32 {
+    let secs = duration.as_secs() + u64::from(duration.subsec_nanos() > 0);
+    u32::try_from(secs).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_template_is_valid() {
+        let app = AppName::new("web").unwrap();
+        let text = crate::commands::init::template(&app, Some("127.0.0.1:5000/web:1"));
+
+        let manifest = Manifest::parse(&text).unwrap_or_else(|e| panic!("{}", e.render_plain()));
+        let spec = release_spec(&manifest.resolve(&EnvName::new("prod").unwrap()));
+
+        assert_eq!(manifest.app, app);
+        assert_eq!(spec.processes.len(), 1);
+        assert_eq!(spec.services.len(), 1);
+        assert_eq!(spec.services[0].internal_port, 8443);
+        assert_eq!(spec.strategy, DeployStrategy::Rolling);
+    }
+
+    #[test]
+    fn whole_secs_rounds_up() {
+        assert_eq!(whole_secs(std::time::Duration::from_millis(1500)), 2);
+        assert_eq!(whole_secs(std::time::Duration::from_secs(10)), 10);
+        assert_eq!(whole_secs(std::time::Duration::ZERO), 0);
+    }
+}

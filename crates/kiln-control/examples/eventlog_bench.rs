@@ -1,0 +1,262 @@
+//! Event-log benchmark: appends per second with projection updates, through the store and
+//! through the HTTP API, against `pgbench` single-row inserts on the same private PostgreSQL
+//! cluster with the same number of clients, measured in the same run.
+//!
+//! Each append is a `ConfigChanged` event on the client's own environment stream, so the
+//! projection work per append is one `config_vars` upsert and one `envs` update. The anchor
+//! is a `pgbench` custom script inserting one row per transaction into an indexed table.
+//!
+//! Settings come from the environment: `BENCH_CLIENTS` (default 4) and `BENCH_SECONDS` per
+//! phase (default 10).
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use kiln_api::Event;
+use kiln_control::api::{ApiLimits, AppState};
+use kiln_control::secrets::Keyring;
+use kiln_control::store::watch::Notifier;
+use kiln_control::store::{ExpectedVersion, NewEvent, Store, streams};
+use kiln_core::{AppName, EnvId, EnvName, OrgName};
+use kiln_testkit::postgres::PgCluster;
+
+fn setting(name: &str, default: u64) -> anyhow::Result<u64> {
+    match std::env::var(name) {
+        Ok(value) => value
+            .parse()
+            .with_context(|| format!("invalid {name} {value:?}: expected a whole number")),
+        Err(_) => Ok(default),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let clients = setting("BENCH_CLIENTS", 4)? as usize;
+    let seconds = setting("BENCH_SECONDS", 10)?;
+    let duration = Duration::from_secs(seconds);
+    let cluster = PgCluster::shared()?;
+
+    let pgbench_tps = run_pgbench(cluster, clients, seconds)?;
+    let store_rate = run_store(cluster, clients, duration).await?;
+    let api_rate = run_api(cluster, clients, duration).await?;
+
+    println!("clients: {clients}, seconds per phase: {seconds}");
+    println!("pgbench single-row inserts: {pgbench_tps:.0} per second");
+    println!(
+        "store appends:              {store_rate:.0} per second (ratio {:.2}, target 0.50)",
+        store_rate / pgbench_tps
+    );
+    println!(
+        "HTTP API appends:           {api_rate:.0} per second (ratio {:.2}, target 0.25)",
+        api_rate / pgbench_tps
+    );
+    Ok(())
+}
+
+fn run_pgbench(cluster: &PgCluster, clients: usize, seconds: u64) -> anyhow::Result<f64> {
+    let database = cluster.create_database("kiln_bench_pgbench")?;
+    let psql = Command::new(cluster.bin_dir().join("psql"))
+        .arg("-h")
+        .arg(cluster.socket_dir())
+        .args(["-p", &cluster.port().to_string(), "-U", "postgres", "-q", "-c"])
+        .arg("CREATE TABLE bench_rows (id bigserial PRIMARY KEY, stream text NOT NULL, payload jsonb NOT NULL, time timestamptz NOT NULL DEFAULT now())")
+        .arg(&database.name)
+        .output()
+        .context("failed to run psql")?;
+    if !psql.status.success() {
+        bail!("psql failed: {}", String::from_utf8_lossy(&psql.stderr));
+    }
+
+    let script = tempfile::NamedTempFile::new()?;
+    std::fs::write(
+        script.path(),
+        "INSERT INTO bench_rows (stream, payload) VALUES ('s', '{\"k\": \"v\"}');\n",
+    )?;
+    let pgbench = Command::new(cluster.bin_dir().join("pgbench"))
+        .arg("-h")
+        .arg(cluster.socket_dir())
+        .args(["-p", &cluster.port().to_string(), "-U", "postgres", "-n"])
+        .args([
+            "-c",
+            &clients.to_string(),
+            "-j",
+            &clients.to_string(),
+            "-T",
+            &seconds.to_string(),
+            "-f",
+        ])
+        .arg(script.path())
+        .arg(&database.name)
+        .output()
+        .context("failed to run pgbench")?;
+    let output = String::from_utf8_lossy(&pgbench.stdout);
+    if !pgbench.status.success() {
+        bail!(
+            "pgbench failed: {}",
+            String::from_utf8_lossy(&pgbench.stderr)
+        );
+    }
+    output
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("tps = ")
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|tps| tps.parse().ok())
+        })
+        .with_context(|| format!("no tps line in pgbench output:\n{output}"))
+}
+
+/// Creates a bootstrapped database with one environment per client.
+async fn prepare(
+    cluster: &PgCluster,
+    clients: usize,
+) -> anyhow::Result<(Store, Vec<EnvId>, String)> {
+    let database = cluster.create_database("kiln_bench_store")?;
+    let store = Store::connect(&database.url, (clients as u32 + 4).max(8)).await?;
+    store.migrate().await?;
+    let output = kiln_control::bootstrap::bootstrap(
+        &store,
+        &OrgName::new("bench")?,
+        "apps.bench.test",
+        None,
+    )
+    .await?;
+    let org_id = output.org.id;
+    let app_id = kiln_core::AppId::new();
+    let app = Event::AppCreated {
+        app_id,
+        org_id,
+        name: AppName::new("bench")?,
+    };
+    store
+        .append(
+            &streams::org(org_id),
+            ExpectedVersion::Any,
+            vec![NewEvent::org(org_id, app)],
+            "bench",
+        )
+        .await?;
+    let mut envs = Vec::new();
+    for index in 0..clients {
+        let env_id = EnvId::new();
+        let event = Event::EnvCreated {
+            env_id,
+            app_id,
+            org_id,
+            name: EnvName::new(format!("e{index}"))?,
+            hostname: kiln_core::Hostname::new(format!("bench-e{index}.apps.bench.test"))?,
+            ipv6_address: std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, index as u16 + 1),
+        };
+        store
+            .append(
+                &streams::env(env_id),
+                ExpectedVersion::NoStream,
+                vec![NewEvent::org(org_id, event)],
+                "bench",
+            )
+            .await?;
+        envs.push(env_id);
+    }
+    Ok((store, envs, output.org_token.secret))
+}
+
+async fn run_store(cluster: &PgCluster, clients: usize, duration: Duration) -> anyhow::Result<f64> {
+    let (store, envs, _) = prepare(cluster, clients).await?;
+    let count = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + duration;
+    let org_id = kiln_core::OrgId::new();
+
+    let mut tasks = Vec::new();
+    for env_id in envs {
+        let store = store.clone();
+        let count = count.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut version = 0;
+            while Instant::now() < deadline {
+                version += 1;
+                let mut set = BTreeMap::new();
+                set.insert(format!("VAR{}", version % 16), format!("value {version}"));
+                let event = Event::ConfigChanged {
+                    env_id,
+                    version,
+                    set,
+                    unset: Vec::new(),
+                };
+                store
+                    .append(
+                        &streams::env(env_id),
+                        ExpectedVersion::Any,
+                        vec![NewEvent::org(org_id, event)],
+                        "bench",
+                    )
+                    .await?;
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    let started = Instant::now();
+    for task in tasks {
+        task.await??;
+    }
+    Ok(count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn run_api(cluster: &PgCluster, clients: usize, duration: Duration) -> anyhow::Result<f64> {
+    let (store, envs, token) = prepare(cluster, clients).await?;
+    let key_dir = tempfile::tempdir()?;
+    let key_file = key_dir.path().join("master.key");
+    Keyring::generate_key(&key_file)?;
+    let settings = kiln_control::bootstrap::load_settings(&store)
+        .await?
+        .context("settings missing after bootstrap")?;
+    let state = AppState {
+        store: store.clone(),
+        keyring: Arc::new(Keyring::load(&key_file)?),
+        notifier: Notifier::start(&store).await?,
+        settings: Arc::new(settings),
+        limits: Arc::new(ApiLimits {
+            host_lease: Duration::from_secs(30),
+            log_window_lines: 1000,
+        }),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, kiln_control::api::router(state)).await });
+
+    let client = kiln_api::Client::new(&format!("http://{address}"), token)?;
+    let count = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for index in 0..envs.len() {
+        let client = client.clone();
+        let count = count.clone();
+        let path = kiln_api::client::EnvPath::new(
+            OrgName::new("bench")?,
+            AppName::new("bench")?,
+            EnvName::new(format!("e{index}"))?,
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut version = 0u64;
+            while Instant::now() < deadline {
+                version += 1;
+                let mut update = kiln_api::types::UpdateConfig::default();
+                update
+                    .set
+                    .insert(format!("VAR{}", version % 16), format!("value {version}"));
+                client.update_config(&path, &update).await?;
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    let started = Instant::now();
+    for task in tasks {
+        task.await??;
+    }
+    Ok(count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}

@@ -1,0 +1,130 @@
+//! Request extractors that turn every malformed input into an [`ApiError`] with a stable code:
+//! JSON bodies, query strings, path names and the authenticated caller.
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use kiln_api::ErrorCode;
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+use crate::auth::Caller;
+
+/// A JSON body. Syntax errors are `malformed_json`; unknown fields, wrong types and missing
+/// fields are `invalid_body` with the serde message (which names the field and position).
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = axum::body::Bytes::from_request(request, state)
+            .await
+            .map_err(|_| ApiError::new(ErrorCode::BodyTooLarge, "request body too large"))?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+/// Parses a JSON request body, classifying errors.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|error| {
+        use serde_json::error::Category;
+        match error.classify() {
+            Category::Syntax | Category::Eof | Category::Io => ApiError::new(
+                ErrorCode::MalformedJson,
+                format!("request body is not valid JSON: {error}"),
+            ),
+            Category::Data => ApiError::new(
+                ErrorCode::InvalidBody,
+                format!("request body does not match the expected fields: {error}"),
+            ),
+        }
+    })
+}
+
+/// A query string. Unknown parameters and wrong types are `invalid_value`.
+#[derive(Debug)]
+pub struct QueryParams<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or("");
+        serde_urlencoded_from_str(query).map(QueryParams)
+    }
+}
+
+fn serde_urlencoded_from_str<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
+    let pairs: Vec<(String, String)> = url_pairs(query);
+    let object: serde_json::Map<String, serde_json::Value> = pairs
+        .into_iter()
+        .map(|(key, value)| {
+            let json = match value.parse::<u64>() {
+                Ok(number) => serde_json::Value::from(number),
+                Err(_) => serde_json::Value::String(value),
+            };
+            (key, json)
+        })
+        .collect();
+    serde_json::from_value(serde_json::Value::Object(object)).map_err(|error| {
+        ApiError::new(
+            ErrorCode::InvalidValue,
+            format!("invalid query parameters: {error}"),
+        )
+    })
+}
+
+fn url_pairs(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(key), percent_decode(value))
+        })
+        .collect()
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        match bytes[index] {
+            b'+' => out.push(b' '),
+            b'%' if index + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[index + 1..index + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(byte) => {
+                        out.push(byte);
+                        index += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            byte => out.push(byte),
+        }
+        index += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        parts.extensions.get::<Caller>().cloned().ok_or_else(|| {
+            ApiError::internal("caller missing: authentication middleware not applied")
+        })
+    }
+}
+
+/// Parses a validated name from a path segment, as `invalid_value` on failure.
+pub fn name<T>(
+    field: &str,
+    value: &str,
+    parse: impl FnOnce(String) -> Result<T, kiln_core::NameError>,
+) -> Result<T, ApiError> {
+    parse(value.to_owned()).map_err(|error| ApiError::invalid(field, error.to_string()))
+}

@@ -1,0 +1,559 @@
+//! Endpoints for host agents (host token). Every call acts on the token's own host: a host
+//! token cannot name another host, and instance ids of other hosts are `not_found`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv6Addr;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use base64::Engine;
+use kiln_api::types::{
+    Assignment, DesiredState, Heartbeat, HostAssignments, HostLease, Instance, InstanceNetwork,
+    InstanceSecrets, LogBatch, OverlayPeer, RegisterHost, ReportInstanceState, ServicePort,
+    WatchQuery,
+};
+use kiln_api::{ErrorCode, Event};
+use kiln_core::{
+    AppId, AppName, EnvId, EnvName, HostId, InstanceId, OrgId, OrgName, ProcessName, ReleaseId,
+};
+use sqlx::Row;
+
+use super::error::ApiError;
+use super::events::wait_duration;
+use super::extract::{JsonBody, QueryParams};
+use super::{AppState, scope};
+use crate::auth::Caller;
+use crate::secrets::Sealed;
+use crate::store::{ExpectedVersion, NewEvent, StoreError, streams};
+
+/// Most lines in one log batch.
+pub const MAX_LOG_LINES: usize = 10_000;
+/// Longest log line, in bytes.
+pub const MAX_LOG_LINE_LEN: usize = 16 * 1024;
+/// Longest state detail, in bytes.
+pub const MAX_DETAIL_LEN: usize = 4096;
+
+/// Key of the advisory lock that orders log inserts, so a follower's `after` cursor never
+/// passes a line that commits later with a lower id.
+const LOG_LOCK_KEY: i64 = 0x6b69_6c6e_0002;
+
+/// Attempts at picking a free host prefix when registrations race.
+const PREFIX_ATTEMPTS: usize = 5;
+
+/// `POST /v1/host/register`.
+pub async fn register(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(request): JsonBody<RegisterHost>,
+) -> Result<Json<HostLease>, ApiError> {
+    let host_id = scope::host(&caller)?;
+    if request.capacity.vcpus == 0 || request.capacity.memory_mib < 256 {
+        return Err(ApiError::invalid(
+            "capacity",
+            "capacity needs at least 1 vCPU and 256 MiB of memory",
+        ));
+    }
+    let key = base64::engine::general_purpose::STANDARD.decode(&request.overlay_public_key);
+    if key.map(|key| key.len()) != Ok(32) {
+        return Err(ApiError::invalid(
+            "overlay_public_key",
+            "overlay_public_key must be the base64 of a 32-byte WireGuard public key",
+        ));
+    }
+
+    let stream = streams::host(host_id);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let version = state.store.stream_version(&stream).await?;
+        let host = super::hosts::load(state.store.pool(), host_id).await?;
+        let prefix = match host.ipv6_prefix {
+            Some(prefix) => prefix,
+            None => free_prefix(state.store.pool(), state.settings.ula_prefix).await?,
+        };
+        let event = Event::HostRegistered {
+            host_id,
+            capacity: request.capacity,
+            driver: request.driver,
+            overlay_public_key: request.overlay_public_key.clone(),
+            overlay_endpoint: request.overlay_endpoint,
+            ipv6_prefix: prefix,
+        };
+        let result = state
+            .store
+            .append(
+                &stream,
+                ExpectedVersion::Exact(version),
+                vec![NewEvent::cluster(event)],
+                &caller.actor(),
+            )
+            .await;
+        match result {
+            Ok(_) => break,
+            Err(StoreError::Duplicate { .. } | StoreError::Conflict { .. })
+                if attempt < PREFIX_ATTEMPTS =>
+            {
+                continue;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+
+    renew_lease(&state, host_id, 0).await?;
+    lease(&state, host_id).await.map(Json)
+}
+
+/// `POST /v1/host/heartbeat`.
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(request): JsonBody<Heartbeat>,
+) -> Result<Json<HostLease>, ApiError> {
+    let host_id = scope::host(&caller)?;
+    let host = super::hosts::load(state.store.pool(), host_id).await?;
+    if host.ipv6_prefix.is_none() {
+        return Err(ApiError::new(
+            ErrorCode::FailedPrecondition,
+            "this host has not registered yet; call /v1/host/register first",
+        ));
+    }
+    renew_lease(&state, host_id, request.running_instances).await?;
+    lease(&state, host_id).await.map(Json)
+}
+
+/// `GET /v1/host/assignments`: the host's complete desired set, long-polling for changes
+/// after `after`.
+pub async fn assignments(
+    State(state): State<AppState>,
+    caller: Caller,
+    QueryParams(query): QueryParams<WatchQuery>,
+) -> Result<Json<HostAssignments>, ApiError> {
+    let host_id = scope::host(&caller)?;
+    let wait = wait_duration(query.wait)?;
+    let after = query.after.unwrap_or(0);
+
+    let changed = state
+        .notifier
+        .wait_for(wait, || {
+            let pool = state.store.pool().clone();
+            let store = state.store.clone();
+            async move {
+                let head = store.head().await?;
+                if after == 0 || head < after {
+                    return Ok(Some(head));
+                }
+                let relevant: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (
+                         SELECT 1 FROM events
+                         WHERE seq > $1 AND seq <= $2
+                           AND (host_id = $3
+                                OR env_id IN (SELECT env_id FROM instances WHERE host_id = $3)))",
+                )
+                .bind(after as i64)
+                .bind(head as i64)
+                .bind(host_id.as_uuid())
+                .fetch_one(&pool)
+                .await
+                .map_err(StoreError::database("check host changes"))?;
+                Ok(relevant.then_some(head))
+            }
+        })
+        .await?;
+    let cursor = match changed {
+        Some(head) => head,
+        None => state.store.head().await?.max(after),
+    };
+
+    let assignments = load_assignments(&state, host_id).await?;
+    Ok(Json(HostAssignments {
+        host_id,
+        cursor,
+        assignments,
+    }))
+}
+
+/// `POST /v1/host/instances/{instance}/state`.
+pub async fn report_state(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(instance): Path<String>,
+    JsonBody(request): JsonBody<ReportInstanceState>,
+) -> Result<Json<Instance>, ApiError> {
+    let host_id = scope::host(&caller)?;
+    let instance_id = parse_instance(&instance)?;
+    if request
+        .detail
+        .as_ref()
+        .is_some_and(|detail| detail.len() > MAX_DETAIL_LEN)
+    {
+        return Err(ApiError::invalid(
+            "detail",
+            format!("detail is longer than {MAX_DETAIL_LEN} bytes"),
+        ));
+    }
+    let (env_id, org_id) = instance_on_host(&state, host_id, instance_id).await?;
+
+    let event = Event::InstanceStateChanged {
+        instance_id,
+        env_id,
+        host_id,
+        state: request.state,
+        detail: request.detail,
+        exit_code: request.exit_code,
+    };
+    state
+        .store
+        .append(
+            &streams::instance(instance_id),
+            ExpectedVersion::Any,
+            vec![NewEvent::org(org_id, event)],
+            &caller.actor(),
+        )
+        .await?;
+
+    let row = sqlx::query(
+        "SELECT id, env_id, release_id, process, host_id, ipv6, ipv4, desired, state, detail, created_at, updated_at
+         FROM instances WHERE id = $1",
+    )
+    .bind(instance_id.as_uuid())
+    .fetch_one(state.store.pool())
+    .await
+    .map_err(ApiError::database("load instance"))?;
+    Ok(Json(super::read::instance_from_row(&row)?))
+}
+
+/// `GET /v1/host/instances/{instance}/secrets`: values only for a running instance placed
+/// on the calling host.
+pub async fn secrets(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(instance): Path<String>,
+) -> Result<Json<InstanceSecrets>, ApiError> {
+    let host_id = scope::host(&caller)?;
+    let instance_id = parse_instance(&instance)?;
+    let (env_id, _) = instance_on_host(&state, host_id, instance_id).await?;
+
+    let mut tx = state.store.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *tx)
+        .await
+        .map_err(ApiError::database("set isolation"))?;
+    let secrets_version: i64 = sqlx::query_scalar("SELECT secrets_version FROM envs WHERE id = $1")
+        .bind(env_id.as_uuid())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(ApiError::database("read secrets version"))?
+        .ok_or_else(|| ApiError::not_found("instance", instance_id))?;
+    let rows = sqlx::query(
+        "SELECT name, version, key_id, nonce, ciphertext FROM secret_values WHERE env_id = $1",
+    )
+    .bind(env_id.as_uuid())
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(ApiError::database("read secret values"))?;
+    tx.commit()
+        .await
+        .map_err(ApiError::database("end secrets read"))?;
+
+    let mut values = BTreeMap::new();
+    for row in &rows {
+        let name: String = row.get("name");
+        let version: i64 = row.get("version");
+        let sealed = Sealed {
+            key_id: row.get("key_id"),
+            nonce: row.get("nonce"),
+            ciphertext: row.get("ciphertext"),
+        };
+        let plain = state.keyring.open(env_id, &name, version as u64, &sealed)?;
+        let value = String::from_utf8(plain)
+            .map_err(|_| ApiError::internal("decrypted secret is not UTF-8"))?;
+        values.insert(name, value);
+    }
+    tracing::info!(%instance_id, %host_id, count = values.len(), "delivered secrets");
+    Ok(Json(InstanceSecrets {
+        instance_id,
+        secrets_version: secrets_version as u64,
+        values,
+    }))
+}
+
+/// `POST /v1/host/logs`.
+pub async fn ship_logs(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(batch): JsonBody<LogBatch>,
+) -> Result<StatusCode, ApiError> {
+    let host_id = scope::host(&caller)?;
+    if batch.lines.len() > MAX_LOG_LINES {
+        return Err(ApiError::invalid(
+            "lines",
+            format!("a batch has at most {MAX_LOG_LINES} lines"),
+        ));
+    }
+    if let Some(line) = batch
+        .lines
+        .iter()
+        .find(|line| line.line.len() > MAX_LOG_LINE_LEN)
+    {
+        return Err(ApiError::invalid(
+            "lines",
+            format!(
+                "a line of instance {} is longer than {MAX_LOG_LINE_LEN} bytes; split it",
+                line.instance_id
+            ),
+        ));
+    }
+
+    let mut placement: HashMap<InstanceId, (EnvId, String)> = HashMap::new();
+    for line in &batch.lines {
+        if placement.contains_key(&line.instance_id) {
+            continue;
+        }
+        let row =
+            sqlx::query("SELECT env_id, process FROM instances WHERE id = $1 AND host_id = $2")
+                .bind(line.instance_id.as_uuid())
+                .bind(host_id.as_uuid())
+                .fetch_optional(state.store.pool())
+                .await
+                .map_err(ApiError::database("look up instance"))?;
+        let Some(row) = row else {
+            return Err(ApiError::not_found("instance", line.instance_id));
+        };
+        placement.insert(
+            line.instance_id,
+            (EnvId::from_uuid(row.get("env_id")), row.get("process")),
+        );
+    }
+
+    let mut tx = state.store.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(LOG_LOCK_KEY)
+        .execute(&mut *tx)
+        .await
+        .map_err(ApiError::database("take log lock"))?;
+    for line in &batch.lines {
+        let (env_id, process) = &placement[&line.instance_id];
+        let stream = crate::store::projections::enum_text(&line.stream, 0)?;
+        sqlx::query(
+            "INSERT INTO log_lines (env_id, instance_id, process, stream, time, line) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(env_id.as_uuid())
+        .bind(line.instance_id.as_uuid())
+        .bind(process)
+        .bind(stream)
+        .bind(line.time)
+        .bind(&line.line)
+        .execute(&mut *tx)
+        .await
+        .map_err(ApiError::database("insert log line"))?;
+    }
+    let envs: std::collections::HashSet<EnvId> =
+        placement.values().map(|(env_id, _)| *env_id).collect();
+    for env_id in envs {
+        sqlx::query(
+            "DELETE FROM log_lines WHERE env_id = $1 AND id <= (
+                 SELECT id FROM log_lines WHERE env_id = $1 ORDER BY id DESC OFFSET $2 LIMIT 1)",
+        )
+        .bind(env_id.as_uuid())
+        .bind(i64::from(state.limits.log_window_lines))
+        .execute(&mut *tx)
+        .await
+        .map_err(ApiError::database("trim log window"))?;
+    }
+    tx.commit()
+        .await
+        .map_err(ApiError::database("commit log batch"))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn parse_instance(text: &str) -> Result<InstanceId, ApiError> {
+    text.parse()
+        .map_err(|error: kiln_core::ids::IdError| ApiError::invalid("instance", error.to_string()))
+}
+
+async fn instance_on_host(
+    state: &AppState,
+    host_id: HostId,
+    instance_id: InstanceId,
+) -> Result<(EnvId, OrgId), ApiError> {
+    let row = sqlx::query(
+        "SELECT i.env_id, e.org_id FROM instances i JOIN envs e ON e.id = i.env_id
+         WHERE i.id = $1 AND i.host_id = $2",
+    )
+    .bind(instance_id.as_uuid())
+    .bind(host_id.as_uuid())
+    .fetch_optional(state.store.pool())
+    .await
+    .map_err(ApiError::database("look up instance"))?;
+    let row = row.ok_or_else(|| ApiError::not_found("instance", instance_id))?;
+    Ok((
+        EnvId::from_uuid(row.get("env_id")),
+        OrgId::from_uuid(row.get("org_id")),
+    ))
+}
+
+async fn renew_lease(state: &AppState, host_id: HostId, running: u32) -> Result<(), ApiError> {
+    let expires = crate::store::now() + state.limits.host_lease;
+    sqlx::query(
+        "INSERT INTO host_leases (host_id, expires_at, running) VALUES ($1, $2, $3)
+         ON CONFLICT (host_id) DO UPDATE SET expires_at = EXCLUDED.expires_at, running = EXCLUDED.running",
+    )
+    .bind(host_id.as_uuid())
+    .bind(expires)
+    .bind(running as i32)
+    .execute(state.store.pool())
+    .await
+    .map_err(ApiError::database("renew lease"))?;
+    Ok(())
+}
+
+async fn lease(state: &AppState, host_id: HostId) -> Result<HostLease, ApiError> {
+    let host = super::hosts::load(state.store.pool(), host_id).await?;
+    let rows = sqlx::query(
+        "SELECT id, overlay_public_key, overlay_endpoint, ipv6_prefix FROM hosts
+         WHERE id <> $1 AND ipv6_prefix IS NOT NULL AND overlay_public_key IS NOT NULL ORDER BY name",
+    )
+    .bind(host_id.as_uuid())
+    .fetch_all(state.store.pool())
+    .await
+    .map_err(ApiError::database("list peers"))?;
+    let mut peers = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let endpoint: String = row.get("overlay_endpoint");
+        peers.push(OverlayPeer {
+            host_id: HostId::from_uuid(row.get("id")),
+            public_key: row.get("overlay_public_key"),
+            endpoint: endpoint
+                .parse()
+                .map_err(|_| ApiError::internal("stored endpoint is invalid"))?,
+            allowed_ips: vec![row.get("ipv6_prefix")],
+        });
+    }
+    Ok(HostLease {
+        host,
+        lease_secs: state.limits.host_lease.as_secs(),
+        cluster_prefix: format!("{}/48", state.settings.ula_prefix),
+        peers,
+    })
+}
+
+/// Picks the lowest free /64 of the cluster /48 for a host, from subnet 1 (subnet 0 holds
+/// the environments' dedicated addresses).
+async fn free_prefix(pool: &sqlx::PgPool, ula_prefix: Ipv6Addr) -> Result<String, ApiError> {
+    let taken: Vec<String> =
+        sqlx::query_scalar("SELECT ipv6_prefix FROM hosts WHERE ipv6_prefix IS NOT NULL")
+            .fetch_all(pool)
+            .await
+            .map_err(ApiError::database("list host prefixes"))?;
+    let base = u128::from(ula_prefix) & !((1u128 << 80) - 1);
+    for subnet in 1u128..=0xffff {
+        let prefix = format!("{}/64", Ipv6Addr::from(base | (subnet << 64)));
+        if !taken.contains(&prefix) {
+            return Ok(prefix);
+        }
+    }
+    Err(ApiError::new(
+        ErrorCode::FailedPrecondition,
+        "every /64 of the cluster prefix is assigned; remove unused hosts",
+    ))
+}
+
+async fn load_assignments(state: &AppState, host_id: HostId) -> Result<Vec<Assignment>, ApiError> {
+    let pool = state.store.pool();
+    let rows = sqlx::query(
+        "SELECT i.id, i.process, i.ipv6, i.ipv4, i.desired, i.env_id, e.name AS env_name, e.secrets_version,
+                e.app_id, a.name AS app_name, e.org_id, o.name AS org_name,
+                r.id AS release_id, r.version, r.image_ref, r.image_digest, r.spec, h.ipv6_prefix
+         FROM instances i
+         JOIN envs e ON e.id = i.env_id
+         JOIN apps a ON a.id = e.app_id
+         JOIN orgs o ON o.id = e.org_id
+         JOIN releases r ON r.id = i.release_id
+         JOIN hosts h ON h.id = i.host_id
+         WHERE i.host_id = $1
+         ORDER BY i.created_at, i.id",
+    )
+    .bind(host_id.as_uuid())
+    .fetch_all(pool)
+    .await
+    .map_err(ApiError::database("load assignments"))?;
+
+    let corrupt = |what: &str| ApiError::internal(what);
+    let mut assignments = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let env_id = EnvId::from_uuid(row.get("env_id"));
+        let spec: kiln_api::types::ReleaseSpec = serde_json::from_value(row.get("spec"))
+            .map_err(|_| corrupt("stored release spec is invalid"))?;
+        let process = ProcessName::new(row.get::<String, _>("process"))
+            .map_err(|_| corrupt("stored process name is invalid"))?;
+        let Some(process_spec) = spec.processes.get(&process) else {
+            return Err(corrupt("instance names a process its release lacks"));
+        };
+
+        let mut env_vars = spec.env.clone();
+        env_vars.extend(super::config::load(pool, env_id).await?.vars);
+
+        let ports = spec
+            .services
+            .iter()
+            .filter(|service| service.process == process)
+            .map(|service| ServicePort {
+                service: service.name.clone(),
+                port: service.internal_port,
+                protocol: service.protocol,
+                health_check: service.health_check.clone(),
+            })
+            .collect();
+        let desired: DesiredState =
+            serde_json::from_value(serde_json::Value::String(row.get("desired")))
+                .map_err(|_| corrupt("stored desired state is invalid"))?;
+        let version: i64 = row.get("version");
+        let secrets_version: i64 = row.get("secrets_version");
+
+        assignments.push(Assignment {
+            instance_id: InstanceId::from_uuid(row.get("id")),
+            org_id: OrgId::from_uuid(row.get("org_id")),
+            org: OrgName::new(row.get::<String, _>("org_name"))
+                .map_err(|_| corrupt("stored org name is invalid"))?,
+            app_id: AppId::from_uuid(row.get("app_id")),
+            app: AppName::new(row.get::<String, _>("app_name"))
+                .map_err(|_| corrupt("stored app name is invalid"))?,
+            env_id,
+            env: EnvName::new(row.get::<String, _>("env_name"))
+                .map_err(|_| corrupt("stored environment name is invalid"))?,
+            release_id: ReleaseId::from_uuid(row.get("release_id")),
+            release_version: version as u64,
+            process,
+            image: kiln_api::types::ImageRef {
+                reference: row.get("image_ref"),
+                digest: row.get("image_digest"),
+            },
+            command: process_spec.command.clone(),
+            env_vars,
+            secrets_version: secrets_version as u64,
+            vcpus: process_spec.vcpus,
+            memory_mib: process_spec.memory_mib,
+            network: InstanceNetwork {
+                ipv6: row
+                    .get::<String, _>("ipv6")
+                    .parse()
+                    .map_err(|_| corrupt("stored address is invalid"))?,
+                ipv6_prefix: row
+                    .get::<Option<String>, _>("ipv6_prefix")
+                    .unwrap_or_default(),
+                ipv4: row
+                    .get::<String, _>("ipv4")
+                    .parse()
+                    .map_err(|_| corrupt("stored address is invalid"))?,
+            },
+            ports,
+            volumes: spec.volumes.clone(),
+            kill_signal: spec.kill_signal.clone(),
+            kill_timeout_secs: spec.kill_timeout_secs,
+            startup_scripts: spec.startup_scripts.clone(),
+            desired,
+        });
+    }
+    Ok(assignments)
+}

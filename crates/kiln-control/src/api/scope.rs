@@ -1,0 +1,149 @@
+//! Authorization scopes: resolving path names to resources the caller may reach.
+//!
+//! Every org-scoped lookup first checks that the caller's token belongs to the org in the
+//! path and answers `not_found` otherwise, with the same message whether or not the org
+//! exists, so a token of another org learns nothing about it.
+
+use kiln_api::ErrorCode;
+use kiln_api::types::TokenKind;
+use kiln_core::{AppId, AppName, EnvId, EnvName, OrgId, OrgName};
+use sqlx::{PgPool, Row};
+
+use super::error::ApiError;
+use super::extract::name;
+use crate::auth::Caller;
+
+/// The org of an org-scoped path, after authorization.
+#[derive(Debug, Clone)]
+pub struct OrgScope {
+    /// Org id.
+    pub id: OrgId,
+    /// Org name.
+    pub name: OrgName,
+}
+
+/// An app of an org-scoped path.
+#[derive(Debug, Clone)]
+pub struct AppScope {
+    /// The org.
+    pub org: OrgScope,
+    /// App id.
+    pub id: AppId,
+    /// App name.
+    pub name: AppName,
+}
+
+/// An environment of an org-scoped path.
+#[derive(Debug, Clone)]
+pub struct EnvScope {
+    /// The app.
+    pub app: AppScope,
+    /// Environment id.
+    pub id: EnvId,
+    /// Environment name.
+    pub name: EnvName,
+}
+
+impl EnvScope {
+    /// Returns the org id.
+    pub fn org_id(&self) -> OrgId {
+        self.app.org.id
+    }
+}
+
+/// Requires an org token of the org named `org`.
+pub fn org(caller: &Caller, org: &str) -> Result<OrgScope, ApiError> {
+    let org_name = name("org", org, OrgName::new)?;
+    match &caller.org {
+        Some((id, caller_org))
+            if caller.token.kind == TokenKind::Org && *caller_org == org_name =>
+        {
+            Ok(OrgScope {
+                id: *id,
+                name: org_name,
+            })
+        }
+        _ => Err(ApiError::not_found("org", &org_name)),
+    }
+}
+
+/// Requires an operator token.
+pub fn operator(caller: &Caller) -> Result<(), ApiError> {
+    if caller.token.kind == TokenKind::Operator {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        ErrorCode::Forbidden,
+        "this endpoint needs an operator token",
+    ))
+}
+
+/// Requires a host token and returns its host.
+pub fn host(caller: &Caller) -> Result<kiln_core::HostId, ApiError> {
+    caller
+        .host_id()
+        .ok_or_else(|| ApiError::new(ErrorCode::Forbidden, "this endpoint needs a host token"))
+}
+
+/// Requires an ingress token.
+pub fn ingress(caller: &Caller) -> Result<(), ApiError> {
+    if caller.token.kind == TokenKind::Ingress {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        ErrorCode::Forbidden,
+        "this endpoint needs an ingress token",
+    ))
+}
+
+/// Resolves an app of the caller's org.
+pub async fn app(
+    pool: &PgPool,
+    caller: &Caller,
+    org_name: &str,
+    app: &str,
+) -> Result<AppScope, ApiError> {
+    let org = org(caller, org_name)?;
+    let app_name = name("app", app, AppName::new)?;
+    let id: Option<uuid::Uuid> =
+        sqlx::query_scalar("SELECT id FROM apps WHERE org_id = $1 AND name = $2")
+            .bind(org.id.as_uuid())
+            .bind(app_name.as_str())
+            .fetch_optional(pool)
+            .await
+            .map_err(ApiError::database("look up app"))?;
+    let Some(id) = id else {
+        return Err(ApiError::not_found("app", &app_name));
+    };
+    Ok(AppScope {
+        org,
+        id: AppId::from_uuid(id),
+        name: app_name,
+    })
+}
+
+/// Resolves an environment of the caller's org.
+pub async fn env(
+    pool: &PgPool,
+    caller: &Caller,
+    org_name: &str,
+    app_name: &str,
+    env: &str,
+) -> Result<EnvScope, ApiError> {
+    let app = app(pool, caller, org_name, app_name).await?;
+    let env_name = name("env", env, EnvName::new)?;
+    let row = sqlx::query("SELECT id FROM envs WHERE app_id = $1 AND name = $2")
+        .bind(app.id.as_uuid())
+        .bind(env_name.as_str())
+        .fetch_optional(pool)
+        .await
+        .map_err(ApiError::database("look up environment"))?;
+    let Some(row) = row else {
+        return Err(ApiError::not_found("environment", &env_name));
+    };
+    Ok(EnvScope {
+        app,
+        id: EnvId::from_uuid(row.get("id")),
+        name: env_name,
+    })
+}

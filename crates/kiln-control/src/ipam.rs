@@ -1,0 +1,432 @@
+//! IPAM persistence: the cluster prefix, host slots and instance addresses in PostgreSQL.
+//!
+//! The pure allocator (`kiln_scheduler::Ipam`) picks the lowest free slot or address from what
+//! these tables say is in use; this module reads that set, asks the allocator and inserts the
+//! result. Call these functions inside the transaction that appends the matching event
+//! (`HostRegistered`, `InstancePlaced`, `InstanceRemoved`), so an allocation exists exactly
+//! when its event does. A transaction-scoped advisory lock serializes allocators, and the
+//! tables' UNIQUE constraints reject a duplicate even if a caller forgets the transaction.
+//!
+//! Every allocation is idempotent per host or instance: asking again returns the same answer,
+//! which is what a resumed deploy step needs.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use ipnet::Ipv6Net;
+use kiln_core::{EnvId, HostId, InstanceId};
+use kiln_scheduler::{AddressesInUse, HostPrefixes, InstanceAddresses, Ipam, IpamError};
+use sqlx::{PgConnection, Row};
+
+/// Key of the advisory lock that serializes IPAM allocations ("kilnipam" in ASCII).
+const IPAM_LOCK_KEY: i64 = 0x6b69_6c6e_6970_616d;
+
+/// Error of an IPAM operation.
+#[derive(Debug, thiserror::Error)]
+pub enum IpamStoreError {
+    /// A query failed.
+    #[error("IPAM query failed: {operation}")]
+    Query {
+        /// The purpose of the query.
+        operation: &'static str,
+        /// The database error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The allocator found nothing free, or rejected the stored prefix.
+    #[error("IPAM allocation failed")]
+    Allocation(#[source] IpamError),
+    /// The cluster prefix was never chosen.
+    #[error("the cluster has no address prefix yet; bootstrap the control plane first")]
+    NoClusterPrefix,
+    /// A stored value does not parse.
+    #[error("invalid stored IPAM value {value:?} in {column}")]
+    CorruptRow {
+        /// The column.
+        column: &'static str,
+        /// The stored text.
+        value: String,
+    },
+    /// A host slot cannot be freed while instances on it hold addresses.
+    #[error(
+        "host {host} still has {count} instance addresses allocated; remove its instances \
+         before releasing its prefixes"
+    )]
+    HostStillReferenced {
+        /// The host.
+        host: HostId,
+        /// Instance addresses still allocated on it.
+        count: i64,
+    },
+}
+
+fn query_failed(operation: &'static str) -> impl FnOnce(sqlx::Error) -> IpamStoreError {
+    move |source| IpamStoreError::Query { operation, source }
+}
+
+async fn lock(conn: &mut PgConnection) -> Result<(), IpamStoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(IPAM_LOCK_KEY)
+        .execute(conn)
+        .await
+        .map_err(query_failed("take the IPAM lock"))?;
+    Ok(())
+}
+
+/// Chooses the cluster prefix from `global_id` (40 random bits) unless one exists, and returns
+/// the allocator for the stored prefix. The first call wins; later calls ignore `global_id`.
+pub async fn bootstrap(
+    conn: &mut PgConnection,
+    global_id: [u8; 5],
+) -> Result<Ipam, IpamStoreError> {
+    let ipam = Ipam::new(kiln_scheduler::ula_prefix_from_random(global_id))
+        .map_err(IpamStoreError::Allocation)?;
+    sqlx::query(
+        "INSERT INTO ipam_cluster (prefix, host_ipv4_prefix_len) VALUES ($1, $2) \
+         ON CONFLICT (singleton) DO NOTHING",
+    )
+    .bind(ipam.cluster().to_string())
+    .bind(i16::from(
+        kiln_scheduler::ipam::DEFAULT_HOST_IPV4_PREFIX_LEN,
+    ))
+    .execute(&mut *conn)
+    .await
+    .map_err(query_failed("store the cluster prefix"))?;
+
+    load(conn).await
+}
+
+/// Loads the allocator for the stored cluster prefix.
+pub async fn load(conn: &mut PgConnection) -> Result<Ipam, IpamStoreError> {
+    let row = sqlx::query("SELECT prefix, host_ipv4_prefix_len FROM ipam_cluster")
+        .fetch_optional(conn)
+        .await
+        .map_err(query_failed("read the cluster prefix"))?
+        .ok_or(IpamStoreError::NoClusterPrefix)?;
+
+    let text: String = row.get("prefix");
+    let prefix: Ipv6Net = text.parse().map_err(|_| IpamStoreError::CorruptRow {
+        column: "ipam_cluster.prefix",
+        value: text.clone(),
+    })?;
+    let len: i16 = row.get("host_ipv4_prefix_len");
+    let len = u8::try_from(len).map_err(|_| IpamStoreError::CorruptRow {
+        column: "ipam_cluster.host_ipv4_prefix_len",
+        value: len.to_string(),
+    })?;
+    Ipam::with_host_ipv4_prefix_len(prefix, len).map_err(IpamStoreError::Allocation)
+}
+
+/// Returns the prefixes of a host, allocating its slot on first use.
+pub async fn host_prefixes(
+    conn: &mut PgConnection,
+    ipam: &Ipam,
+    host: HostId,
+) -> Result<HostPrefixes, IpamStoreError> {
+    lock(conn).await?;
+
+    let existing: Option<i32> =
+        sqlx::query_scalar("SELECT slot FROM ipam_host_slots WHERE host_id = $1")
+            .bind(host.as_uuid())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(query_failed("read the host's slot"))?;
+    if let Some(slot) = existing {
+        let slot = u32::try_from(slot).map_err(|_| IpamStoreError::CorruptRow {
+            column: "ipam_host_slots.slot",
+            value: slot.to_string(),
+        })?;
+        return ipam.host_prefixes(slot).map_err(IpamStoreError::Allocation);
+    }
+
+    let slots: Vec<i32> = sqlx::query_scalar("SELECT slot FROM ipam_host_slots")
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(query_failed("read the slots in use"))?;
+    let in_use: BTreeSet<u32> = slots
+        .into_iter()
+        .filter_map(|slot| u32::try_from(slot).ok())
+        .collect();
+    let prefixes = ipam
+        .allocate_host(&in_use)
+        .map_err(IpamStoreError::Allocation)?;
+
+    sqlx::query("INSERT INTO ipam_host_slots (host_id, slot) VALUES ($1, $2)")
+        .bind(host.as_uuid())
+        .bind(i32::try_from(prefixes.slot).unwrap_or(i32::MAX))
+        .execute(conn)
+        .await
+        .map_err(query_failed("store the host's slot"))?;
+    Ok(prefixes)
+}
+
+/// Records that a host uses `slot` (for example the subnet of the /64 it was given at
+/// registration) unless it already has one, and returns its prefixes.
+pub async fn adopt_host_slot(
+    conn: &mut PgConnection,
+    ipam: &Ipam,
+    host: HostId,
+    slot: u32,
+) -> Result<HostPrefixes, IpamStoreError> {
+    ipam.host_prefixes(slot)
+        .map_err(IpamStoreError::Allocation)?;
+    sqlx::query(
+        "INSERT INTO ipam_host_slots (host_id, slot) VALUES ($1, $2) \
+         ON CONFLICT (host_id) DO NOTHING",
+    )
+    .bind(host.as_uuid())
+    .bind(i32::try_from(slot).unwrap_or(i32::MAX))
+    .execute(&mut *conn)
+    .await
+    .map_err(query_failed("adopt the host's slot"))?;
+    host_prefixes(conn, ipam, host).await
+}
+
+/// Frees a host's slot; fails while instances on it still hold addresses.
+pub async fn release_host(conn: &mut PgConnection, host: HostId) -> Result<bool, IpamStoreError> {
+    lock(conn).await?;
+
+    let count: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM ipam_instance_addresses WHERE host_id = $1")
+            .bind(host.as_uuid())
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(query_failed("count the host's instance addresses"))?;
+    if count > 0 {
+        return Err(IpamStoreError::HostStillReferenced { host, count });
+    }
+
+    let deleted = sqlx::query("DELETE FROM ipam_host_slots WHERE host_id = $1")
+        .bind(host.as_uuid())
+        .execute(conn)
+        .await
+        .map_err(query_failed("free the host's slot"))?;
+    Ok(deleted.rows_affected() > 0)
+}
+
+/// Returns the addresses of an instance, allocating them inside its host's prefixes on first use.
+pub async fn instance_addresses(
+    conn: &mut PgConnection,
+    ipam: &Ipam,
+    env: EnvId,
+    host: HostId,
+    instance: InstanceId,
+) -> Result<InstanceAddresses, IpamStoreError> {
+    let prefixes = host_prefixes(conn, ipam, host).await?;
+
+    let existing =
+        sqlx::query("SELECT ipv6, ipv4 FROM ipam_instance_addresses WHERE instance_id = $1")
+            .bind(instance.as_uuid())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(query_failed("read the instance's addresses"))?;
+    if let Some(row) = existing {
+        return parse_pair(row.get("ipv6"), row.get("ipv4"));
+    }
+
+    let rows = sqlx::query("SELECT ipv6, ipv4 FROM ipam_instance_addresses WHERE host_id = $1")
+        .bind(host.as_uuid())
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(query_failed("read the host's addresses in use"))?;
+    let mut in_use = AddressesInUse::default();
+    for row in rows {
+        in_use.insert(parse_pair(row.get("ipv6"), row.get("ipv4"))?);
+    }
+    let pair = ipam
+        .allocate_instance(&prefixes, &in_use)
+        .map_err(IpamStoreError::Allocation)?;
+
+    sqlx::query(
+        "INSERT INTO ipam_instance_addresses (instance_id, env_id, host_id, ipv6, ipv4) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(instance.as_uuid())
+    .bind(env.as_uuid())
+    .bind(host.as_uuid())
+    .bind(pair.ipv6.to_string())
+    .bind(pair.ipv4.to_string())
+    .execute(conn)
+    .await
+    .map_err(query_failed("store the instance's addresses"))?;
+    Ok(pair)
+}
+
+/// Frees an instance's addresses once the instance is gone; returns whether it had any.
+pub async fn release_instance(
+    conn: &mut PgConnection,
+    instance: InstanceId,
+) -> Result<bool, IpamStoreError> {
+    let deleted = sqlx::query("DELETE FROM ipam_instance_addresses WHERE instance_id = $1")
+        .bind(instance.as_uuid())
+        .execute(conn)
+        .await
+        .map_err(query_failed("free the instance's addresses"))?;
+    Ok(deleted.rows_affected() > 0)
+}
+
+fn parse_pair(ipv6: String, ipv4: String) -> Result<InstanceAddresses, IpamStoreError> {
+    let v6: Ipv6Addr = ipv6.parse().map_err(|_| IpamStoreError::CorruptRow {
+        column: "ipam_instance_addresses.ipv6",
+        value: ipv6.clone(),
+    })?;
+    let v4: Ipv4Addr = ipv4.parse().map_err(|_| IpamStoreError::CorruptRow {
+        column: "ipam_instance_addresses.ipv4",
+        value: ipv4.clone(),
+    })?;
+    Ok(InstanceAddresses { ipv6: v6, ipv4: v4 })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use sqlx::postgres::PgPoolOptions;
+    use sqlx::{PgPool, migrate::Migrator};
+
+    use super::*;
+
+    static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+    async fn pool() -> PgPool {
+        let database = kiln_testkit::postgres::database().unwrap();
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&database.url)
+            .await
+            .unwrap();
+        MIGRATOR.run(&pool).await.unwrap();
+        pool
+    }
+
+    #[tokio::test]
+    async fn bootstrap_keeps_first_prefix() {
+        let pool = pool().await;
+        let mut conn = pool.acquire().await.unwrap();
+        let first = bootstrap(&mut conn, [1, 2, 3, 4, 5]).await.unwrap();
+        let second = bootstrap(&mut conn, [9, 9, 9, 9, 9]).await.unwrap();
+        assert_eq!(first.cluster().to_string(), "fd01:203:405::/48");
+        assert_eq!(second, first);
+    }
+
+    #[tokio::test]
+    async fn load_without_bootstrap_fails() {
+        let pool = pool().await;
+        let mut conn = pool.acquire().await.unwrap();
+        assert!(matches!(
+            load(&mut conn).await,
+            Err(IpamStoreError::NoClusterPrefix)
+        ));
+    }
+
+    #[tokio::test]
+    async fn allocations_idempotent_and_reused() {
+        let pool = pool().await;
+        let mut tx = pool.begin().await.unwrap();
+        let ipam = bootstrap(&mut tx, [1, 2, 3, 4, 5]).await.unwrap();
+        let (env, host) = (EnvId::new(), HostId::new());
+        let (a, b, c) = (InstanceId::new(), InstanceId::new(), InstanceId::new());
+
+        let pair_a = instance_addresses(&mut tx, &ipam, env, host, a)
+            .await
+            .unwrap();
+        let pair_b = instance_addresses(&mut tx, &ipam, env, host, b)
+            .await
+            .unwrap();
+        assert_ne!(pair_a, pair_b);
+        assert_eq!(
+            instance_addresses(&mut tx, &ipam, env, host, a)
+                .await
+                .unwrap(),
+            pair_a
+        );
+
+        assert!(release_instance(&mut tx, a).await.unwrap());
+        assert!(!release_instance(&mut tx, a).await.unwrap());
+        let pair_c = instance_addresses(&mut tx, &ipam, env, host, c)
+            .await
+            .unwrap();
+        assert_eq!(pair_c, pair_a, "the freed pair is handed out again");
+        tx.commit().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn host_release_blocked_while_referenced() {
+        let pool = pool().await;
+        let mut tx = pool.begin().await.unwrap();
+        let ipam = bootstrap(&mut tx, [1, 2, 3, 4, 5]).await.unwrap();
+        let (env, host, instance) = (EnvId::new(), HostId::new(), InstanceId::new());
+        instance_addresses(&mut tx, &ipam, env, host, instance)
+            .await
+            .unwrap();
+
+        assert!(matches!(
+            release_host(&mut tx, host).await,
+            Err(IpamStoreError::HostStillReferenced { count: 1, .. })
+        ));
+        release_instance(&mut tx, instance).await.unwrap();
+        assert!(release_host(&mut tx, host).await.unwrap());
+        tx.commit().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn host_addresses_exhaust() {
+        let pool = pool().await;
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::query(
+            "INSERT INTO ipam_cluster (prefix, host_ipv4_prefix_len) VALUES ('fd00:1:2::/48', 29)",
+        )
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        let ipam = load(&mut conn).await.unwrap();
+        let (env, host) = (EnvId::new(), HostId::new());
+
+        for _ in 0..ipam.instances_per_host() {
+            instance_addresses(&mut conn, &ipam, env, host, InstanceId::new())
+                .await
+                .unwrap();
+        }
+        let error = instance_addresses(&mut conn, &ipam, env, host, InstanceId::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            error,
+            IpamStoreError::Allocation(IpamError::HostAddressesExhausted { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn concurrent_allocations_never_collide() {
+        let pool = pool().await;
+        let ipam = {
+            let mut conn = pool.acquire().await.unwrap();
+            bootstrap(&mut conn, [7, 7, 7, 7, 7]).await.unwrap()
+        };
+        let hosts = [HostId::new(), HostId::new()];
+        let env = EnvId::new();
+
+        let tasks: Vec<_> = (0..40)
+            .map(|n| {
+                let pool = pool.clone();
+                let host = hosts[n % 2];
+                tokio::spawn(async move {
+                    let mut tx = pool.begin().await.unwrap();
+                    let pair = instance_addresses(&mut tx, &ipam, env, host, InstanceId::new())
+                        .await
+                        .unwrap();
+                    tx.commit().await.unwrap();
+                    pair
+                })
+            })
+            .collect();
+
+        let mut seen_v6 = BTreeSet::new();
+        let mut seen_v4 = BTreeSet::new();
+        for task in tasks {
+            let pair = task.await.unwrap();
+            assert!(seen_v6.insert(pair.ipv6), "{} handed out twice", pair.ipv6);
+            assert!(seen_v4.insert(pair.ipv4), "{} handed out twice", pair.ipv4);
+        }
+    }
+}

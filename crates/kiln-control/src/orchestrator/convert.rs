@@ -1,0 +1,278 @@
+//! Translations between the API's records and the scheduler's inputs and outputs.
+//!
+//! The scheduler crate knows nothing of the API, so the orchestrator converts at this one
+//! boundary: hosts and releases in, plan steps out.
+
+use std::collections::BTreeMap;
+
+use kiln_api::{DeployStrategy, HostState as ApiHostState, InstanceState, PlanStep};
+use kiln_core::{HostId, ProcessName, ReleaseId};
+use kiln_scheduler::plan::{Action, Plan, ProcessSpec, ReleaseCommandSpec, ReleaseSpec, Strategy};
+use kiln_scheduler::progress::Observed;
+use kiln_scheduler::{Host, HostState, Resources};
+
+/// Guest memory of the one-off microVM that runs a release command, in MiB.
+// NOTE: the manifest has no resources for the release command, so it gets this fixed size.
+pub const RELEASE_COMMAND_MEMORY_MIB: u64 = 512;
+
+/// vCPUs of the one-off microVM that runs a release command.
+pub const RELEASE_COMMAND_VCPUS: u32 = 1;
+
+/// Time a release command gets to exit 0, in seconds.
+pub const RELEASE_COMMAND_TIMEOUT_SECS: u64 = 600;
+
+/// The scheduler's view of a host, or `None` for a host that has not registered its capacity.
+pub fn scheduler_host(host: &kiln_api::Host) -> Option<Host> {
+    let capacity = host.capacity?;
+    let state = match host.state {
+        ApiHostState::Pending => return None,
+        ApiHostState::Ready => HostState::Ready,
+        ApiHostState::Cordoned => HostState::Cordoned,
+        ApiHostState::Draining => HostState::Draining,
+        ApiHostState::Lost => HostState::Dead,
+    };
+    Some(Host {
+        id: host.id,
+        name: host.name.clone(),
+        memory_mib: capacity.memory_mib,
+        cpus: capacity.vcpus,
+        state,
+    })
+}
+
+/// The planner's view of a release, with the env's scale overriding the manifest's counts.
+pub fn planner_release(
+    id: ReleaseId,
+    release: &kiln_api::ReleaseSpec,
+    scale: &BTreeMap<ProcessName, u32>,
+) -> ReleaseSpec {
+    let processes = release
+        .processes
+        .iter()
+        .map(|(name, spec)| {
+            let routed = release
+                .services
+                .iter()
+                .any(|service| &service.process == name);
+            let spec = ProcessSpec {
+                count: scale.get(name).copied().unwrap_or(spec.count),
+                resources: Resources {
+                    memory_mib: u64::from(spec.memory_mib),
+                    vcpus: spec.vcpus,
+                },
+                routed,
+            };
+            (name.clone(), spec)
+        })
+        .collect();
+
+    let release_command = release
+        .release_command
+        .as_ref()
+        .map(|_| ReleaseCommandSpec {
+            resources: Resources {
+                memory_mib: RELEASE_COMMAND_MEMORY_MIB,
+                vcpus: RELEASE_COMMAND_VCPUS,
+            },
+            timeout_secs: RELEASE_COMMAND_TIMEOUT_SECS,
+        });
+
+    ReleaseSpec {
+        id,
+        processes,
+        release_command,
+    }
+}
+
+/// The planner's strategy for a release's deploy strategy and max surge.
+pub fn planner_strategy(strategy: DeployStrategy, max_surge: u32) -> Strategy {
+    match strategy {
+        DeployStrategy::Rolling => Strategy::Rolling { max_surge },
+        DeployStrategy::Immediate => Strategy::Immediate,
+    }
+}
+
+/// What the orchestrator observes from an instance's last reported state.
+pub fn observed(state: InstanceState, exit_code: Option<i32>, detail: Option<String>) -> Observed {
+    match state {
+        InstanceState::Pending | InstanceState::Preparing | InstanceState::Booting => {
+            Observed::Starting
+        }
+        InstanceState::Running => Observed::Running,
+        InstanceState::Healthy => Observed::Healthy,
+        InstanceState::Unhealthy | InstanceState::Stopping => Observed::Unhealthy,
+        InstanceState::Exited => Observed::Exited { code: exit_code },
+        InstanceState::Failed => Observed::Failed { detail },
+    }
+}
+
+/// The API's summary of a plan: one entry per instance started or stopped, per wait and per
+/// route change, in order. `host_names` turns host ids into the names operators know.
+pub fn api_plan(plan: &Plan, host_names: &BTreeMap<HostId, String>) -> kiln_api::Plan {
+    let host_name = |host: &HostId| {
+        host_names
+            .get(host)
+            .cloned()
+            .unwrap_or_else(|| host.to_string())
+    };
+
+    let mut steps = Vec::new();
+    for action in plan.steps.iter().flat_map(|step| &step.actions) {
+        match action {
+            Action::RunReleaseCommand { instance, .. } => steps.push(PlanStep::StartInstance {
+                process: instance.process.clone(),
+                host: host_name(&instance.host),
+            }),
+            Action::StartInstances { instances } => {
+                for instance in instances {
+                    steps.push(PlanStep::StartInstance {
+                        process: instance.process.clone(),
+                        host: host_name(&instance.host),
+                    });
+                }
+            }
+            Action::WaitHealthy { .. } => steps.push(PlanStep::WaitHealthy),
+            Action::UpdateRoutes { add, .. } if !add.is_empty() => {
+                steps.push(PlanStep::ShiftRoutes);
+            }
+            Action::StopInstances { instances, .. } => {
+                for instance in instances {
+                    steps.push(PlanStep::StopInstance {
+                        instance_id: *instance,
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    kiln_api::Plan {
+        steps,
+        problems: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kiln_api::{HostCapacity, ImageRef, Release, ServiceProtocol, ServiceSpec};
+    use kiln_core::EnvId;
+    use time::OffsetDateTime;
+
+    use super::*;
+
+    fn api_host(state: ApiHostState, capacity: Option<HostCapacity>) -> kiln_api::Host {
+        kiln_api::Host {
+            id: HostId::new(),
+            name: "h1".to_owned(),
+            state,
+            capacity,
+            driver: None,
+            overlay_public_key: None,
+            overlay_endpoint: None,
+            ipv6_prefix: None,
+            lease_expires_at: None,
+            created_at: OffsetDateTime::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn lost_host_is_dead() {
+        let capacity = HostCapacity {
+            vcpus: 8,
+            memory_mib: 16384,
+        };
+        let host = scheduler_host(&api_host(ApiHostState::Lost, Some(capacity))).unwrap();
+        assert_eq!(host.state, HostState::Dead);
+        assert_eq!(host.memory_mib, 16384);
+        assert_eq!(host.cpus, 8);
+    }
+
+    #[test]
+    fn unregistered_host_skipped() {
+        assert_eq!(scheduler_host(&api_host(ApiHostState::Ready, None)), None);
+        let capacity = HostCapacity {
+            vcpus: 8,
+            memory_mib: 16384,
+        };
+        assert_eq!(
+            scheduler_host(&api_host(ApiHostState::Pending, Some(capacity))),
+            None
+        );
+    }
+
+    #[test]
+    fn release_scale_overrides_counts() {
+        let web = ProcessName::new("web").unwrap();
+        let worker = ProcessName::new("worker").unwrap();
+        let process = |count| kiln_api::ProcessSpec {
+            command: Vec::new(),
+            count,
+            vcpus: 1,
+            memory_mib: 256,
+        };
+        let release = Release {
+            id: ReleaseId::new(),
+            env_id: EnvId::new(),
+            version: 1,
+            image: ImageRef {
+                reference: "registry.test/app:1".to_owned(),
+                digest: format!("sha256:{}", "0".repeat(64)),
+            },
+            spec: kiln_api::ReleaseSpec {
+                processes: BTreeMap::from([
+                    (web.clone(), process(2)),
+                    (worker.clone(), process(1)),
+                ]),
+                services: vec![ServiceSpec {
+                    name: "http".to_owned(),
+                    process: web.clone(),
+                    internal_port: 8080,
+                    protocol: ServiceProtocol::Tls,
+                    hostnames: Vec::new(),
+                    proxy_protocol: false,
+                    health_check: None,
+                }],
+                env: BTreeMap::new(),
+                volumes: Vec::new(),
+                strategy: DeployStrategy::Rolling,
+                max_surge: 1,
+                kill_signal: "SIGTERM".to_owned(),
+                kill_timeout_secs: 30,
+                startup_scripts: Vec::new(),
+                release_command: Some(vec!["migrate".to_owned()]),
+            },
+            config_version: 1,
+            rollback_of: None,
+            description: String::new(),
+            created_at: OffsetDateTime::UNIX_EPOCH,
+        };
+
+        let spec = planner_release(
+            release.id,
+            &release.spec,
+            &BTreeMap::from([(worker.clone(), 5)]),
+        );
+        assert_eq!(spec.processes[&web].count, 2);
+        assert_eq!(spec.processes[&worker].count, 5);
+        assert!(spec.processes[&web].routed);
+        assert!(!spec.processes[&worker].routed);
+        assert!(spec.release_command.is_some());
+    }
+
+    #[test]
+    fn failed_report_observed_as_failed() {
+        assert_eq!(
+            observed(
+                InstanceState::Failed,
+                Some(1),
+                Some("boot failed".to_owned())
+            ),
+            Observed::Failed {
+                detail: Some("boot failed".to_owned())
+            }
+        );
+        assert_eq!(
+            observed(InstanceState::Exited, Some(0), None),
+            Observed::Exited { code: Some(0) }
+        );
+    }
+}

@@ -1,0 +1,963 @@
+//! The orchestrator over the event store: plans pending deploys, replaces instances of lost
+//! hosts, runs the engine, and removes instances that have stopped.
+//!
+//! Every write happens in a transaction that first checks the leader's fencing term
+//! ([`check_fence`]) and then appends events through [`Store::append_in`], so projections,
+//! IPAM allocations and events change together or not at all, and a deposed leader writes
+//! nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv6Addr;
+
+use ipnet::Ipv6Net;
+use kiln_api::{
+    DeployState, DeployStrategy, Event, Route, RouteBackend, RouteMatch, ServiceProtocol,
+};
+use kiln_core::{DeployId, EnvId, HostId, Hostname, InstanceId, OrgId, ProcessName, ReleaseId};
+use kiln_scheduler::plan::{
+    Action, EnvInstance, EnvState, Intent, Plan, PlanRequest, Strategy, Timeouts, plan,
+};
+use kiln_scheduler::progress::{Observed, StepRecord};
+use kiln_scheduler::{ClusterSnapshot, Ipam, PlacedInstance, Resources, SchedulerConfig};
+use sqlx::{Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use super::convert;
+use super::engine::{self, DeployProgress, Fence, Outcome, PassReport};
+use crate::ipam::{self, IpamStoreError};
+use crate::leader::{FenceError, check_fence};
+use crate::store::{ExpectedVersion, NewEvent, Store, StoreError, streams};
+
+/// Actor recorded on the orchestrator's events.
+const ACTOR: &str = "system:orchestrator";
+
+/// Errors of the orchestrator.
+#[derive(Debug, thiserror::Error)]
+pub enum OrchestratorError {
+    /// The leader's term is stale.
+    #[error("orchestrator write fenced off")]
+    Fence(#[from] FenceError),
+    /// The event store failed.
+    #[error("orchestrator event store operation failed")]
+    Store(#[from] StoreError),
+    /// IPAM failed.
+    #[error("orchestrator address allocation failed")]
+    Ipam(#[from] IpamStoreError),
+    /// A query failed.
+    #[error("orchestrator query failed: {operation}")]
+    Query {
+        /// The purpose of the query.
+        operation: &'static str,
+        /// The database error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// A stored value does not parse.
+    #[error("invalid stored value in {what}: {value}")]
+    Corrupt {
+        /// The table and column of the value.
+        what: &'static str,
+        /// The value.
+        value: String,
+    },
+}
+
+fn query(operation: &'static str) -> impl FnOnce(sqlx::Error) -> OrchestratorError {
+    move |source| OrchestratorError::Query { operation, source }
+}
+
+fn corrupt(what: &'static str, value: impl ToString) -> OrchestratorError {
+    OrchestratorError::Corrupt {
+        what,
+        value: value.to_string(),
+    }
+}
+
+/// The orchestrator of one control plane replica.
+#[derive(Debug, Clone)]
+pub struct Orchestrator {
+    store: Store,
+    ipam: Ipam,
+    config: SchedulerConfig,
+    timeouts: Timeouts,
+}
+
+impl Orchestrator {
+    /// Creates an orchestrator over `store` for the cluster prefix `ula_prefix` (its /48).
+    pub fn new(
+        store: Store,
+        ula_prefix: Ipv6Addr,
+        timeouts: Timeouts,
+    ) -> Result<Self, OrchestratorError> {
+        let cluster = Ipv6Net::new(ula_prefix, 48)
+            .map(|net| net.trunc())
+            .map_err(|_| corrupt("cluster prefix", ula_prefix))?;
+        let ipam = Ipam::new(cluster).map_err(IpamStoreError::Allocation)?;
+        Ok(Self {
+            store,
+            ipam,
+            config: SchedulerConfig::default(),
+            timeouts,
+        })
+    }
+
+    /// Runs one pass as the leader of `term`.
+    pub async fn run_once(&self, term: i64) -> Result<PassReport, OrchestratorError> {
+        self.remove_stopped(term).await?;
+        self.plan_pending(term).await?;
+        self.replace_lost(term).await?;
+        let fenced = Fenced { inner: self, term };
+        engine::run_pass(&fenced, Fence(term))
+            .await
+            .map_err(|error| match error {
+                engine::EngineError::Store(error) => error,
+                engine::EngineError::Records { deploy, source } => {
+                    corrupt("deploy step records", format!("{deploy}: {source}"))
+                }
+            })
+    }
+
+    async fn begin(&self, term: i64) -> Result<Transaction<'static, Postgres>, OrchestratorError> {
+        let mut tx = self.store.begin().await?;
+        check_fence(&mut tx, term).await?;
+        Ok(tx)
+    }
+
+    /// Removes instances that were asked to stop and have exited, failed or lost their host,
+    /// and frees their addresses.
+    async fn remove_stopped(&self, term: i64) -> Result<(), OrchestratorError> {
+        let rows = sqlx::query(
+            "SELECT i.id, i.env_id, i.host_id, e.org_id FROM instances i
+             JOIN envs e ON e.id = i.env_id JOIN hosts h ON h.id = i.host_id
+             WHERE i.desired = 'stopped' AND (i.state IN ('exited', 'failed') OR h.state = 'lost')",
+        )
+        .fetch_all(self.store.pool())
+        .await
+        .map_err(query("list stopped instances"))?;
+
+        for row in rows {
+            let instance = InstanceId::from_uuid(row.get("id"));
+            let env_id = EnvId::from_uuid(row.get("env_id"));
+            let host_id = HostId::from_uuid(row.get("host_id"));
+            let org = OrgId::from_uuid(row.get("org_id"));
+
+            let mut tx = self.begin(term).await?;
+            ipam::release_instance(&mut tx, instance).await?;
+            sqlx::query("DELETE FROM routed_instances WHERE instance_id = $1")
+                .bind(instance.as_uuid())
+                .execute(&mut *tx)
+                .await
+                .map_err(query("unroute a removed instance"))?;
+            let event = Event::InstanceRemoved {
+                instance_id: instance,
+                env_id,
+                host_id,
+            };
+            Store::append_in(
+                &mut tx,
+                &streams::instance(instance),
+                ExpectedVersion::Any,
+                vec![NewEvent::org(org, event)],
+                ACTOR,
+            )
+            .await?;
+            tx.commit()
+                .await
+                .map_err(query("commit instance removal"))?;
+            tracing::info!(%instance, %host_id, "instance removed");
+        }
+        Ok(())
+    }
+
+    /// Plans every pending deploy of an env with no deploy in progress.
+    async fn plan_pending(&self, term: i64) -> Result<(), OrchestratorError> {
+        let rows = sqlx::query(
+            "SELECT d.id, d.env_id, d.release_id, d.previous_release_id, d.strategy FROM deploys d
+             LEFT JOIN deploy_plans p ON p.deploy_id = d.id
+             WHERE d.state = 'pending' AND p.deploy_id IS NULL
+               AND NOT EXISTS (SELECT 1 FROM deploys o WHERE o.env_id = d.env_id
+                               AND o.state = 'in_progress')
+             ORDER BY d.created_at",
+        )
+        .fetch_all(self.store.pool())
+        .await
+        .map_err(query("list pending deploys"))?;
+
+        let mut planned_envs = BTreeSet::new();
+        for row in rows {
+            let deploy = DeployId::from_uuid(row.get("id"));
+            let env = EnvId::from_uuid(row.get("env_id"));
+            if !planned_envs.insert(env) {
+                continue;
+            }
+            let release = ReleaseId::from_uuid(row.get("release_id"));
+            let previous: Option<Uuid> = row.get("previous_release_id");
+            let strategy: String = row.get("strategy");
+
+            let target = self.load_release(release).await?;
+            let scale = self.env_scale(env).await?;
+            let strategy = match strategy.as_str() {
+                "immediate" => Strategy::Immediate,
+                _ => convert::planner_strategy(DeployStrategy::Rolling, target.max_surge.max(1)),
+            };
+            let intent = Intent::Deploy {
+                release: convert::planner_release(release, &target, &scale),
+                strategy,
+            };
+            let previous = previous.map(ReleaseId::from_uuid);
+            self.record_plan(term, deploy, env, intent, Some(previous))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Starts a replacement deploy for each env with running instances on lost hosts.
+    async fn replace_lost(&self, term: i64) -> Result<(), OrchestratorError> {
+        let envs: Vec<(Uuid, Uuid)> = sqlx::query_as(
+            "SELECT DISTINCT e.id, e.current_release_id FROM instances i
+             JOIN hosts h ON h.id = i.host_id JOIN envs e ON e.id = i.env_id
+             WHERE h.state = 'lost' AND i.desired = 'running' AND e.current_release_id IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM deploys d WHERE d.env_id = e.id
+                               AND d.state IN ('pending', 'in_progress'))",
+        )
+        .fetch_all(self.store.pool())
+        .await
+        .map_err(query("list envs with lost instances"))?;
+
+        for (env, release) in envs {
+            let env = EnvId::from_uuid(env);
+            let release = ReleaseId::from_uuid(release);
+            let deploy = DeployId::new();
+            let org = self.env_org(env).await?;
+
+            let mut tx = self.begin(term).await?;
+            let event = Event::DeployRequested {
+                deploy_id: deploy,
+                env_id: env,
+                release_id: release,
+                previous_release_id: Some(release),
+                strategy: DeployStrategy::Rolling,
+            };
+            Store::append_in(
+                &mut tx,
+                &streams::deploy(deploy),
+                ExpectedVersion::NoStream,
+                vec![NewEvent::org(org, event)],
+                ACTOR,
+            )
+            .await?;
+            tx.commit()
+                .await
+                .map_err(query("commit replacement deploy"))?;
+            tracing::warn!(%env, %deploy, "replacing instances of lost hosts");
+
+            self.record_plan(term, deploy, env, Intent::ReplaceLost, None)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Plans a deploy and records the plan, or fails the deploy with the planner's reason.
+    /// `previous` is the release the env ran before the deploy was requested, when the env's
+    /// current release already names the deploy's target.
+    async fn record_plan(
+        &self,
+        term: i64,
+        deploy: DeployId,
+        env: EnvId,
+        intent: Intent,
+        previous: Option<Option<ReleaseId>>,
+    ) -> Result<(), OrchestratorError> {
+        let (cluster, state) = self.snapshot(env, previous).await?;
+        let request = PlanRequest {
+            deploy,
+            intent,
+            timeouts: self.timeouts,
+        };
+        let org = self.env_org(env).await?;
+        let mut tx = self.begin(term).await?;
+
+        let (state_event, failure) = match plan(&cluster, self.config, &state, &request) {
+            Ok(plan) => {
+                let json = serde_json::to_value(&plan).map_err(|error| corrupt("plan", error))?;
+                sqlx::query(
+                    "INSERT INTO deploy_plans (deploy_id, plan, base_version) VALUES ($1, $2, $3)
+                     ON CONFLICT (deploy_id) DO NOTHING",
+                )
+                .bind(deploy.as_uuid())
+                .bind(json)
+                .bind(i64::try_from(plan.base_version).unwrap_or(i64::MAX))
+                .execute(&mut *tx)
+                .await
+                .map_err(query("store a plan"))?;
+                (DeployState::InProgress, None)
+            }
+            Err(error) => (DeployState::Failed, Some(error_chain(&error))),
+        };
+
+        let event = Event::DeployStateChanged {
+            deploy_id: deploy,
+            env_id: env,
+            state: state_event,
+            failure: failure.clone(),
+        };
+        Store::append_in(
+            &mut tx,
+            &streams::deploy(deploy),
+            ExpectedVersion::Any,
+            vec![NewEvent::org(org, event)],
+            ACTOR,
+        )
+        .await?;
+        tx.commit().await.map_err(query("commit a plan"))?;
+        match failure {
+            Some(failure) => tracing::warn!(%deploy, %env, failure, "deploy could not be planned"),
+            None => tracing::info!(%deploy, %env, "deploy planned"),
+        }
+        Ok(())
+    }
+
+    async fn load_release(
+        &self,
+        id: ReleaseId,
+    ) -> Result<kiln_api::ReleaseSpec, OrchestratorError> {
+        let spec: serde_json::Value = sqlx::query_scalar("SELECT spec FROM releases WHERE id = $1")
+            .bind(id.as_uuid())
+            .fetch_optional(self.store.pool())
+            .await
+            .map_err(query("read a release"))?
+            .ok_or_else(|| corrupt("releases", format!("release {id} not found")))?;
+        serde_json::from_value(spec).map_err(|error| corrupt("releases.spec", error))
+    }
+
+    async fn env_scale(&self, env: EnvId) -> Result<BTreeMap<ProcessName, u32>, OrchestratorError> {
+        let scale: serde_json::Value = sqlx::query_scalar("SELECT scale FROM envs WHERE id = $1")
+            .bind(env.as_uuid())
+            .fetch_one(self.store.pool())
+            .await
+            .map_err(query("read an env's scale"))?;
+        serde_json::from_value(scale).map_err(|error| corrupt("envs.scale", error))
+    }
+
+    async fn env_org(&self, env: EnvId) -> Result<OrgId, OrchestratorError> {
+        let org: Uuid = sqlx::query_scalar("SELECT org_id FROM envs WHERE id = $1")
+            .bind(env.as_uuid())
+            .fetch_one(self.store.pool())
+            .await
+            .map_err(query("read an env's org"))?;
+        Ok(OrgId::from_uuid(org))
+    }
+
+    /// Reads the cluster and the env as the planner needs them.
+    async fn snapshot(
+        &self,
+        env: EnvId,
+        previous: Option<Option<ReleaseId>>,
+    ) -> Result<(ClusterSnapshot, EnvState), OrchestratorError> {
+        let pool = self.store.pool();
+        let hosts = sqlx::query("SELECT id, name, state, vcpus, memory_mib FROM hosts ORDER BY id")
+            .fetch_all(pool)
+            .await
+            .map_err(query("list hosts"))?;
+        let mut cluster = ClusterSnapshot::default();
+        for row in hosts {
+            let (Some(vcpus), Some(memory)) = (
+                row.get::<Option<i32>, _>("vcpus"),
+                row.get::<Option<i64>, _>("memory_mib"),
+            ) else {
+                continue;
+            };
+            let state: String = row.get("state");
+            let state = match state.as_str() {
+                "ready" => kiln_scheduler::HostState::Ready,
+                "cordoned" => kiln_scheduler::HostState::Cordoned,
+                "draining" => kiln_scheduler::HostState::Draining,
+                "lost" => kiln_scheduler::HostState::Dead,
+                _ => continue,
+            };
+            cluster.hosts.push(kiln_scheduler::Host {
+                id: HostId::from_uuid(row.get("id")),
+                name: row.get("name"),
+                memory_mib: u64::try_from(memory).unwrap_or(0),
+                cpus: u32::try_from(vcpus).unwrap_or(0),
+                state,
+            });
+        }
+
+        let rows = sqlx::query(
+            "SELECT i.id, i.env_id, i.release_id, i.process, i.host_id, r.spec FROM instances i
+             JOIN releases r ON r.id = i.release_id
+             WHERE i.desired = 'running' ORDER BY i.id",
+        )
+        .fetch_all(pool)
+        .await
+        .map_err(query("list instances"))?;
+        let mut specs: BTreeMap<Uuid, kiln_api::ReleaseSpec> = BTreeMap::new();
+        let mut env_instances = Vec::new();
+        for row in rows {
+            let release: Uuid = row.get("release_id");
+            if let std::collections::btree_map::Entry::Vacant(entry) = specs.entry(release) {
+                let spec = serde_json::from_value(row.get("spec"))
+                    .map_err(|error| corrupt("releases.spec", error))?;
+                entry.insert(spec);
+            }
+            let process: String = row.get("process");
+            let process = ProcessName::new(process.clone())
+                .map_err(|_| corrupt("instances.process", process))?;
+            let resources = specs
+                .get(&release)
+                .and_then(|spec| spec.processes.get(&process))
+                .map_or(
+                    Resources {
+                        memory_mib: convert::RELEASE_COMMAND_MEMORY_MIB,
+                        vcpus: convert::RELEASE_COMMAND_VCPUS,
+                    },
+                    |spec| Resources {
+                        memory_mib: u64::from(spec.memory_mib),
+                        vcpus: spec.vcpus,
+                    },
+                );
+            let instance = PlacedInstance {
+                id: InstanceId::from_uuid(row.get("id")),
+                env: EnvId::from_uuid(row.get("env_id")),
+                process,
+                host: HostId::from_uuid(row.get("host_id")),
+                resources,
+            };
+            if instance.env == env {
+                env_instances.push(EnvInstance {
+                    id: instance.id,
+                    release: ReleaseId::from_uuid(release),
+                    process: instance.process.clone(),
+                    host: instance.host,
+                    resources,
+                });
+            }
+            cluster.instances.push(instance);
+        }
+
+        let current: Option<Uuid> =
+            sqlx::query_scalar("SELECT current_release_id FROM envs WHERE id = $1")
+                .bind(env.as_uuid())
+                .fetch_one(pool)
+                .await
+                .map_err(query("read an env's release"))?;
+        let scale = self.env_scale(env).await?;
+        let current = match previous {
+            Some(previous) => previous,
+            None => current.map(ReleaseId::from_uuid),
+        };
+        let current = match current {
+            Some(id) => {
+                let spec = self.load_release(id).await?;
+                Some(convert::planner_release(id, &spec, &scale))
+            }
+            None => None,
+        };
+        let version = self.store.stream_version(&streams::env(env)).await?;
+
+        let state = EnvState {
+            env,
+            version,
+            current,
+            instances: env_instances,
+        };
+        Ok((cluster, state))
+    }
+
+    async fn instance_env(
+        &self,
+        instance: InstanceId,
+    ) -> Result<Option<(EnvId, HostId, String)>, OrchestratorError> {
+        let row = sqlx::query("SELECT env_id, host_id, desired FROM instances WHERE id = $1")
+            .bind(instance.as_uuid())
+            .fetch_optional(self.store.pool())
+            .await
+            .map_err(query("read an instance"))?;
+        Ok(row.map(|row| {
+            (
+                EnvId::from_uuid(row.get("env_id")),
+                HostId::from_uuid(row.get("host_id")),
+                row.get("desired"),
+            )
+        }))
+    }
+
+    async fn start_instance(
+        &self,
+        term: i64,
+        env: EnvId,
+        instance: &kiln_scheduler::plan::PlannedInstance,
+    ) -> Result<(), OrchestratorError> {
+        if self.instance_env(instance.id).await?.is_some() {
+            return Ok(());
+        }
+        let org = self.env_org(env).await?;
+        let prefix: Option<String> =
+            sqlx::query_scalar("SELECT ipv6_prefix FROM hosts WHERE id = $1")
+                .bind(instance.host.as_uuid())
+                .fetch_one(self.store.pool())
+                .await
+                .map_err(query("read a host's prefix"))?;
+        let prefix = prefix.ok_or_else(|| {
+            corrupt(
+                "hosts.ipv6_prefix",
+                format!("host {} has none", instance.host),
+            )
+        })?;
+        let net: Ipv6Net = prefix
+            .parse()
+            .map_err(|_| corrupt("hosts.ipv6_prefix", &prefix))?;
+        let slot = u32::from(net.network().segments()[3]);
+
+        let mut tx = self.begin(term).await?;
+        ipam::adopt_host_slot(&mut tx, &self.ipam, instance.host, slot).await?;
+        let pair =
+            ipam::instance_addresses(&mut tx, &self.ipam, env, instance.host, instance.id).await?;
+        let event = Event::InstancePlaced {
+            instance_id: instance.id,
+            env_id: env,
+            release_id: instance.release,
+            process: instance.process.clone(),
+            host_id: instance.host,
+            ipv6: pair.ipv6,
+            ipv4: pair.ipv4,
+        };
+        Store::append_in(
+            &mut tx,
+            &streams::instance(instance.id),
+            ExpectedVersion::NoStream,
+            vec![NewEvent::org(org, event)],
+            ACTOR,
+        )
+        .await?;
+        tx.commit()
+            .await
+            .map_err(query("commit an instance placement"))?;
+        tracing::info!(instance = %instance.id, host = %instance.host, "instance placed");
+        Ok(())
+    }
+
+    async fn stop_instance(
+        &self,
+        term: i64,
+        instance: InstanceId,
+    ) -> Result<(), OrchestratorError> {
+        let Some((env, host, desired)) = self.instance_env(instance).await? else {
+            return Ok(());
+        };
+        if desired == "stopped" {
+            return Ok(());
+        }
+        let org = self.env_org(env).await?;
+        let mut tx = self.begin(term).await?;
+        sqlx::query("DELETE FROM routed_instances WHERE instance_id = $1")
+            .bind(instance.as_uuid())
+            .execute(&mut *tx)
+            .await
+            .map_err(query("unroute a stopping instance"))?;
+        let event = Event::InstanceStopRequested {
+            instance_id: instance,
+            env_id: env,
+            host_id: host,
+            reason: "deploy".to_owned(),
+        };
+        Store::append_in(
+            &mut tx,
+            &streams::instance(instance),
+            ExpectedVersion::Any,
+            vec![NewEvent::org(org, event)],
+            ACTOR,
+        )
+        .await?;
+        tx.commit()
+            .await
+            .map_err(query("commit an instance stop"))?;
+        Ok(())
+    }
+
+    async fn update_routes(
+        &self,
+        term: i64,
+        plan: &Plan,
+        add: &[InstanceId],
+        remove: &[InstanceId],
+    ) -> Result<(), OrchestratorError> {
+        let env = plan.env;
+        let org = self.env_org(env).await?;
+        let spec = self.load_release(plan.to_release).await?;
+        let mut tx = self.begin(term).await?;
+
+        for instance in remove {
+            sqlx::query("DELETE FROM routed_instances WHERE env_id = $1 AND instance_id = $2")
+                .bind(env.as_uuid())
+                .bind(instance.as_uuid())
+                .execute(&mut *tx)
+                .await
+                .map_err(query("unroute an instance"))?;
+        }
+        for instance in add {
+            sqlx::query(
+                "INSERT INTO routed_instances (env_id, instance_id) VALUES ($1, $2)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(env.as_uuid())
+            .bind(instance.as_uuid())
+            .execute(&mut *tx)
+            .await
+            .map_err(query("route an instance"))?;
+        }
+
+        let env_row = sqlx::query("SELECT hostname, ipv6_address FROM envs WHERE id = $1")
+            .bind(env.as_uuid())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(query("read an env"))?;
+        let hostname: String = env_row.get("hostname");
+        let hostname = Hostname::new(&hostname).map_err(|_| corrupt("envs.hostname", &hostname))?;
+        let address: String = env_row.get("ipv6_address");
+        let address: Ipv6Addr = address
+            .parse()
+            .map_err(|_| corrupt("envs.ipv6_address", &address))?;
+
+        let backends = sqlx::query(
+            "SELECT i.id, i.process, i.ipv6 FROM routed_instances r
+             JOIN instances i ON i.id = r.instance_id WHERE r.env_id = $1 ORDER BY i.id",
+        )
+        .bind(env.as_uuid())
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(query("list routed instances"))?;
+
+        let mut routes = Vec::new();
+        for service in &spec.services {
+            let mut service_backends = Vec::new();
+            for row in &backends {
+                let process: String = row.get("process");
+                if process != service.process.as_str() {
+                    continue;
+                }
+                let ipv6: String = row.get("ipv6");
+                service_backends.push(RouteBackend {
+                    instance_id: InstanceId::from_uuid(row.get("id")),
+                    address: ipv6.parse().map_err(|_| corrupt("instances.ipv6", &ipv6))?,
+                    port: service.internal_port,
+                });
+            }
+            let matchers: Vec<RouteMatch> = match service.protocol {
+                ServiceProtocol::Tls => std::iter::once(hostname.clone())
+                    .chain(service.hostnames.iter().cloned())
+                    .map(|hostname| RouteMatch::Sni { hostname })
+                    .collect(),
+                ServiceProtocol::Tcp => vec![RouteMatch::Tcp {
+                    address: address.into(),
+                    port: service.internal_port,
+                }],
+            };
+            for matcher in matchers {
+                routes.push(Route {
+                    env_id: env,
+                    service: service.name.clone(),
+                    matcher,
+                    protocol: service.protocol,
+                    proxy_protocol: service.proxy_protocol,
+                    backends: service_backends.clone(),
+                });
+            }
+        }
+
+        let event = Event::RoutesChanged {
+            env_id: env,
+            routes,
+        };
+        Store::append_in(
+            &mut tx,
+            &streams::env(env),
+            ExpectedVersion::Any,
+            vec![NewEvent::org(org, event)],
+            ACTOR,
+        )
+        .await?;
+        tx.commit().await.map_err(query("commit a route change"))?;
+        Ok(())
+    }
+
+    async fn append_env_event(
+        &self,
+        term: i64,
+        env: EnvId,
+        event: Event,
+    ) -> Result<(), OrchestratorError> {
+        let org = self.env_org(env).await?;
+        let mut tx = self.begin(term).await?;
+        Store::append_in(
+            &mut tx,
+            &streams::env(env),
+            ExpectedVersion::Any,
+            vec![NewEvent::org(org, event)],
+            ACTOR,
+        )
+        .await?;
+        tx.commit().await.map_err(query("commit an env change"))?;
+        Ok(())
+    }
+
+    async fn append_deploy_event(
+        &self,
+        term: i64,
+        deploy: DeployId,
+        env: EnvId,
+        event: Event,
+    ) -> Result<(), OrchestratorError> {
+        let org = self.env_org(env).await?;
+        let mut tx = self.begin(term).await?;
+        Store::append_in(
+            &mut tx,
+            &streams::deploy(deploy),
+            ExpectedVersion::Any,
+            vec![NewEvent::org(org, event)],
+            ACTOR,
+        )
+        .await?;
+        tx.commit().await.map_err(query("commit a deploy change"))?;
+        Ok(())
+    }
+
+    async fn deploy_env(&self, deploy: DeployId) -> Result<EnvId, OrchestratorError> {
+        let env: Uuid = sqlx::query_scalar("SELECT env_id FROM deploys WHERE id = $1")
+            .bind(deploy.as_uuid())
+            .fetch_one(self.store.pool())
+            .await
+            .map_err(query("read a deploy"))?;
+        Ok(EnvId::from_uuid(env))
+    }
+}
+
+/// The orchestrator bound to one leadership term, as the engine's store.
+struct Fenced<'a> {
+    inner: &'a Orchestrator,
+    term: i64,
+}
+
+fn parse_record(text: &str) -> Option<StepRecord> {
+    let (kind, name) = text.split_once(':')?;
+    match kind {
+        "completed" => Some(StepRecord::Completed(name.to_owned())),
+        "failed" => Some(StepRecord::Failed(name.to_owned())),
+        "undone" => Some(StepRecord::Undone(name.to_owned())),
+        _ => None,
+    }
+}
+
+fn record_text(record: &StepRecord) -> String {
+    match record {
+        StepRecord::Completed(name) => format!("completed:{name}"),
+        StepRecord::Failed(name) => format!("failed:{name}"),
+        StepRecord::Undone(name) => format!("undone:{name}"),
+    }
+}
+
+impl engine::Store for Fenced<'_> {
+    type Error = OrchestratorError;
+
+    async fn unfinished(&self) -> Result<Vec<DeployProgress>, OrchestratorError> {
+        let pool = self.inner.store.pool();
+        let rows = sqlx::query(
+            "SELECT d.id, p.plan,
+                    EXTRACT(EPOCH FROM now() - COALESCE(
+                        (SELECT max(s.time) FROM deploy_steps s WHERE s.deploy_id = d.id),
+                        p.created_at))::bigint AS elapsed
+             FROM deploys d JOIN deploy_plans p ON p.deploy_id = d.id
+             WHERE d.state IN ('pending', 'in_progress') ORDER BY d.created_at",
+        )
+        .fetch_all(pool)
+        .await
+        .map_err(query("list unfinished deploys"))?;
+
+        let mut unfinished = Vec::with_capacity(rows.len());
+        for row in rows {
+            let deploy = DeployId::from_uuid(row.get("id"));
+            let plan: Plan = serde_json::from_value(row.get("plan"))
+                .map_err(|error| corrupt("deploy_plans.plan", error))?;
+            let steps: Vec<String> = sqlx::query_scalar(
+                "SELECT step FROM deploy_steps WHERE deploy_id = $1 ORDER BY position",
+            )
+            .bind(deploy.as_uuid())
+            .fetch_all(pool)
+            .await
+            .map_err(query("list deploy steps"))?;
+            let elapsed: i64 = row.get("elapsed");
+            unfinished.push(DeployProgress {
+                deploy,
+                plan,
+                records: steps.iter().filter_map(|step| parse_record(step)).collect(),
+                step_elapsed_secs: u64::try_from(elapsed).unwrap_or(0),
+            });
+        }
+        Ok(unfinished)
+    }
+
+    async fn apply(
+        &self,
+        _fence: Fence,
+        plan: &Plan,
+        action: &Action,
+    ) -> Result<(), OrchestratorError> {
+        let (inner, term) = (self.inner, self.term);
+        match action {
+            Action::RunReleaseCommand { instance, .. } => {
+                // TODO(correctness): agents do not yet run a one-off release command; the
+                // instance is placed like any other and must exit 0 to pass.
+                inner.start_instance(term, plan.env, instance).await
+            }
+            Action::StartInstances { instances } => {
+                for instance in instances {
+                    inner.start_instance(term, plan.env, instance).await?;
+                }
+                Ok(())
+            }
+            Action::WaitHealthy { .. } => Ok(()),
+            Action::UpdateRoutes { add, remove, .. } => {
+                inner.update_routes(term, plan, add, remove).await
+            }
+            Action::StopInstances { instances, .. } => {
+                for instance in instances {
+                    inner.stop_instance(term, *instance).await?;
+                }
+                Ok(())
+            }
+            Action::SetRelease { release } => {
+                let Some(release) = release else {
+                    return Ok(());
+                };
+                let event = Event::EnvReleaseChanged {
+                    env_id: plan.env,
+                    release_id: *release,
+                };
+                inner.append_env_event(term, plan.env, event).await
+            }
+            Action::SetScale { counts } => {
+                let event = Event::EnvScaled {
+                    env_id: plan.env,
+                    counts: counts.clone(),
+                };
+                inner.append_env_event(term, plan.env, event).await
+            }
+        }
+    }
+
+    async fn observe(
+        &self,
+        instances: &[InstanceId],
+    ) -> Result<BTreeMap<InstanceId, Observed>, OrchestratorError> {
+        let ids: Vec<Uuid> = instances.iter().map(|id| id.as_uuid()).collect();
+        let rows = sqlx::query("SELECT id, state, detail FROM instances WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(self.inner.store.pool())
+            .await
+            .map_err(query("read instance states"))?;
+        let mut observed = BTreeMap::new();
+        for row in rows {
+            let state: String = row.get("state");
+            let state: kiln_api::InstanceState =
+                serde_json::from_value(serde_json::Value::String(state.clone()))
+                    .map_err(|_| corrupt("instances.state", &state))?;
+            // NOTE: the instances projection keeps no exit code, so a release command that
+            // exited reads as exited with an unknown code.
+            observed.insert(
+                InstanceId::from_uuid(row.get("id")),
+                convert::observed(state, None, row.get("detail")),
+            );
+        }
+        Ok(observed)
+    }
+
+    async fn record(
+        &self,
+        _fence: Fence,
+        deploy: DeployId,
+        record: StepRecord,
+        reason: Option<String>,
+    ) -> Result<(), OrchestratorError> {
+        let env = self.inner.deploy_env(deploy).await?;
+        let event = Event::DeployStepCompleted {
+            deploy_id: deploy,
+            env_id: env,
+            step: record_text(&record),
+            detail: reason.unwrap_or_default(),
+        };
+        self.inner
+            .append_deploy_event(self.term, deploy, env, event)
+            .await
+    }
+
+    async fn finish(
+        &self,
+        _fence: Fence,
+        deploy: DeployId,
+        outcome: Outcome,
+    ) -> Result<(), OrchestratorError> {
+        let env = self.inner.deploy_env(deploy).await?;
+        let (state, failure) = match outcome {
+            Outcome::Succeeded => (DeployState::Succeeded, None),
+            Outcome::Failed { reason } => {
+                let detail: Option<String> = sqlx::query_scalar(
+                    "SELECT detail FROM deploy_steps WHERE deploy_id = $1 AND step LIKE 'failed:%'
+                     ORDER BY position LIMIT 1",
+                )
+                .bind(deploy.as_uuid())
+                .fetch_optional(self.inner.store.pool())
+                .await
+                .map_err(query("read a deploy's failure"))?;
+                (
+                    DeployState::Failed,
+                    Some(
+                        detail
+                            .filter(|d| !d.is_empty())
+                            .map_or(reason, |d| format!("{d}; the deploy was rolled back")),
+                    ),
+                )
+            }
+        };
+        // The API names the target as the env's release when the deploy is requested, so a
+        // failed deploy puts the previous release back.
+        if state == DeployState::Failed {
+            let previous: Option<Uuid> =
+                sqlx::query_scalar("SELECT previous_release_id FROM deploys WHERE id = $1")
+                    .bind(deploy.as_uuid())
+                    .fetch_one(self.inner.store.pool())
+                    .await
+                    .map_err(query("read a deploy's previous release"))?;
+            if let Some(previous) = previous {
+                let event = Event::EnvReleaseChanged {
+                    env_id: env,
+                    release_id: ReleaseId::from_uuid(previous),
+                };
+                self.inner.append_env_event(self.term, env, event).await?;
+            }
+        }
+
+        let event = Event::DeployStateChanged {
+            deploy_id: deploy,
+            env_id: env,
+            state,
+            failure,
+        };
+        self.inner
+            .append_deploy_event(self.term, deploy, env, event)
+            .await?;
+        tracing::info!(%deploy, ?state, "deploy finished");
+        Ok(())
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,243 @@
+//! Secrets reach only instances of their environment and never appear in events, logs or
+//! listings; the master key rotates.
+
+use kiln_api::types::*;
+use kiln_core::{AppName, EnvName};
+
+use crate::api_resources::{place_instance, register_host};
+use crate::harness::{self, TestServer};
+
+#[tokio::test]
+async fn canary_secret_stays_out_of_events_logs_and_listings() {
+    let server = TestServer::start().await;
+    let client = server.org_client();
+    let env = harness::create_app_and_env(&server).await;
+    let path = harness::env_path(&server.org);
+    let canary = format!("canary-{}", uuid::Uuid::new_v4().simple());
+
+    let meta = client
+        .set_secret(
+            &path,
+            "DATABASE_PASSWORD",
+            &SetSecret {
+                value: canary.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(meta.version, 1);
+    assert_eq!(meta.digest.len(), 16);
+    let meta = client
+        .set_secret(
+            &path,
+            "DATABASE_PASSWORD",
+            &SetSecret {
+                value: canary.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(meta.version, 2);
+
+    // A second environment of the same org gets its own secret and must not receive ours.
+    client
+        .create_env(
+            &server.org,
+            &path.app,
+            &CreateEnv {
+                name: EnvName::new("staging").unwrap(),
+            },
+        )
+        .await
+        .unwrap();
+    let staging_path = kiln_api::client::EnvPath::new(
+        server.org.clone(),
+        AppName::new("web").unwrap(),
+        EnvName::new("staging").unwrap(),
+    );
+    client
+        .set_secret(
+            &staging_path,
+            "DATABASE_PASSWORD",
+            &SetSecret {
+                value: "staging-value".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let staging = client.get_env(&staging_path).await.unwrap();
+
+    let release = client
+        .create_release(
+            &path,
+            &CreateRelease {
+                image: harness::image(),
+                spec: harness::release_spec(),
+                description: String::new(),
+            },
+        )
+        .await
+        .unwrap();
+    let staging_release = client
+        .create_release(
+            &staging_path,
+            &CreateRelease {
+                image: harness::image(),
+                spec: harness::release_spec(),
+                description: String::new(),
+            },
+        )
+        .await
+        .unwrap();
+    let host = register_host(&server, "h1").await;
+    let other_host = register_host(&server, "h2").await;
+    let prod_instance = place_instance(&server, &env, &release, &host.host, 20).await;
+    let staging_instance =
+        place_instance(&server, &staging, &staging_release, &host.host, 21).await;
+
+    let delivered = host.client.instance_secrets(prod_instance).await.unwrap();
+    assert_eq!(delivered.values["DATABASE_PASSWORD"], canary);
+    assert_eq!(delivered.secrets_version, 2);
+    let staging_delivered = host
+        .client
+        .instance_secrets(staging_instance)
+        .await
+        .unwrap();
+    assert_eq!(
+        staging_delivered.values["DATABASE_PASSWORD"],
+        "staging-value"
+    );
+    let stolen = other_host
+        .client
+        .instance_secrets(prod_instance)
+        .await
+        .unwrap_err();
+    assert_eq!(stolen.code(), Some(kiln_api::ErrorCode::NotFound));
+
+    // Listings, events, assignments, the database's event log and the server's log lines.
+    let listing = serde_json::to_string(&client.list_secrets(&path).await.unwrap()).unwrap();
+    assert!(listing.contains("DATABASE_PASSWORD"));
+    assert!(!listing.contains(&canary));
+    let events = serde_json::to_string(
+        &client
+            .org_events(&server.org, &Default::default())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(events.contains("SecretSet"));
+    assert!(!events.contains(&canary));
+    let all_events =
+        serde_json::to_string(&server.operator().events(&Default::default()).await.unwrap())
+            .unwrap();
+    assert!(!all_events.contains(&canary));
+    let assignments = serde_json::to_string(
+        &host
+            .client
+            .watch_assignments(&WatchQuery::default())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(!assignments.contains(&canary));
+    let env_view = serde_json::to_string(&client.get_env(&path).await.unwrap()).unwrap();
+    assert!(!env_view.contains(&canary));
+
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE payload::text LIKE '%' || $1 || '%'")
+            .bind(&canary)
+            .fetch_one(server.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(stored, 0);
+    let plaintext: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM secret_values WHERE position($1::bytea in ciphertext) > 0",
+    )
+    .bind(canary.as_bytes())
+    .fetch_one(server.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(plaintext, 0);
+    let logs = harness::captured_logs();
+    assert!(
+        logs.contains("delivered secrets"),
+        "log capture is not working"
+    );
+    assert!(!logs.contains(&canary));
+
+    client
+        .unset_secret(&path, "DATABASE_PASSWORD")
+        .await
+        .unwrap();
+    assert!(client.list_secrets(&path).await.unwrap().items.is_empty());
+    assert!(
+        host.client
+            .instance_secrets(prod_instance)
+            .await
+            .unwrap()
+            .values
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn rotated_key_still_delivers_secrets() {
+    let server = TestServer::start().await;
+    let client = server.org_client();
+    let env = harness::create_app_and_env(&server).await;
+    let path = harness::env_path(&server.org);
+    client
+        .set_secret(
+            &path,
+            "API_KEY",
+            &SetSecret {
+                value: "before-rotation".into(),
+            },
+        )
+        .await
+        .unwrap();
+
+    let old_key: String = sqlx::query_scalar("SELECT key_id FROM secret_values")
+        .fetch_one(server.store.pool())
+        .await
+        .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kiln-control"))
+        .args([
+            "secrets",
+            "rotate-key",
+            "--database-url",
+            &server.database.url,
+            "--master-key-file",
+        ])
+        .arg(&server.key_file)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("re-encrypted 1 secret"));
+    let new_key: String = sqlx::query_scalar("SELECT key_id FROM secret_values")
+        .fetch_one(server.store.pool())
+        .await
+        .unwrap();
+    assert_ne!(old_key, new_key);
+
+    let keyring = kiln_control::secrets::Keyring::load(&server.key_file).unwrap();
+    assert_eq!(keyring.active_key_id(), new_key);
+    let row: (i64, String, Vec<u8>, Vec<u8>) =
+        sqlx::query_as("SELECT version, key_id, nonce, ciphertext FROM secret_values")
+            .fetch_one(server.store.pool())
+            .await
+            .unwrap();
+    let sealed = kiln_control::secrets::Sealed {
+        key_id: row.1,
+        nonce: row.2,
+        ciphertext: row.3,
+    };
+    let plain = keyring
+        .open(env.id, "API_KEY", row.0 as u64, &sealed)
+        .unwrap();
+    assert_eq!(plain, b"before-rotation");
+}

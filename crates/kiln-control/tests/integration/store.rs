@@ -1,0 +1,668 @@
+//! The event store: optimistic concurrency and projection rebuilds over a long history.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use kiln_api::types::{
+    DeployState, DeployStrategy, HostCapacity, Release, Route, RouteBackend, RouteMatch,
+    ServiceProtocol, TokenKind, VmmDriver,
+};
+use kiln_api::{Event, InstanceState};
+use kiln_control::store::rebuild::RebuildMode;
+use kiln_control::store::{ExpectedVersion, NewEvent, Store, StoreError, streams};
+use kiln_core::{
+    AppId, AppName, DeployId, EnvId, EnvName, HostId, Hostname, InstanceId, OrgId, OrgName,
+    ProcessName, ReleaseId, TokenId,
+};
+
+use crate::harness;
+
+/// A small deterministic generator, so the scripted history is the same on every run.
+struct Script(u64);
+
+impl Script {
+    fn next(&mut self, bound: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % bound
+    }
+}
+
+async fn append(store: &Store, stream: &str, org: Option<OrgId>, event: Event) {
+    store
+        .append(
+            stream,
+            ExpectedVersion::Any,
+            vec![NewEvent { org_id: org, event }],
+            "system:test",
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn stale_expected_version_conflicts() {
+    let (store, _db) = harness::store().await;
+    let org_id = OrgId::new();
+    let stream = streams::org(org_id);
+    let created = Event::OrgCreated {
+        org_id,
+        name: OrgName::new("conflict").unwrap(),
+    };
+    store
+        .append(
+            &stream,
+            ExpectedVersion::NoStream,
+            vec![NewEvent::org(org_id, created.clone())],
+            "t",
+        )
+        .await
+        .unwrap();
+
+    let again = store
+        .append(
+            &stream,
+            ExpectedVersion::NoStream,
+            vec![NewEvent::org(org_id, created)],
+            "t",
+        )
+        .await;
+    assert!(
+        matches!(again, Err(StoreError::Conflict { actual: 1, .. })),
+        "{again:?}"
+    );
+
+    let app = Event::AppCreated {
+        app_id: AppId::new(),
+        org_id,
+        name: AppName::new("a").unwrap(),
+    };
+    let stale = store
+        .append(
+            &stream,
+            ExpectedVersion::Exact(0),
+            vec![NewEvent::org(org_id, app.clone())],
+            "t",
+        )
+        .await;
+    assert!(
+        matches!(stale, Err(StoreError::Conflict { .. })),
+        "{stale:?}"
+    );
+    let fresh = store
+        .append(
+            &stream,
+            ExpectedVersion::Exact(1),
+            vec![NewEvent::org(org_id, app)],
+            "t",
+        )
+        .await
+        .unwrap();
+    assert_eq!(fresh[0].stream_version, 2);
+    assert_eq!(store.stream_version(&stream).await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn failed_append_leaves_no_trace() {
+    let (store, _db) = harness::store().await;
+    let org_id = OrgId::new();
+    let name = OrgName::new("dup").unwrap();
+    append(
+        &store,
+        &streams::org(org_id),
+        Some(org_id),
+        Event::OrgCreated {
+            org_id,
+            name: name.clone(),
+        },
+    )
+    .await;
+
+    let other = OrgId::new();
+    let duplicate = store
+        .append(
+            &streams::org(other),
+            ExpectedVersion::NoStream,
+            vec![NewEvent::org(
+                other,
+                Event::OrgCreated {
+                    org_id: other,
+                    name,
+                },
+            )],
+            "t",
+        )
+        .await;
+    assert!(
+        matches!(duplicate, Err(StoreError::Duplicate { .. })),
+        "{duplicate:?}"
+    );
+    assert_eq!(store.stream_version(&streams::org(other)).await.unwrap(), 0);
+    assert_eq!(store.head().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn rebuild_matches_long_scripted_history() {
+    let (store, _db) = harness::store().await;
+    let mut script = Script(7);
+    let mut orgs: Vec<OrgId> = Vec::new();
+    let mut apps: Vec<(OrgId, AppId)> = Vec::new();
+    let mut envs: Vec<(OrgId, EnvId, Vec<ReleaseId>)> = Vec::new();
+    let mut hosts: Vec<HostId> = Vec::new();
+    let mut instances: Vec<(OrgId, EnvId, HostId, InstanceId)> = Vec::new();
+    let mut tokens: Vec<(OrgId, TokenId)> = Vec::new();
+    let mut deploys: Vec<(OrgId, EnvId, DeployId)> = Vec::new();
+    let mut conflicts = 0;
+    let mut counter = 0u32;
+
+    for step in 0..600 {
+        counter += 1;
+        let choice = if orgs.is_empty() { 0 } else { script.next(20) };
+        match choice {
+            0 => {
+                let org_id = OrgId::new();
+                append(
+                    &store,
+                    &streams::org(org_id),
+                    Some(org_id),
+                    Event::OrgCreated {
+                        org_id,
+                        name: OrgName::new(format!("org{counter}")).unwrap(),
+                    },
+                )
+                .await;
+                orgs.push(org_id);
+            }
+            1 => {
+                let org_id = orgs[script.next(orgs.len() as u64) as usize];
+                let app_id = AppId::new();
+                append(
+                    &store,
+                    &streams::org(org_id),
+                    Some(org_id),
+                    Event::AppCreated {
+                        app_id,
+                        org_id,
+                        name: AppName::new(format!("app{counter}")).unwrap(),
+                    },
+                )
+                .await;
+                apps.push((org_id, app_id));
+            }
+            2 if !apps.is_empty() => {
+                let (org_id, app_id) = apps[script.next(apps.len() as u64) as usize];
+                let env_id = EnvId::new();
+                let event = Event::EnvCreated {
+                    env_id,
+                    app_id,
+                    org_id,
+                    name: EnvName::new(format!("env{counter}")).unwrap(),
+                    hostname: Hostname::new(format!("e{counter}.apps.test")).unwrap(),
+                    ipv6_address: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 1, counter as u16),
+                };
+                append(&store, &streams::env(env_id), Some(org_id), event).await;
+                envs.push((org_id, env_id, Vec::new()));
+            }
+            3 if !envs.is_empty() => {
+                let (org_id, env_id, _) = envs[script.next(envs.len() as u64) as usize];
+                let mut set = BTreeMap::new();
+                set.insert(format!("VAR{}", script.next(4)), format!("value{counter}"));
+                let unset = vec![format!("VAR{}", script.next(4))];
+                let unset = unset
+                    .into_iter()
+                    .filter(|name| !set.contains_key(name))
+                    .collect();
+                append(
+                    &store,
+                    &streams::env(env_id),
+                    Some(org_id),
+                    Event::ConfigChanged {
+                        env_id,
+                        version: counter as u64,
+                        set,
+                        unset,
+                    },
+                )
+                .await;
+            }
+            4 if !envs.is_empty() => {
+                let (org_id, env_id, _) = envs[script.next(envs.len() as u64) as usize];
+                let name = format!("SECRET{}", script.next(3));
+                let event = if script.next(3) == 0 {
+                    Event::SecretUnset {
+                        env_id,
+                        name,
+                        secrets_version: counter as u64,
+                    }
+                } else {
+                    Event::SecretSet {
+                        env_id,
+                        name,
+                        version: counter as u64,
+                        digest: format!("{counter:016x}"),
+                        secrets_version: counter as u64,
+                    }
+                };
+                append(&store, &streams::env(env_id), Some(org_id), event).await;
+            }
+            5 if !envs.is_empty() => {
+                let index = script.next(envs.len() as u64) as usize;
+                let (org_id, env_id, ref mut releases) = envs[index];
+                let release = Release {
+                    id: ReleaseId::new(),
+                    env_id,
+                    version: releases.len() as u64 + 1,
+                    image: harness::image(),
+                    spec: harness::release_spec(),
+                    config_version: 0,
+                    rollback_of: releases.first().copied(),
+                    description: format!("release {counter}"),
+                    created_at: kiln_control::store::now(),
+                };
+                releases.push(release.id);
+                append(
+                    &store,
+                    &streams::env(env_id),
+                    Some(org_id),
+                    Event::ReleaseCreated {
+                        release: Box::new(release),
+                    },
+                )
+                .await;
+            }
+            6 if envs.iter().any(|(_, _, releases)| !releases.is_empty()) => {
+                let candidates: Vec<_> = envs
+                    .iter()
+                    .filter(|(_, _, releases)| !releases.is_empty())
+                    .collect();
+                let (org_id, env_id, releases) =
+                    candidates[script.next(candidates.len() as u64) as usize];
+                let deploy_id = DeployId::new();
+                let release_id = *releases.last().unwrap();
+                append(
+                    &store,
+                    &streams::env(*env_id),
+                    Some(*org_id),
+                    Event::DeployRequested {
+                        deploy_id,
+                        env_id: *env_id,
+                        release_id,
+                        previous_release_id: None,
+                        strategy: DeployStrategy::Rolling,
+                    },
+                )
+                .await;
+                append(
+                    &store,
+                    &streams::env(*env_id),
+                    Some(*org_id),
+                    Event::EnvReleaseChanged {
+                        env_id: *env_id,
+                        release_id,
+                    },
+                )
+                .await;
+                deploys.push((*org_id, *env_id, deploy_id));
+            }
+            7 if !deploys.is_empty() => {
+                let (org_id, env_id, deploy_id) =
+                    deploys[script.next(deploys.len() as u64) as usize];
+                let stream = streams::deploy(deploy_id);
+                append(
+                    &store,
+                    &stream,
+                    Some(org_id),
+                    Event::DeployStepCompleted {
+                        deploy_id,
+                        env_id,
+                        step: "start_instances".into(),
+                        detail: format!("step {counter}"),
+                    },
+                )
+                .await;
+                let state = [
+                    DeployState::InProgress,
+                    DeployState::Succeeded,
+                    DeployState::Failed,
+                ][script.next(3) as usize];
+                let failure =
+                    (state == DeployState::Failed).then(|| "health check failed".to_owned());
+                append(
+                    &store,
+                    &stream,
+                    Some(org_id),
+                    Event::DeployStateChanged {
+                        deploy_id,
+                        env_id,
+                        state,
+                        failure,
+                    },
+                )
+                .await;
+            }
+            8 => {
+                let host_id = HostId::new();
+                let stream = streams::host(host_id);
+                append(
+                    &store,
+                    &stream,
+                    None,
+                    Event::HostCreated {
+                        host_id,
+                        name: format!("host{counter}"),
+                    },
+                )
+                .await;
+                append(
+                    &store,
+                    &stream,
+                    None,
+                    Event::HostRegistered {
+                        host_id,
+                        capacity: HostCapacity {
+                            vcpus: 8,
+                            memory_mib: 16384,
+                        },
+                        driver: VmmDriver::Qemu,
+                        overlay_public_key: "a".repeat(44),
+                        overlay_endpoint: "127.0.0.1:51820".parse().unwrap(),
+                        ipv6_prefix: format!("fd00:0:0:{counter:x}::/64"),
+                    },
+                )
+                .await;
+                hosts.push(host_id);
+            }
+            9 if !hosts.is_empty() => {
+                let host_id = hosts[script.next(hosts.len() as u64) as usize];
+                let event = match script.next(4) {
+                    0 => Event::HostCordoned { host_id },
+                    1 => Event::HostUncordoned { host_id },
+                    2 => Event::HostDrainRequested { host_id },
+                    _ => Event::HostLost { host_id },
+                };
+                append(&store, &streams::host(host_id), None, event).await;
+            }
+            10 | 11
+                if !hosts.is_empty()
+                    && envs.iter().any(|(_, _, releases)| !releases.is_empty()) =>
+            {
+                let candidates: Vec<_> = envs
+                    .iter()
+                    .filter(|(_, _, releases)| !releases.is_empty())
+                    .collect();
+                let (org_id, env_id, releases) =
+                    candidates[script.next(candidates.len() as u64) as usize];
+                let host_id = hosts[script.next(hosts.len() as u64) as usize];
+                let instance_id = InstanceId::new();
+                let event = Event::InstancePlaced {
+                    instance_id,
+                    env_id: *env_id,
+                    release_id: releases[0],
+                    process: ProcessName::new("web").unwrap(),
+                    host_id,
+                    ipv6: Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 2, counter as u16),
+                    ipv4: Ipv4Addr::new(100, 64, (counter >> 8) as u8, counter as u8),
+                };
+                append(
+                    &store,
+                    &streams::instance(instance_id),
+                    Some(*org_id),
+                    event,
+                )
+                .await;
+                instances.push((*org_id, *env_id, host_id, instance_id));
+            }
+            12 if !instances.is_empty() => {
+                let (org_id, env_id, host_id, instance_id) =
+                    instances[script.next(instances.len() as u64) as usize];
+                let state = [
+                    InstanceState::Preparing,
+                    InstanceState::Booting,
+                    InstanceState::Healthy,
+                    InstanceState::Unhealthy,
+                    InstanceState::Exited,
+                ][script.next(5) as usize];
+                append(
+                    &store,
+                    &streams::instance(instance_id),
+                    Some(org_id),
+                    Event::InstanceStateChanged {
+                        instance_id,
+                        env_id,
+                        host_id,
+                        state,
+                        detail: Some(format!("report {counter}")),
+                        exit_code: None,
+                    },
+                )
+                .await;
+            }
+            13 if !instances.is_empty() => {
+                let index = script.next(instances.len() as u64) as usize;
+                let (org_id, env_id, host_id, instance_id) = instances[index];
+                let stream = streams::instance(instance_id);
+                append(
+                    &store,
+                    &stream,
+                    Some(org_id),
+                    Event::InstanceStopRequested {
+                        instance_id,
+                        env_id,
+                        host_id,
+                        reason: "scale".into(),
+                    },
+                )
+                .await;
+                if script.next(2) == 0 {
+                    append(
+                        &store,
+                        &stream,
+                        Some(org_id),
+                        Event::InstanceRemoved {
+                            instance_id,
+                            env_id,
+                            host_id,
+                        },
+                    )
+                    .await;
+                    instances.remove(index);
+                }
+            }
+            14 if !instances.is_empty() => {
+                let (org_id, env_id, _, instance_id) =
+                    instances[script.next(instances.len() as u64) as usize];
+                let route = Route {
+                    env_id,
+                    service: "http".into(),
+                    matcher: RouteMatch::Sni {
+                        hostname: Hostname::new(format!("r{counter}.apps.test")).unwrap(),
+                    },
+                    protocol: ServiceProtocol::Tls,
+                    proxy_protocol: script.next(2) == 0,
+                    backends: vec![RouteBackend {
+                        instance_id,
+                        address: Ipv6Addr::LOCALHOST,
+                        port: 8080,
+                    }],
+                };
+                append(
+                    &store,
+                    &streams::env(env_id),
+                    Some(org_id),
+                    Event::RoutesChanged {
+                        env_id,
+                        routes: vec![route],
+                    },
+                )
+                .await;
+            }
+            15 => {
+                let org_id = orgs[script.next(orgs.len() as u64) as usize];
+                if script.next(2) == 0 || tokens.is_empty() {
+                    let token_id = TokenId::new();
+                    append(
+                        &store,
+                        &streams::org(org_id),
+                        Some(org_id),
+                        Event::TokenCreated {
+                            token_id,
+                            kind: TokenKind::Org,
+                            org_id: Some(org_id),
+                            host_id: None,
+                            name: format!("t{counter}"),
+                            expires_at: None,
+                        },
+                    )
+                    .await;
+                    tokens.push((org_id, token_id));
+                } else {
+                    let (org_id, token_id) = tokens[script.next(tokens.len() as u64) as usize];
+                    append(
+                        &store,
+                        &streams::org(org_id),
+                        Some(org_id),
+                        Event::TokenRevoked { token_id },
+                    )
+                    .await;
+                }
+            }
+            16 if envs.len() > 3 => {
+                let index = script.next(envs.len() as u64) as usize;
+                let (org_id, env_id, _) = envs.remove(index);
+                instances.retain(|(_, env, _, _)| *env != env_id);
+                append(
+                    &store,
+                    &streams::env(env_id),
+                    Some(org_id),
+                    Event::EnvDeleted { env_id },
+                )
+                .await;
+            }
+            17 if apps.len() > 3 => {
+                let index = script.next(apps.len() as u64) as usize;
+                let (org_id, app_id) = apps.remove(index);
+                append(
+                    &store,
+                    &streams::org(org_id),
+                    Some(org_id),
+                    Event::AppDeleted { app_id },
+                )
+                .await;
+            }
+            18 if !envs.is_empty() => {
+                let (org_id, env_id, _) = envs[script.next(envs.len() as u64) as usize];
+                let mut counts = BTreeMap::new();
+                counts.insert(ProcessName::new("web").unwrap(), script.next(5) as u32);
+                append(
+                    &store,
+                    &streams::env(env_id),
+                    Some(org_id),
+                    Event::EnvScaled { env_id, counts },
+                )
+                .await;
+            }
+            _ => {
+                // A conflicting append: a stale expected version must change nothing.
+                let org_id = orgs[script.next(orgs.len() as u64) as usize];
+                let stream = streams::org(org_id);
+                let version = store.stream_version(&stream).await.unwrap();
+                let event = Event::AppCreated {
+                    app_id: AppId::new(),
+                    org_id,
+                    name: AppName::new(format!("lost{step}")).unwrap(),
+                };
+                let result = store
+                    .append(
+                        &stream,
+                        ExpectedVersion::Exact(version.saturating_sub(1)),
+                        vec![NewEvent::org(org_id, event)],
+                        "t",
+                    )
+                    .await;
+                assert!(
+                    matches!(result, Err(StoreError::Conflict { .. })),
+                    "{result:?}"
+                );
+                conflicts += 1;
+            }
+        }
+    }
+
+    assert!(
+        conflicts > 10,
+        "the script exercised only {conflicts} conflicts"
+    );
+    let head = store.head().await.unwrap();
+    assert!(head > 500, "the script appended only {head} events");
+
+    let report = store
+        .rebuild_projections(RebuildMode::Verify)
+        .await
+        .unwrap();
+    assert_eq!(report.events, head);
+    assert!(report.matches(), "{:#?}", report.diffs);
+
+    let lost: i64 = sqlx::query_scalar("SELECT count(*) FROM apps WHERE name LIKE 'lost%'")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(lost, 0);
+}
+
+#[tokio::test]
+async fn verify_reports_tampered_projection() {
+    let (store, _db) = harness::store().await;
+    let org_id = OrgId::new();
+    append(
+        &store,
+        &streams::org(org_id),
+        Some(org_id),
+        Event::OrgCreated {
+            org_id,
+            name: OrgName::new("tamper").unwrap(),
+        },
+    )
+    .await;
+    append(
+        &store,
+        &streams::org(org_id),
+        Some(org_id),
+        Event::AppCreated {
+            app_id: AppId::new(),
+            org_id,
+            name: AppName::new("a").unwrap(),
+        },
+    )
+    .await;
+
+    sqlx::query("UPDATE apps SET name = 'changed'")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let report = store
+        .rebuild_projections(RebuildMode::Verify)
+        .await
+        .unwrap();
+    assert_eq!(report.diffs.len(), 1, "{:#?}", report.diffs);
+    assert_eq!(report.diffs[0].table, "apps");
+    assert_eq!(report.diffs[0].only_live_count, 1);
+    assert_eq!(report.diffs[0].only_rebuilt_count, 1);
+
+    let replaced = store
+        .rebuild_projections(RebuildMode::Replace)
+        .await
+        .unwrap();
+    assert!(replaced.replaced);
+    let after = store
+        .rebuild_projections(RebuildMode::Verify)
+        .await
+        .unwrap();
+    assert!(after.matches(), "{:#?}", after.diffs);
+    let name: String = sqlx::query_scalar("SELECT name FROM apps")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(name, "a");
+}

@@ -1,0 +1,515 @@
+//! Deploy orchestration end to end: `kiln-control` runs as a child process over a private
+//! PostgreSQL database, and simulated agents speak the real host API in place of hosts.
+
+#![allow(clippy::unwrap_used)] // Fixtures in this file panic on setup failure, like the tests that call them.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_api::client::EnvPath;
+use kiln_api::{
+    Client, CreateApp, CreateDeploy, CreateEnv, CreateHost, CreateRelease, Deploy, DeployState,
+    DeployStrategy, DeployTarget, ImageRef, Instance, ProcessSpec, ReleaseSpec, ServiceProtocol,
+    ServiceSpec,
+};
+use kiln_core::{AppName, EnvName, OrgName, ProcessName};
+use kiln_testkit::simagent::{Outcome, SimAgent, SimAgentConfig};
+use tempfile::TempDir;
+
+/// Time a deploy gets to finish in these tests.
+const DEPLOY_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Time `kiln-control` gets to print its listen address.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running `kiln-control serve`, killed on drop.
+struct Control {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A bootstrapped cluster: its database, key file and tokens.
+struct Cluster {
+    dir: TempDir,
+    database_url: String,
+    org: OrgName,
+    org_token: String,
+    operator_token: String,
+}
+
+fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_kiln-control"))
+}
+
+fn bootstrap() -> Cluster {
+    let database = kiln_testkit::postgres::database().unwrap();
+    let dir = TempDir::with_prefix("kiln-sched-").unwrap();
+
+    let output = Command::new(binary())
+        .args([
+            "bootstrap",
+            "--database-url",
+            &database.url,
+            "--org",
+            "acme",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "bootstrap failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+
+    let key = dir.path().join("master.key");
+    let status = Command::new(binary())
+        .args(["secrets", "generate-key", "--master-key-file"])
+        .arg(&key)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    std::fs::write(
+        dir.path().join("control.toml"),
+        "leader_interval_secs = 1\nhost_lease_secs = 5\n",
+    )
+    .unwrap();
+
+    Cluster {
+        dir,
+        database_url: database.url,
+        org: OrgName::new("acme").unwrap(),
+        org_token: json["org_token"]["secret"].as_str().unwrap().to_owned(),
+        operator_token: json["operator_token"]["secret"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+    }
+}
+
+fn start_control(cluster: &Cluster) -> Control {
+    start_control_on(cluster, "127.0.0.1:0")
+}
+
+/// Starts `kiln-control serve` listening on `listen`.
+fn start_control_on(cluster: &Cluster, listen: &str) -> Control {
+    let dir = cluster.dir.path();
+    let mut child = Command::new(binary())
+        .arg("serve")
+        .arg("--config")
+        .arg(dir.join("control.toml"))
+        .args(["--listen", listen, "--database-url", &cluster.database_url])
+        .arg("--master-key-file")
+        .arg(dir.join("master.key"))
+        .stdout(Stdio::piped())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("control.log"))
+                .unwrap(),
+        )
+        .spawn()
+        .unwrap();
+
+    let stdout = child.stdout.take().unwrap();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if let Some(address) = line.strip_prefix("listening on ") {
+                let _ = sender.send(address.to_owned());
+            }
+        }
+    });
+    let address = receiver
+        .recv_timeout(START_TIMEOUT)
+        .expect("kiln-control printed no listen address in time");
+    Control {
+        child,
+        url: format!("http://{address}"),
+    }
+}
+
+fn key_path(cluster: &Cluster) -> &Path {
+    cluster.dir.path()
+}
+
+async fn add_host(
+    control: &Control,
+    cluster: &Cluster,
+    name: &str,
+    config: SimAgentConfig,
+) -> SimAgent {
+    let operator = Client::new(&control.url, &cluster.operator_token).unwrap();
+    let created = operator
+        .create_host(&CreateHost {
+            name: name.to_owned(),
+        })
+        .await
+        .unwrap();
+    SimAgent::start(&control.url, &created.token.secret, config)
+        .await
+        .unwrap()
+}
+
+/// 64 hex characters derived from `tag`, so each tag has its own image digest.
+fn digest_hex(tag: &str) -> String {
+    let hex: String = tag.bytes().map(|byte| format!("{byte:02x}")).collect();
+    hex.repeat(64).chars().take(64).collect()
+}
+
+fn release(web: u32, worker: u32, tag: &str) -> CreateRelease {
+    let web_name = ProcessName::new("web").unwrap();
+    let process = |count| ProcessSpec {
+        command: vec!["/app".to_owned()],
+        count,
+        vcpus: 1,
+        memory_mib: 256,
+    };
+    let mut processes = BTreeMap::from([(web_name.clone(), process(web))]);
+    if worker > 0 {
+        processes.insert(ProcessName::new("worker").unwrap(), process(worker));
+    }
+    CreateRelease {
+        image: ImageRef {
+            reference: format!("registry.test/acme/shop:{tag}"),
+            digest: format!("sha256:{}", digest_hex(tag)),
+        },
+        spec: ReleaseSpec {
+            processes,
+            services: vec![ServiceSpec {
+                name: "http".to_owned(),
+                process: web_name,
+                internal_port: 8080,
+                protocol: ServiceProtocol::Tls,
+                hostnames: Vec::new(),
+                proxy_protocol: false,
+                health_check: None,
+            }],
+            env: BTreeMap::new(),
+            volumes: Vec::new(),
+            strategy: DeployStrategy::Rolling,
+            max_surge: 1,
+            kill_signal: "SIGTERM".to_owned(),
+            kill_timeout_secs: 5,
+            startup_scripts: Vec::new(),
+            release_command: None,
+        },
+        description: format!("release {tag}"),
+    }
+}
+
+async fn create_env(control: &Control, cluster: &Cluster) -> (Client, EnvPath) {
+    let client = Client::new(&control.url, &cluster.org_token).unwrap();
+    let app = AppName::new("shop").unwrap();
+    let env = EnvName::new("prod").unwrap();
+    client
+        .create_app(&cluster.org, &CreateApp { name: app.clone() })
+        .await
+        .unwrap();
+    client
+        .create_env(&cluster.org, &app, &CreateEnv { name: env.clone() })
+        .await
+        .unwrap();
+    (client, EnvPath::new(cluster.org.clone(), app, env))
+}
+
+async fn deploy(client: &Client, env: &EnvPath, release: CreateRelease) -> Deploy {
+    let created = client
+        .create_deploy(
+            env,
+            &CreateDeploy {
+                target: DeployTarget::NewRelease(Box::new(release)),
+                strategy: None,
+            },
+        )
+        .await
+        .unwrap();
+    created.deploy
+}
+
+/// Waits until a deploy ends, with a bounded wait.
+async fn wait_deploy(client: &Client, env: &EnvPath, deploy: &Deploy) -> Deploy {
+    let started = Instant::now();
+    loop {
+        let current = client.get_deploy(env, deploy.id).await.unwrap();
+        if current.state.is_terminal() {
+            return current;
+        }
+        assert!(
+            started.elapsed() < DEPLOY_TIMEOUT,
+            "deploy {} still {:?} after {DEPLOY_TIMEOUT:?}",
+            deploy.id,
+            current.state
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Instances that are wanted running, by release.
+async fn running(client: &Client, env: &EnvPath) -> Vec<Instance> {
+    client
+        .list_instances(env)
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|instance| instance.desired == kiln_api::DesiredState::Running)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_deploy_replaces_instances() {
+    let cluster = bootstrap();
+    let control = start_control(&cluster);
+    let _ = key_path(&cluster);
+    let mut agents = Vec::new();
+    for name in ["h1", "h2", "h3"] {
+        agents.push(add_host(&control, &cluster, name, SimAgentConfig::default()).await);
+    }
+    let (client, env) = create_env(&control, &cluster).await;
+
+    let first = deploy(&client, &env, release(3, 1, "a")).await;
+    let first = wait_deploy(&client, &env, &first).await;
+    assert_eq!(first.state, DeployState::Succeeded, "{:?}", first.failure);
+    let v1 = running(&client, &env).await;
+    assert_eq!(v1.len(), 4);
+
+    // Replicas of web spread over the three hosts.
+    let web_hosts: std::collections::BTreeSet<_> = v1
+        .iter()
+        .filter(|instance| instance.process.as_str() == "web")
+        .map(|instance| instance.host_id)
+        .collect();
+    assert_eq!(web_hosts.len(), 3);
+
+    let second = deploy(&client, &env, release(3, 1, "b")).await;
+    let second = wait_deploy(&client, &env, &second).await;
+    assert_eq!(second.state, DeployState::Succeeded, "{:?}", second.failure);
+    let v2 = running(&client, &env).await;
+    assert_eq!(v2.len(), 4);
+    assert!(
+        v2.iter()
+            .all(|instance| instance.release_id == second.release_id)
+    );
+
+    let routes = client.list_env_routes(&env).await.unwrap().items;
+    assert_eq!(routes.len(), 1);
+    let backends: std::collections::BTreeSet<_> =
+        routes[0].backends.iter().map(|b| b.instance_id).collect();
+    let web: std::collections::BTreeSet<_> = v2
+        .iter()
+        .filter(|instance| instance.process.as_str() == "web")
+        .map(|instance| instance.id)
+        .collect();
+    assert_eq!(backends, web);
+
+    for agent in &agents {
+        assert!(agent.duplicate_starts().is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_release_rolls_back() {
+    let cluster = bootstrap();
+    let control = start_control(&cluster);
+    // Instances of images tagged "bad" fail at boot.
+    let behavior: kiln_testkit::simagent::Behavior = std::sync::Arc::new(|assignment| {
+        if assignment.image.reference.ends_with(":bad") {
+            Outcome::Fail
+        } else {
+            Outcome::Healthy
+        }
+    });
+    let config = SimAgentConfig {
+        behavior,
+        ..SimAgentConfig::default()
+    };
+    let _h1 = add_host(&control, &cluster, "h1", config.clone()).await;
+    let _h2 = add_host(&control, &cluster, "h2", config).await;
+    let (client, env) = create_env(&control, &cluster).await;
+
+    let good = deploy(&client, &env, release(2, 0, "good")).await;
+    let good = wait_deploy(&client, &env, &good).await;
+    assert_eq!(good.state, DeployState::Succeeded, "{:?}", good.failure);
+
+    let bad = deploy(&client, &env, release(2, 0, "bad")).await;
+    let bad = wait_deploy(&client, &env, &bad).await;
+    assert_eq!(bad.state, DeployState::Failed);
+    let failure = bad.failure.unwrap_or_default();
+    assert!(
+        failure.contains("stopped before it became healthy"),
+        "{failure}"
+    );
+
+    let instances = running(&client, &env).await;
+    assert_eq!(instances.len(), 2);
+    assert!(instances.iter().all(|i| i.release_id == good.release_id));
+    let current = client.get_env(&env).await.unwrap();
+    assert_eq!(current.current_release_id, Some(good.release_id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_host_instances_rescheduled() {
+    let cluster = bootstrap();
+    let control = start_control(&cluster);
+    let h1 = add_host(&control, &cluster, "h1", SimAgentConfig::default()).await;
+    let _h2 = add_host(&control, &cluster, "h2", SimAgentConfig::default()).await;
+    let (client, env) = create_env(&control, &cluster).await;
+
+    let first = deploy(&client, &env, release(2, 0, "a")).await;
+    let first = wait_deploy(&client, &env, &first).await;
+    assert_eq!(first.state, DeployState::Succeeded, "{:?}", first.failure);
+    let lost_host = h1.lease().host.id;
+
+    h1.power_off().await;
+
+    let started = Instant::now();
+    loop {
+        let instances = running(&client, &env).await;
+        let healthy_elsewhere = instances
+            .iter()
+            .filter(|i| i.host_id != lost_host && i.state == kiln_api::InstanceState::Healthy)
+            .count();
+        if healthy_elsewhere == 2 && instances.iter().all(|i| i.host_id != lost_host) {
+            break;
+        }
+        assert!(
+            started.elapsed() < DEPLOY_TIMEOUT,
+            "instances not rescheduled: {instances:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Outcome records of a deploy's steps, read from the projection.
+async fn step_records(pool: &sqlx::PgPool, deploy: &Deploy) -> Vec<String> {
+    sqlx::query_scalar("SELECT step FROM deploy_steps WHERE deploy_id = $1 ORDER BY position")
+        .bind(deploy.id.as_uuid())
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_killed_between_steps_resumes() {
+    let cluster = bootstrap();
+    let mut control = start_control(&cluster);
+    let pool = sqlx::PgPool::connect(&cluster.database_url).await.unwrap();
+    let mut agents = Vec::new();
+    for name in ["h1", "h2"] {
+        agents.push(add_host(&control, &cluster, name, SimAgentConfig::default()).await);
+    }
+    let (client, env) = create_env(&control, &cluster).await;
+    let first = deploy(&client, &env, release(2, 1, "a")).await;
+    let first = wait_deploy(&client, &env, &first).await;
+    assert_eq!(first.state, DeployState::Succeeded, "{:?}", first.failure);
+
+    // Kill kiln-control each time one more step is recorded, then start it again. The
+    // simulated agents keep running and reach the new process on the same address.
+    let second = deploy(&client, &env, release(2, 1, "b")).await;
+    let mut seen = 0;
+    let started = Instant::now();
+    let mut kills = 0;
+    loop {
+        let state: String = sqlx::query_scalar("SELECT state FROM deploys WHERE id = $1")
+            .bind(second.id.as_uuid())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if state == "succeeded" || state == "failed" {
+            break;
+        }
+        let records = step_records(&pool, &second).await.len();
+        if records > seen {
+            seen = records;
+            let address = control.url.trim_start_matches("http://").to_owned();
+            drop(control);
+            kills += 1;
+            control = start_control_on(&cluster, &address);
+        }
+        if started.elapsed() > DEPLOY_TIMEOUT {
+            let records = step_records(&pool, &second).await;
+            let instances: Vec<(String, String, String)> =
+                sqlx::query_as("SELECT id::text, desired, state FROM instances")
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+            let terms: Vec<(String, i64)> = sqlx::query_as("SELECT name, term FROM leader_terms")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+            panic!(
+                "deploy not finished after {kills} restarts: {records:?} {instances:?} {terms:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(kills >= 3, "only {kills} restarts happened");
+
+    let client = Client::new(&control.url, &cluster.org_token).unwrap();
+    let second = client.get_deploy(&env, second.id).await.unwrap();
+    assert_eq!(second.state, DeployState::Succeeded, "{:?}", second.failure);
+
+    let records = step_records(&pool, &second).await;
+    let unique: std::collections::BTreeSet<_> = records.iter().collect();
+    assert_eq!(
+        unique.len(),
+        records.len(),
+        "a step was recorded twice: {records:?}"
+    );
+
+    let instances = running(&client, &env).await;
+    assert_eq!(instances.len(), 3, "{instances:?}");
+    assert!(instances.iter().all(|i| i.release_id == second.release_id));
+    for agent in &agents {
+        assert!(agent.duplicate_starts().is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_controls_one_orchestrator() {
+    let cluster = bootstrap();
+    let control = start_control(&cluster);
+    let _other = start_control(&cluster);
+    let pool = sqlx::PgPool::connect(&cluster.database_url).await.unwrap();
+    let mut agents = Vec::new();
+    for name in ["h1", "h2"] {
+        agents.push(add_host(&control, &cluster, name, SimAgentConfig::default()).await);
+    }
+    let (client, env) = create_env(&control, &cluster).await;
+
+    let first = deploy(&client, &env, release(3, 0, "a")).await;
+    let first = wait_deploy(&client, &env, &first).await;
+    assert_eq!(first.state, DeployState::Succeeded, "{:?}", first.failure);
+    let second = deploy(&client, &env, release(3, 0, "b")).await;
+    let second = wait_deploy(&client, &env, &second).await;
+    assert_eq!(second.state, DeployState::Succeeded, "{:?}", second.failure);
+
+    // Only one replica orchestrates: each step outcome and each placement is written once.
+    let records = step_records(&pool, &second).await;
+    let unique: std::collections::BTreeSet<_> = records.iter().collect();
+    assert_eq!(unique.len(), records.len(), "{records:?}");
+    let placed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE type = 'InstancePlaced'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(placed, 6, "each instance is placed exactly once");
+    for agent in &agents {
+        assert!(agent.duplicate_starts().is_empty());
+    }
+}

@@ -1,0 +1,353 @@
+//! A simulated host agent for control-plane tests: it speaks the real host API over HTTP
+//! (register, heartbeat, watch assignments, report instance states) but boots no microVM.
+//!
+//! Orchestration tests run many of these against a real `kiln-control` to drive deploys end to
+//! end in seconds. What an instance does after it is assigned (become healthy, fail its health
+//! check, exit) is chosen per assignment by the test, so rollbacks can be provoked. The real
+//! agent has its own tests with real microVMs; this fixture replaces it only where the
+//! subject under test is the control plane.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use kiln_api::{
+    Assignment, Client, ClientError, DesiredState, Heartbeat, HostCapacity, HostLease,
+    InstanceState, RegisterHost, ReportInstanceState, VmmDriver, WatchQuery,
+};
+use kiln_core::InstanceId;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Attempts at reporting one instance state before giving up.
+const REPORT_ATTEMPTS: u32 = 150;
+
+/// Pause between report attempts.
+const REPORT_RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// The behavior of a simulated instance once it is assigned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Reports preparing, booting, running, then healthy.
+    Healthy,
+    /// Reports preparing, booting, running, then unhealthy, and stays up.
+    Unhealthy,
+    /// Reports preparing, then failed with exit code 1.
+    Fail,
+}
+
+/// Chooses the outcome of each assignment.
+pub type Behavior = Arc<dyn Fn(&Assignment) -> Outcome + Send + Sync>;
+
+/// Settings of a simulated agent.
+#[derive(Clone)]
+pub struct SimAgentConfig {
+    /// Capacity it registers with.
+    pub capacity: HostCapacity,
+    /// Time between heartbeats.
+    pub heartbeat_interval: Duration,
+    /// Long-poll wait of each assignments watch, in seconds.
+    pub watch_wait_secs: u64,
+    /// Outcome of each assignment.
+    pub behavior: Behavior,
+}
+
+impl Default for SimAgentConfig {
+    fn default() -> Self {
+        Self {
+            capacity: HostCapacity {
+                vcpus: 16,
+                memory_mib: 64 * 1024,
+            },
+            heartbeat_interval: Duration::from_millis(500),
+            watch_wait_secs: 5,
+            behavior: Arc::new(|_| Outcome::Healthy),
+        }
+    }
+}
+
+/// Error returned when a simulated agent cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum SimAgentError {
+    /// The client could not be built.
+    #[error("failed to create the API client for {url}")]
+    Client {
+        /// Base URL of the control plane.
+        url: String,
+        /// The client error.
+        #[source]
+        source: ClientError,
+    },
+    /// Registration was rejected or failed.
+    #[error("failed to register the simulated host")]
+    Register(#[source] ClientError),
+}
+
+/// The simulated host's instances, as last reported to the control plane.
+#[derive(Debug, Clone, Default)]
+struct SimState {
+    /// Instances it reported as started, with their last reported state.
+    instances: BTreeMap<InstanceId, InstanceState>,
+    /// Assignments seen, counted per instance: more than one means a duplicate start.
+    starts: BTreeMap<InstanceId, u32>,
+}
+
+/// A running simulated agent. Dropping it stops its tasks, like a host that loses power.
+pub struct SimAgent {
+    lease: HostLease,
+    state: Arc<Mutex<SimState>>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl SimAgent {
+    /// Registers with the control plane at `base_url` using a host token, then heartbeats and
+    /// watches assignments in background tasks.
+    pub async fn start(
+        base_url: &str,
+        host_token: &str,
+        config: SimAgentConfig,
+    ) -> Result<Self, SimAgentError> {
+        let client = Client::new(base_url, host_token).map_err(|source| SimAgentError::Client {
+            url: base_url.to_owned(),
+            source,
+        })?;
+
+        let endpoint = SocketAddr::from(([127, 0, 0, 1], 51820));
+        let lease = client
+            .register_host(&RegisterHost {
+                capacity: config.capacity,
+                driver: VmmDriver::Qemu,
+                overlay_public_key: "c2ltdWxhdGVkLWhvc3Qta2V5LXBsYWNlaG9sZGVyMDA=".to_owned(),
+                overlay_endpoint: endpoint,
+            })
+            .await
+            .map_err(SimAgentError::Register)?;
+
+        let state = Arc::new(Mutex::new(SimState::default()));
+        let (shutdown, stopped) = watch::channel(false);
+        let tasks = vec![
+            tokio::spawn(heartbeat_loop(
+                client.clone(),
+                config.heartbeat_interval,
+                Arc::clone(&state),
+                stopped.clone(),
+            )),
+            tokio::spawn(watch_loop(client, config, Arc::clone(&state), stopped)),
+        ];
+
+        Ok(Self {
+            lease,
+            state,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// The lease returned at registration, with the host record.
+    pub fn lease(&self) -> &HostLease {
+        &self.lease
+    }
+
+    /// Instances the host runs now (started and not yet reported stopped or failed).
+    pub fn running(&self) -> BTreeSet<InstanceId> {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state
+            .instances
+            .iter()
+            .filter(|(_, state)| !state.is_terminal())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Instances the host was assigned more than once: each is a duplicate start.
+    pub fn duplicate_starts(&self) -> Vec<InstanceId> {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state
+            .starts
+            .iter()
+            .filter(|(_, count)| **count > 1)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Stops heartbeating and watching, so the host's lease expires.
+    pub async fn power_off(mut self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks.drain(..) {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for SimAgent {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+async fn heartbeat_loop(
+    client: Client,
+    interval: Duration,
+    state: Arc<Mutex<SimState>>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    loop {
+        let running = {
+            let state = state.lock().unwrap_or_else(PoisonError::into_inner);
+            state
+                .instances
+                .values()
+                .filter(|state| !state.is_terminal())
+                .count()
+        };
+        let heartbeat = Heartbeat {
+            running_instances: u32::try_from(running).unwrap_or(u32::MAX),
+        };
+        if let Err(error) = client.heartbeat(&heartbeat).await {
+            tracing::warn!(error = %error, "simulated heartbeat failed");
+        }
+
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stopped.changed() => return,
+        }
+    }
+}
+
+async fn watch_loop(
+    client: Client,
+    config: SimAgentConfig,
+    state: Arc<Mutex<SimState>>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut cursor = 0;
+    loop {
+        let query = WatchQuery {
+            after: Some(cursor),
+            wait: Some(config.watch_wait_secs),
+        };
+        let page = tokio::select! {
+            page = client.watch_assignments(&query) => page,
+            _ = stopped.changed() => return,
+        };
+        let assignments = match page {
+            Ok(assignments) => assignments,
+            Err(error) => {
+                tracing::warn!(error = %error, "simulated assignments watch failed");
+                // A bounded pause before retrying, so a down control plane is not hammered.
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                    _ = stopped.changed() => return,
+                }
+            }
+        };
+        cursor = assignments.cursor;
+        reconcile(&client, &config, &state, &assignments.assignments).await;
+    }
+}
+
+/// Brings the simulated host to the complete desired set: starts what is new, stops what is
+/// marked stopped, and drops instances no longer assigned.
+async fn reconcile(
+    client: &Client,
+    config: &SimAgentConfig,
+    state: &Arc<Mutex<SimState>>,
+    assignments: &[Assignment],
+) {
+    let assigned: BTreeSet<InstanceId> = assignments.iter().map(|a| a.instance_id).collect();
+    {
+        let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.instances.retain(|id, _| assigned.contains(id));
+    }
+
+    for assignment in assignments {
+        let known = {
+            let state = state.lock().unwrap_or_else(PoisonError::into_inner);
+            state.instances.get(&assignment.instance_id).copied()
+        };
+        match (assignment.desired, known) {
+            (DesiredState::Running, None) => {
+                {
+                    let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+                    *state.starts.entry(assignment.instance_id).or_default() += 1;
+                }
+                let outcome = (config.behavior)(assignment);
+                boot(client, state, assignment.instance_id, outcome).await;
+            }
+            (DesiredState::Stopped, Some(current)) if !current.is_terminal() => {
+                report(
+                    client,
+                    state,
+                    assignment.instance_id,
+                    InstanceState::Stopping,
+                    None,
+                )
+                .await;
+                report(
+                    client,
+                    state,
+                    assignment.instance_id,
+                    InstanceState::Exited,
+                    Some(0),
+                )
+                .await;
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn boot(
+    client: &Client,
+    state: &Arc<Mutex<SimState>>,
+    instance: InstanceId,
+    outcome: Outcome,
+) {
+    report(client, state, instance, InstanceState::Preparing, None).await;
+    if outcome == Outcome::Fail {
+        report(client, state, instance, InstanceState::Failed, Some(1)).await;
+        return;
+    }
+    report(client, state, instance, InstanceState::Booting, None).await;
+    report(client, state, instance, InstanceState::Running, None).await;
+    let last = match outcome {
+        Outcome::Unhealthy => InstanceState::Unhealthy,
+        _ => InstanceState::Healthy,
+    };
+    report(client, state, instance, last, None).await;
+}
+
+async fn report(
+    client: &Client,
+    state: &Arc<Mutex<SimState>>,
+    instance: InstanceId,
+    new_state: InstanceState,
+    exit_code: Option<i32>,
+) {
+    let request = ReportInstanceState {
+        state: new_state,
+        detail: Some("simulated".to_owned()),
+        exit_code,
+    };
+    // Retry while the control plane is unreachable (it may be restarting), as a real agent
+    // does, so no state change is lost; give up after REPORT_ATTEMPTS.
+    for attempt in 1..=REPORT_ATTEMPTS {
+        match client.report_instance_state(instance, &request).await {
+            Ok(_) => break,
+            Err(error) if error.is_retryable() && attempt < REPORT_ATTEMPTS => {
+                tokio::time::sleep(REPORT_RETRY_PAUSE).await;
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, instance = %instance, state = ?new_state, "simulated report failed");
+                break;
+            }
+        }
+    }
+    let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+    state.instances.insert(instance, new_state);
+}
