@@ -428,6 +428,15 @@ where
 
         let mut env = image.env.clone();
         env.extend(assignment.env_vars.clone());
+        // The instance's identity, set last so neither the image nor the config can fake it.
+        env.insert("KILN_APP".to_owned(), assignment.app.to_string());
+        env.insert("KILN_ENV".to_owned(), assignment.env.to_string());
+        env.insert(
+            "KILN_RELEASE".to_owned(),
+            format!("v{}", assignment.release_version),
+        );
+        env.insert("KILN_INSTANCE".to_owned(), id.to_string());
+        env.insert("KILN_PROCESS".to_owned(), assignment.process.to_string());
         let command = if assignment.command.is_empty() {
             image.default_command.clone()
         } else {
