@@ -469,12 +469,16 @@ fn binaries_dir() -> PathBuf {
     dir
 }
 
-/// The guest kernel directory from `scripts/guest-kernel`, built once per test process (the
-/// script reuses an earlier build with the same inputs, and builds kiln-init in a target
-/// directory of its own, so it never waits for this test's cargo).
+/// Returns `KILN_GUEST_ASSETS`, or else the guest kernel directory from `scripts/guest-kernel`,
+/// built once per test process. The script reuses an earlier build with the same inputs and
+/// builds kiln-init in a target directory of its own, so it never waits for this test's cargo.
 fn guest_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
+        // scripts/test builds the assets once and exports their directory.
+        if let Some(dir) = std::env::var_os("KILN_GUEST_ASSETS") {
+            return PathBuf::from(dir);
+        }
         let script = repo().join("scripts/guest-kernel");
         assert!(
             script.is_file(),
