@@ -128,9 +128,10 @@ impl Stack {
         self.root.path().join("dev")
     }
 
-    /// Returns the agent's state directory (instance records, disks, logs).
+    /// Returns the agent's state directory (instance records, disks, logs), which
+    /// `scripts/dev` keeps under a short path and names in `agent/state-dir`.
     pub(crate) fn agent_state_dir(&self) -> PathBuf {
-        self.dev_dir().join("agent/state")
+        PathBuf::from(read_trimmed(&self.dev_dir().join("agent/state-dir")))
     }
 
     /// Builds a command that runs `program` inside the stack's namespace with the dev stack's
