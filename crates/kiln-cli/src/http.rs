@@ -274,6 +274,10 @@ fn api_error(what: &str, status: StatusCode, bytes: &[u8]) -> CliError {
              yours)"
                 .to_owned(),
         ),
+        ErrorCode::InvalidValue | ErrorCode::InvalidBody => (
+            ExitKind::Usage,
+            "fix the value named above and retry".to_owned(),
+        ),
         ErrorCode::NotFound => (
             ExitKind::NotFound,
             "check the names with `kiln apps list` and `kiln envs list`".to_owned(),
@@ -309,4 +313,20 @@ fn api_error(what: &str, status: StatusCode, bytes: &[u8]) -> CliError {
     };
 
     CliError::new(kind, format!("{what} failed: {}", body.message)).with_hint(hint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_errors_are_usage() {
+        for code in ["invalid_value", "invalid_body"] {
+            let body = format!(r#"{{"code":"{code}","message":"count 500 is above 100"}}"#);
+
+            let error = api_error("GET /v1/apps", StatusCode::BAD_REQUEST, body.as_bytes());
+
+            assert_eq!(error.kind(), ExitKind::Usage, "{code}");
+        }
+    }
 }
