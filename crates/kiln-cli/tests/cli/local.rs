@@ -165,6 +165,11 @@ fn scale_rejects_bad_count() {
         "{}",
         run.stderr
     );
+    assert!(
+        run.stderr.contains("with a count from 0 to 100\n"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
