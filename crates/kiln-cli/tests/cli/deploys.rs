@@ -199,6 +199,22 @@ fn deploy_without_hosts_says_so() {
 }
 
 #[test]
+fn deploy_digest_skips_registry() {
+    let control = Control::start();
+    let kiln = project(&control);
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    // Nothing listens on port 9, so any registry request would fail.
+    let image = format!("127.0.0.1:9/web@{digest}");
+
+    let run = kiln.run(&["deploy", "--image", &image, "--detach", "--json"]);
+
+    run.ok();
+    let created = run.json();
+    assert_eq!(created["release"]["image"]["digest"], digest.as_str());
+    assert_eq!(created["release"]["image"]["reference"], image.as_str());
+}
+
+#[test]
 fn scale_logs_plan_after_deploy() {
     let control = Control::start();
     let registry = Registry::start();
