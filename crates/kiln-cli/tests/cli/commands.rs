@@ -294,6 +294,26 @@ fn events_show_audit_trail() {
 }
 
 #[test]
+fn events_env_uses_manifest_app() {
+    let control = Control::start();
+    let kiln = control.kiln();
+    kiln.run(&["init", "--name", "web"]).ok();
+    kiln.run(&["apps", "create", "web"]).ok();
+    kiln.run(&["envs", "create", "prod"]).ok();
+
+    let run = kiln.run(&["events", "--env", "prod", "--json"]);
+
+    run.ok();
+    let types: Vec<String> = run.json()["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(types.contains(&"EnvCreated".to_owned()), "{types:?}");
+}
+
+#[test]
 fn verbose_redacts_token() {
     let control = Control::start();
     let kiln = control.kiln();
