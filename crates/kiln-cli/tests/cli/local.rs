@@ -299,6 +299,12 @@ fn deploy_shows_manifest_errors() {
         "{}",
         run.stderr
     );
+    assert_eq!(
+        run.stderr.matches("is not a valid manifest").count(),
+        1,
+        "the headline repeats:\n{}",
+        run.stderr
+    );
     assert!(run.stderr.contains("[kiln.toml:16:10]"), "{}", run.stderr);
     assert!(run.stderr.contains("memory = \"64MiB\""), "{}", run.stderr);
     assert!(run.stderr.contains("^^^"), "no underline:\n{}", run.stderr);
