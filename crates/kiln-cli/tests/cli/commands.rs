@@ -294,6 +294,19 @@ fn events_show_audit_trail() {
 }
 
 #[test]
+fn api_url_with_path_blamed() {
+    let control = Control::start();
+    let kiln = control.kiln();
+    let url = format!("{}/kiln", control.url);
+
+    let run = kiln.run(&["apps", "list", "--api-url", &url]);
+
+    run.expect_code(3);
+    assert!(run.stderr.contains("looks wrong"), "{}", run.stderr);
+    assert!(!run.stderr.contains("kiln apps list"), "{}", run.stderr);
+}
+
+#[test]
 fn events_env_uses_manifest_app() {
     let control = Control::start();
     let kiln = control.kiln();

@@ -156,6 +156,26 @@ fn unknown_context_is_not_found() {
 }
 
 #[test]
+fn invalid_api_url_is_usage_error() {
+    let mut kiln = Kiln::new();
+    kiln.set_env("KILN_TOKEN", "kiln_unused");
+
+    for url in ["not a url", "ftp://127.0.0.1:9", "127.0.0.1:9"] {
+        let run = kiln.run(&["apps", "list", "--org", "acme", "--api-url", url]);
+
+        run.expect_code(2);
+        assert!(
+            run.stderr.contains(&format!(
+                "invalid --api-url {url:?}: expected http(s)://HOST[:PORT]"
+            )),
+            "{}",
+            run.stderr
+        );
+        assert!(!run.stderr.contains("builder error"), "{}", run.stderr);
+    }
+}
+
+#[test]
 fn scale_rejects_bad_count() {
     let run = Kiln::new().run(&["scale", "web=three", "--env", "prod"]);
 
