@@ -91,6 +91,16 @@ fn login_rejects_bad_token() {
         run.stderr
     );
     assert!(
+        run.stderr.contains("kiln-control bootstrap"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !run.stderr.contains("kiln tokens create"),
+        "creating a token needs a working login:\n{}",
+        run.stderr
+    );
+    assert!(
         !kiln.config_file().exists(),
         "a rejected token must not be saved"
     );
