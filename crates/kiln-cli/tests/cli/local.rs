@@ -176,6 +176,20 @@ fn invalid_api_url_is_usage_error() {
 }
 
 #[test]
+fn tokens_help_says_app_ignored() {
+    let run = Kiln::new().run(&["tokens", "create", "--help"]);
+
+    run.ok();
+    let help = run.stdout.replace('\n', " ");
+    let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        help.contains("login, logout, whoami, tokens and hosts ignore it"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
 fn scale_rejects_bad_count() {
     let run = Kiln::new().run(&["scale", "web=three", "--env", "prod"]);
 
