@@ -177,6 +177,13 @@ fn envs_and_config() {
     set.ok();
     assert_snapshot!("config_set_stdout", redact(&set.stdout));
     kiln.run(&["config", "unset", "PORT"]).ok();
+    let missing = kiln.run(&["config", "unset", "NOPE"]);
+    missing.expect_code(3);
+    assert!(
+        missing.stderr.contains("config variable NOPE not found"),
+        "{}",
+        missing.stderr
+    );
     let listed = kiln.run(&["config", "list"]);
     listed.ok();
     assert_snapshot!("config_list_stdout", listed.stdout);
