@@ -269,8 +269,8 @@ fn api_error(what: &str, base_url: &str, status: StatusCode, bytes: &[u8]) -> Cl
             .with_hint(wrong_url_hint(base_url));
     };
 
-    // kiln-control answers a path outside its API with this message, which means the API
-    // URL has a path it should not have, not that a named resource is missing.
+    // kiln-control returns this message for a path outside its API. It means the API URL has
+    // a path it should not have, not that a named resource is missing.
     if body.code == ErrorCode::NotFound && body.message.starts_with("no such endpoint") {
         return CliError::new(
             ExitKind::NotFound,
