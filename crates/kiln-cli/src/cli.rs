@@ -70,7 +70,8 @@ pub(crate) struct GlobalArgs {
     )]
     pub(crate) org: Option<String>,
 
-    /// App to act on [default: `app` in ./kiln.toml]
+    /// App to act on [default: `app` in ./kiln.toml]; login, logout, whoami, tokens and hosts
+    /// ignore it
     #[arg(
         long,
         global = true,
@@ -80,7 +81,8 @@ pub(crate) struct GlobalArgs {
     )]
     pub(crate) app: Option<String>,
 
-    /// Environment to act on, such as prod or staging
+    /// Environment to act on, such as prod or staging; login, logout, whoami, tokens and
+    /// hosts ignore it
     #[arg(
         long,
         global = true,

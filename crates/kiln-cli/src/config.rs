@@ -162,6 +162,23 @@ pub(crate) struct Overrides {
     pub(crate) org: Option<String>,
 }
 
+/// Checks that `url` can be an API base URL: `http` or `https`, a host, and no query or
+/// fragment, which would corrupt every request path appended to it.
+pub(crate) fn check_api_url(url: &str) -> Result<(), String> {
+    let expected = "expected http(s)://HOST[:PORT]";
+    let parsed = reqwest::Url::parse(url).map_err(|error| format!("{expected} ({error})"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!("{expected}, not scheme {}", parsed.scheme()));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{expected} (the host is missing)"));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(format!("{expected} without a query or fragment"));
+    }
+    Ok(())
+}
+
 /// Applies the precedence rules: overrides win over the named context in `file`.
 pub(crate) fn resolve(file: &ConfigFile, overrides: &Overrides) -> Resolved {
     let name = file.context_name(overrides.context.as_deref());
@@ -188,6 +205,16 @@ pub(crate) fn resolve(file: &ConfigFile, overrides: &Overrides) -> Resolved {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_url_check() {
+        assert!(check_api_url("https://kiln.example.com").is_ok());
+        assert!(check_api_url("http://127.0.0.1:8080/").is_ok());
+        assert!(check_api_url("not a url").is_err());
+        assert!(check_api_url("127.0.0.1:8080").is_err());
+        assert!(check_api_url("ftp://kiln.example.com").is_err());
+        assert!(check_api_url("https://kiln.example.com/?x=1").is_err());
+    }
 
     fn sample() -> ConfigFile {
         let mut file = ConfigFile {

@@ -37,6 +37,10 @@ struct Body {
 impl Http {
     /// Creates a transport for `base_url`; `token` is sent as `Authorization: Bearer`.
     pub(crate) fn new(base_url: &str, token: Option<String>, verbose: bool) -> CliResult<Self> {
+        crate::config::check_api_url(base_url).map_err(|reason| {
+            CliError::usage(format!("invalid API URL {base_url:?}: {reason}"))
+                .with_hint("fix the context's api_url with `kiln login --api-url URL`")
+        })?;
         let client = reqwest::Client::builder()
             .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -218,7 +222,7 @@ impl Http {
         }
 
         if !status.is_success() {
-            return Err(api_error(&what, status, &bytes));
+            return Err(api_error(&what, &self.base_url, status, &bytes));
         }
         let bytes = if bytes.is_empty() {
             &b"null"[..]
@@ -244,8 +248,16 @@ fn log_request(request: &reqwest::Request, body: Option<&Body>, secrets_endpoint
     }
 }
 
+/// Hint for a response that shows the request did not reach kiln-control's API routes.
+fn wrong_url_hint(base_url: &str) -> String {
+    format!(
+        "the API URL {base_url} looks wrong: kiln-control did not answer there; pass \
+         --api-url http(s)://HOST[:PORT] without a path (`kiln whoami` shows the context's)"
+    )
+}
+
 /// Maps an error response to a CLI error with an exit kind and a hint.
-fn api_error(what: &str, status: StatusCode, bytes: &[u8]) -> CliError {
+fn api_error(what: &str, base_url: &str, status: StatusCode, bytes: &[u8]) -> CliError {
     let Ok(body) = serde_json::from_slice::<ErrorBody>(bytes) else {
         let kind = match status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => ExitKind::Auth,
@@ -254,8 +266,18 @@ fn api_error(what: &str, status: StatusCode, bytes: &[u8]) -> CliError {
             _ => ExitKind::Failure,
         };
         return CliError::new(kind, format!("{what} failed with HTTP {status}"))
-            .with_hint("check --api-url: the server did not answer like kiln-control");
+            .with_hint(wrong_url_hint(base_url));
     };
+
+    // kiln-control returns this message for a path outside its API. It means the API URL has
+    // a path it should not have, not that a named resource is missing.
+    if body.code == ErrorCode::NotFound && body.message.starts_with("no such endpoint") {
+        return CliError::new(
+            ExitKind::NotFound,
+            format!("{what} failed: {}", body.message),
+        )
+        .with_hint(wrong_url_hint(base_url));
+    }
 
     let (kind, hint) = match body.code {
         ErrorCode::Unauthenticated => (
@@ -273,6 +295,10 @@ fn api_error(what: &str, status: StatusCode, bytes: &[u8]) -> CliError {
             "this token may not do that; use a token with the needed role (`kiln whoami` shows \
              yours)"
                 .to_owned(),
+        ),
+        ErrorCode::InvalidValue | ErrorCode::InvalidBody => (
+            ExitKind::Usage,
+            "fix the value named above and retry".to_owned(),
         ),
         ErrorCode::NotFound => (
             ExitKind::NotFound,
@@ -309,4 +335,45 @@ fn api_error(what: &str, status: StatusCode, bytes: &[u8]) -> CliError {
     };
 
     CliError::new(kind, format!("{what} failed: {}", body.message)).with_hint(hint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE_URL: &str = "http://127.0.0.1:9";
+
+    fn error_for(status: StatusCode, body: &str) -> CliError {
+        api_error("GET /v1/apps", BASE_URL, status, body.as_bytes())
+    }
+
+    #[test]
+    fn validation_errors_are_usage() {
+        for code in ["invalid_value", "invalid_body"] {
+            let body = format!(r#"{{"code":"{code}","message":"count 500 is above 100"}}"#);
+
+            let error = error_for(StatusCode::BAD_REQUEST, &body);
+
+            assert_eq!(error.kind(), ExitKind::Usage, "{code}");
+        }
+    }
+
+    #[test]
+    fn unknown_endpoint_blames_url() {
+        let kiln_body =
+            r#"{"code":"not_found","message":"no such endpoint; see /v1/openapi.json"}"#;
+
+        let from_kiln = error_for(StatusCode::NOT_FOUND, kiln_body).to_string();
+        let from_other = error_for(StatusCode::NOT_FOUND, "<html>404</html>").to_string();
+
+        assert!(
+            from_kiln.contains("API URL http://127.0.0.1:9 looks wrong"),
+            "{from_kiln}"
+        );
+        assert!(!from_kiln.contains("kiln apps list"), "{from_kiln}");
+        assert!(
+            from_other.contains("API URL http://127.0.0.1:9 looks wrong"),
+            "{from_other}"
+        );
+    }
 }

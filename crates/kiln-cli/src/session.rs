@@ -35,6 +35,12 @@ impl Session {
     pub(crate) fn new(global: GlobalArgs) -> CliResult<Self> {
         let config_path = config::path()?;
         let config = ConfigFile::load(&config_path)?;
+        if let Some(url) = &global.api_url {
+            config::check_api_url(url).map_err(|reason| {
+                CliError::usage(format!("invalid --api-url {url:?}: {reason}"))
+                    .with_hint("pass a URL like https://kiln.example.com, or fix KILN_API_URL")
+            })?;
+        }
         let overrides = Overrides {
             context: global.context.clone(),
             api_url: global.api_url.clone(),

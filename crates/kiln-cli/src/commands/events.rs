@@ -18,8 +18,8 @@ const FOLLOW_WAIT_SECS: u64 = 30;
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
 The scope is the org, narrowed to an app by --app (or KILN_APP) and to an environment by
---env. The app in ./kiln.toml is not used here, so that `kiln events` in a project directory
-still shows the whole org unless asked otherwise.
+--env. With --env the app is --app, KILN_APP or `app` in ./kiln.toml, as for other commands;
+without --env or --app, `kiln events` shows the whole org even in a project directory.
 
 Examples:
   kiln events
@@ -42,12 +42,14 @@ pub(crate) struct Args {
 /// Prints events, then follows new ones with `-f`.
 pub(crate) async fn run(session: &mut Session, args: Args) -> CliResult {
     let org = session.org()?;
-    if session.global.env.is_some() && session.global.app.is_none() {
-        return Err(CliError::usage("--env needs --app for `kiln events`")
-            .with_hint("pass --app APP as well, or set KILN_APP"));
-    }
-    let app = session.global.app.clone();
-    let env = session.global.env.clone();
+    let app = match (&session.global.app, &session.global.env) {
+        (None, None) => None,
+        _ => Some(session.app()?.to_string()),
+    };
+    let env = match &session.global.env {
+        Some(_) => Some(session.env()?.to_string()),
+        None => None,
+    };
     let api = session.api()?;
     let path = route(routes::ORG_EVENTS, &[("org", org.as_str())]);
 

@@ -62,7 +62,8 @@ pub(crate) async fn run(session: &mut Session, args: Args) -> CliResult {
     let whoami: WhoAmI = http.get(routes::WHOAMI).await.map_err(|error| {
         if error.kind() == ExitKind::Auth {
             error.with_hint(
-                "the token was rejected; check it, or create a new one with `kiln tokens create`",
+                "the token was rejected; check it, or ask an org admin for a new one (the first \
+                 admin token is in the output of `kiln-control bootstrap`)",
             )
         } else {
             error

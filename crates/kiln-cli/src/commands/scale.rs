@@ -9,9 +9,11 @@ use crate::commands::EnvTarget;
 use crate::error::{CliError, CliResult};
 use crate::session::Session;
 
-/// Most instances of one process type `kiln scale` accepts, to catch typos such as `web=300`
-/// meant as `web=3`; the server enforces its own limits.
-const MAX_COUNT: u32 = 1000;
+/// Maximum instances of one process type, the same as the server's limit, so the CLI rejects
+/// what the server would reject before sending it.
+// NOTE: a copy of `kiln_control::api::envs::MAX_INSTANCES_PER_PROCESS`; kiln-api does not
+// export it and the CLI does not depend on the server crate. Keep the two equal.
+const MAX_COUNT: u32 = 100;
 
 /// Arguments of `kiln scale`.
 #[derive(Debug, clap::Args)]
@@ -99,10 +101,17 @@ mod tests {
     }
 
     #[test]
+    fn counts_accept_server_maximum() {
+        let counts = parse_counts(&strings(&["web=100"])).unwrap();
+
+        assert_eq!(counts[&ProcessName::new("web").unwrap()], 100);
+    }
+
+    #[test]
     fn counts_reject_bad_input() {
         assert!(parse_counts(&strings(&["web"])).is_err());
         assert!(parse_counts(&strings(&["web=-1"])).is_err());
-        assert!(parse_counts(&strings(&["web=1001"])).is_err());
+        assert!(parse_counts(&strings(&["web=101"])).is_err());
         assert!(parse_counts(&strings(&["Web=1"])).is_err());
         assert!(parse_counts(&strings(&["web=1", "web=2"])).is_err());
     }

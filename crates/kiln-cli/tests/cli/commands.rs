@@ -91,6 +91,16 @@ fn login_rejects_bad_token() {
         run.stderr
     );
     assert!(
+        run.stderr.contains("kiln-control bootstrap"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !run.stderr.contains("kiln tokens create"),
+        "creating a token needs a working login:\n{}",
+        run.stderr
+    );
+    assert!(
         !kiln.config_file().exists(),
         "a rejected token must not be saved"
     );
@@ -167,6 +177,13 @@ fn envs_and_config() {
     set.ok();
     assert_snapshot!("config_set_stdout", redact(&set.stdout));
     kiln.run(&["config", "unset", "PORT"]).ok();
+    let missing = kiln.run(&["config", "unset", "NOPE"]);
+    missing.expect_code(3);
+    assert!(
+        missing.stderr.contains("config variable NOPE not found"),
+        "{}",
+        missing.stderr
+    );
     let listed = kiln.run(&["config", "list"]);
     listed.ok();
     assert_snapshot!("config_list_stdout", listed.stdout);
@@ -291,6 +308,39 @@ fn events_show_audit_trail() {
     );
 
     kiln.run(&["events", "--env", "prod"]).expect_code(2);
+}
+
+#[test]
+fn api_url_with_path_blamed() {
+    let control = Control::start();
+    let kiln = control.kiln();
+    let url = format!("{}/kiln", control.url);
+
+    let run = kiln.run(&["apps", "list", "--api-url", &url]);
+
+    run.expect_code(3);
+    assert!(run.stderr.contains("looks wrong"), "{}", run.stderr);
+    assert!(!run.stderr.contains("kiln apps list"), "{}", run.stderr);
+}
+
+#[test]
+fn events_env_uses_manifest_app() {
+    let control = Control::start();
+    let kiln = control.kiln();
+    kiln.run(&["init", "--name", "web"]).ok();
+    kiln.run(&["apps", "create", "web"]).ok();
+    kiln.run(&["envs", "create", "prod"]).ok();
+
+    let run = kiln.run(&["events", "--env", "prod", "--json"]);
+
+    run.ok();
+    let types: Vec<String> = run.json()["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(types.contains(&"EnvCreated".to_owned()), "{types:?}");
 }
 
 #[test]

@@ -156,6 +156,65 @@ fn interrupt_detaches_from_deploy() {
 }
 
 #[test]
+fn deploy_without_hosts_says_so() {
+    let control = Control::start();
+    let registry = Registry::start();
+    let repository = unique_repository("web");
+    registry.push_image(&repository, "1.0", b"v1");
+    let mut kiln = project(&control);
+    kiln.set_env("KILN_QUIET_NOTICE_SECS", "1");
+    let image = format!("{}/{repository}:1.0", registry.addr);
+    let mut child = kiln.spawn(&["deploy", "--image", &image]);
+    let stderr = child.stderr.take().unwrap();
+    let (sender, receiver) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = sender.send(line);
+        }
+    });
+
+    let mut seen = Vec::new();
+    let notice = loop {
+        let line = receiver
+            .recv_timeout(FOLLOW_START_TIMEOUT)
+            .unwrap_or_else(|_| panic!("no quiet notice; stderr so far:\n{}", seen.join("\n")));
+        if line.contains("no instance placed yet") {
+            break line;
+        }
+        seen.push(line);
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+
+    assert!(notice.contains("kiln hosts list"), "{notice}");
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "the notice must not end the deploy"
+    );
+}
+
+#[test]
+fn deploy_digest_skips_registry() {
+    let control = Control::start();
+    let kiln = project(&control);
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    // Nothing listens on port 9, so any registry request would fail.
+    let image = format!("127.0.0.1:9/web@{digest}");
+
+    let run = kiln.run(&["deploy", "--image", &image, "--detach", "--json"]);
+
+    run.ok();
+    let created = run.json();
+    assert_eq!(created["release"]["image"]["digest"], digest.as_str());
+    assert_eq!(created["release"]["image"]["reference"], image.as_str());
+}
+
+#[test]
 fn scale_logs_plan_after_deploy() {
     let control = Control::start();
     let registry = Registry::start();

@@ -156,12 +156,51 @@ fn unknown_context_is_not_found() {
 }
 
 #[test]
+fn invalid_api_url_is_usage_error() {
+    let mut kiln = Kiln::new();
+    kiln.set_env("KILN_TOKEN", "kiln_unused");
+
+    for url in ["not a url", "ftp://127.0.0.1:9", "127.0.0.1:9"] {
+        let run = kiln.run(&["apps", "list", "--org", "acme", "--api-url", url]);
+
+        run.expect_code(2);
+        assert!(
+            run.stderr.contains(&format!(
+                "invalid --api-url {url:?}: expected http(s)://HOST[:PORT]"
+            )),
+            "{}",
+            run.stderr
+        );
+        assert!(!run.stderr.contains("builder error"), "{}", run.stderr);
+    }
+}
+
+#[test]
+fn tokens_help_says_app_ignored() {
+    let run = Kiln::new().run(&["tokens", "create", "--help"]);
+
+    run.ok();
+    let help = run.stdout.replace('\n', " ");
+    let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        help.contains("login, logout, whoami, tokens and hosts ignore it"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
 fn scale_rejects_bad_count() {
     let run = Kiln::new().run(&["scale", "web=three", "--env", "prod"]);
 
     run.expect_code(2);
     assert!(
         run.stderr.contains("invalid count \"web=three\""),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("with a count from 0 to 100\n"),
         "{}",
         run.stderr
     );
@@ -292,6 +331,12 @@ fn deploy_shows_manifest_errors() {
         run.stderr
             .contains("error: kiln.toml is not a valid manifest: 1 error"),
         "{}",
+        run.stderr
+    );
+    assert_eq!(
+        run.stderr.matches("is not a valid manifest").count(),
+        1,
+        "the headline repeats:\n{}",
         run.stderr
     );
     assert!(run.stderr.contains("[kiln.toml:16:10]"), "{}", run.stderr);

@@ -81,7 +81,7 @@ fn deploy_missing_tag_is_not_found() {
 }
 
 #[test]
-fn deploy_with_digest_checks_it_exists() {
+fn deploy_digest_sent_unchanged() {
     let registry = Registry::start();
     let repository = unique_repository("web");
     let digest = registry.push_image(&repository, "1.0", b"layer");

@@ -4,7 +4,8 @@ use kiln_api::{ConfigVars, UpdateConfig, routes};
 
 use super::check_var_name;
 use crate::commands::EnvTarget;
-use crate::error::CliResult;
+use crate::error::{CliError, CliResult};
+use crate::exit::ExitKind;
 use crate::session::Session;
 
 /// Arguments of `kiln config unset`.
@@ -23,6 +24,36 @@ pub(crate) async fn run(session: &mut Session, args: Args) -> CliResult {
     }
     let target = EnvTarget::from_session(session)?;
     let api = session.api()?;
+
+    // Removing a variable that does not exist is almost always a typo, and would still bump
+    // the config version on the server.
+    let current: ConfigVars = api.get(&target.route(routes::CONFIG)).await?;
+    let missing: Vec<&str> = args
+        .names
+        .iter()
+        .filter(|name| !current.vars.contains_key(*name))
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
+        let noun = if missing.len() == 1 {
+            "variable"
+        } else {
+            "variables"
+        };
+        return Err(CliError::new(
+            ExitKind::NotFound,
+            format!(
+                "config {noun} {} not found on {}",
+                missing.join(", "),
+                target.label()
+            ),
+        )
+        .with_hint(format!(
+            "see the variables with: kiln config list --env {}",
+            target.env
+        )));
+    }
+
     let update = UpdateConfig {
         unset: args.names.clone(),
         ..UpdateConfig::default()

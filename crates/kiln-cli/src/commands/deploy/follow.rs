@@ -27,6 +27,19 @@ const POLL_WAIT_SECS: u64 = 20;
 /// Log lines shown for the instance that failed a deploy.
 const FAILURE_LOG_LINES: u32 = 20;
 
+/// Seconds without an event of the deploy's environment before `kiln deploy` says so on
+/// stderr; `KILN_QUIET_NOTICE_SECS` overrides it (tests set it low).
+const QUIET_NOTICE_SECS: u64 = 30;
+
+/// Returns how long the rollout may be quiet before the CLI prints a notice.
+fn quiet_notice_after() -> Duration {
+    let secs = std::env::var("KILN_QUIET_NOTICE_SECS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(QUIET_NOTICE_SECS);
+    Duration::from_secs(secs)
+}
+
 /// Prints the created deploy and, unless `detach`, follows it.
 pub(crate) async fn after_create(
     session: &Session,
@@ -150,8 +163,12 @@ impl View {
         }
     }
 
-    /// `healthy/total` of the new instances, for the spinner.
+    /// The current phase for the spinner: waiting for placement, then `healthy/total` of
+    /// the new instances.
     fn summary(&self) -> String {
+        if self.new_instances.is_empty() {
+            return "waiting for placement".to_owned();
+        }
         let healthy = self
             .new_instances
             .values()
@@ -161,6 +178,22 @@ impl View {
             "{healthy}/{} new instances healthy",
             self.new_instances.len()
         )
+    }
+
+    /// The notice printed when nothing has happened for `quiet`.
+    fn quiet_notice(&self, quiet: Duration, env: &str) -> String {
+        let secs = quiet.as_secs();
+        if self.new_instances.is_empty() {
+            format!(
+                "no instance placed yet after {secs}s; is a host registered and schedulable? \
+                 see `kiln hosts list`"
+            )
+        } else {
+            format!(
+                "no progress for {secs}s ({}); see `kiln status --env {env}`",
+                self.summary()
+            )
+        }
     }
 }
 
@@ -183,11 +216,16 @@ async fn follow(
         routes::DEPLOY,
         &[("deploy", &created.deploy.id.to_string())],
     );
-    let spinner = session
-        .out
-        .spinner(&format!("Deploying v{}", created.release.version));
     let mut view = View::default();
+    let spinner = session.out.spinner(&format!(
+        "Deploying v{}: {}",
+        created.release.version,
+        view.summary()
+    ));
     let mut cursor = created.cursor;
+    let quiet_limit = quiet_notice_after();
+    let mut last_event = Instant::now();
+    let mut noticed = false;
 
     let deploy = loop {
         let query = [
@@ -196,8 +234,17 @@ async fn follow(
             ("app", target.app.to_string()),
             ("env", target.env.to_string()),
         ];
+        let notice_at = tokio::time::Instant::from_std(last_event + quiet_limit);
         let page: EventPage = tokio::select! {
             page = api.get_query(&path, &query, Duration::from_secs(POLL_WAIT_SECS)) => page?,
+            // The notice never fails the deploy: the poll restarts from the same cursor, so
+            // dropping the one in flight loses nothing.
+            () = tokio::time::sleep_until(notice_at), if !noticed => {
+                noticed = true;
+                let notice = view.quiet_notice(quiet_limit, target.env.as_str());
+                spinner.suspend(|| session.out.note(&notice));
+                continue;
+            }
             _ = interrupt.recv() => {
                 spinner.finish_and_clear();
                 return Err(CliError::new(
@@ -210,6 +257,10 @@ async fn follow(
 
         let mut finished = None;
         for envelope in &page.events {
+            if concerns(created, &envelope.event) {
+                last_event = Instant::now();
+                noticed = false;
+            }
             if let Some(deploy) = handle(session, &spinner, &mut view, created, envelope)? {
                 finished = Some(deploy);
             }

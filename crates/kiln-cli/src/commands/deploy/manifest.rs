@@ -72,7 +72,20 @@ fn render(errors: &ManifestErrors) -> String {
         // The graphical report failed to format; the plain form carries the same facts.
         return errors.render_plain();
     }
-    text
+    without_headline(&text, &errors.to_string())
+}
+
+/// Removes the report's first line when it repeats `headline`, which the CLI already printed
+/// as the error message.
+fn without_headline(report: &str, headline: &str) -> String {
+    let mut lines = report.lines().skip_while(|line| line.trim().is_empty());
+    match lines.next() {
+        Some(first) if first.contains(headline) => {
+            let rest: Vec<&str> = lines.skip_while(|line| line.trim().is_empty()).collect();
+            rest.join("\n")
+        }
+        _ => report.to_owned(),
+    }
 }
 
 /// Converts a resolved manifest to the API's release spec.

@@ -33,7 +33,8 @@ Examples:
   kiln deploy --env prod --image web:1.4 --detach --json
   kiln deploy --env prod --attach dep_0190f3c2...    # follow a running deploy again")]
 pub(crate) struct Args {
-    /// Image to deploy; a tag is resolved to its digest through the registry
+    /// Image to deploy; a tag is resolved to its digest through the registry, a reference
+    /// with @sha256: is used as it is
     #[arg(long, value_name = "REF")]
     image: Option<String>,
 
@@ -121,7 +122,7 @@ pub(crate) async fn run(session: &mut Session, args: Args) -> CliResult {
     follow::after_create(session, &api, &target, &created, args.detach).await
 }
 
-/// Resolves `reference` to a digest through its registry.
+/// Resolves `reference` to a digest, through its registry unless it names one.
 async fn resolve_image(session: &Session, api: &Http, reference: &str) -> CliResult<ApiImageRef> {
     let image = ImageRef::parse(reference).map_err(|error| {
         CliError::usage(format!("invalid --image {reference:?}"))
