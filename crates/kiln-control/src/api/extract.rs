@@ -25,9 +25,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
-/// Parses a JSON request body, classifying errors.
+/// Parses a JSON request body, classifying errors. A string containing NUL (`\u0000`) is
+/// `invalid_value` naming its JSON path, because PostgreSQL `text` and `jsonb` cannot store
+/// NUL and every string of a body may end up in one of them.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|error| {
+    let parsed = serde_json::from_slice(bytes).map_err(|error| {
         use serde_json::error::Category;
         match error.classify() {
             Category::Syntax | Category::Eof | Category::Io => ApiError::new(
@@ -39,7 +41,58 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
                 format!("request body does not match the expected fields: {error}"),
             ),
         }
-    })
+    })?;
+    reject_nul(bytes)?;
+    Ok(parsed)
+}
+
+/// Rejects a body whose strings or object keys contain NUL. JSON can only carry NUL as the
+/// escape `\u0000` (a raw control character is a syntax error), so bodies without that
+/// escape skip the second parse.
+fn reject_nul(bytes: &[u8]) -> Result<(), ApiError> {
+    const ESCAPE: &[u8] = b"\\u0000";
+    if !bytes.windows(ESCAPE.len()).any(|window| window == ESCAPE) {
+        return Ok(());
+    }
+    let value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|error| ApiError::new(ErrorCode::MalformedJson, error.to_string()))?;
+    match nul_path(&value, "") {
+        Some(path) => Err(ApiError::invalid(
+            &path,
+            format!("{path} contains a NUL character (\\u0000); remove it"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Returns the JSON path (`spec.env.K`, `items[2]`) of the first string containing NUL.
+fn nul_path(value: &serde_json::Value, path: &str) -> Option<String> {
+    let join = |key: &str| {
+        if path.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    match value {
+        serde_json::Value::String(text) if text.contains('\0') => Some(if path.is_empty() {
+            "body".to_owned()
+        } else {
+            path.to_owned()
+        }),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(index, item)| nul_path(item, &format!("{path}[{index}]"))),
+        serde_json::Value::Object(fields) => fields.iter().find_map(|(key, field)| {
+            if key.contains('\0') {
+                Some(join(&key.replace('\0', "\\u0000")))
+            } else {
+                nul_path(field, &join(key))
+            }
+        }),
+        _ => None,
+    }
 }
 
 /// A query string. Unknown parameters and wrong types are `invalid_value`.

@@ -498,3 +498,62 @@ async fn idempotency_key_replays_and_rejects_reuse() {
     let reused: serde_json::Value = reused.json().await.unwrap();
     assert_eq!(reused["code"], "idempotency_key_reused");
 }
+
+#[tokio::test]
+async fn nul_in_body_gets_invalid_value() {
+    let server = TestServer::start().await;
+    harness::create_app_and_env(&server).await;
+    let env = "/v1/orgs/acme/apps/web/envs/prod";
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let release = |description: &str, env_vars: &str| {
+        format!(
+            r#"{{"image": {{"reference": "r/x:1", "digest": "{digest}"}}, "description": "{description}", "spec": {{"processes": {{"web": {{"count": 1, "vcpus": 1, "memory_mib": 256}}}}, "env": {env_vars}}}}}"#
+        )
+    };
+    let cases = [
+        (
+            "PATCH",
+            format!("{env}/config"),
+            r#"{"set": {"FOO": "a\u0000b"}}"#.to_owned(),
+            "set.FOO",
+        ),
+        (
+            "POST",
+            format!("{env}/releases"),
+            release(r"x\u0000y", "{}"),
+            "description",
+        ),
+        (
+            "POST",
+            format!("{env}/releases"),
+            release("ok", r#"{"K": "a\u0000b"}"#),
+            "spec.env.K",
+        ),
+        (
+            "PUT",
+            format!("{env}/secrets/TOKEN"),
+            r#"{"value": "\u0000"}"#.to_owned(),
+            "value",
+        ),
+    ];
+    for (method, path, body, field) in cases {
+        let (status, body) = server
+            .raw(
+                method,
+                &path,
+                Some(&server.org_token),
+                Some(body.into_bytes()),
+            )
+            .await;
+        assert_eq!(status, 400, "{path} {field}: {body}");
+        assert_eq!(body["code"], "invalid_value", "{path} {field}: {body}");
+        assert_eq!(body["details"]["field"], field, "{path}: {body}");
+    }
+
+    let report = server
+        .store
+        .rebuild_projections(kiln_control::store::rebuild::RebuildMode::Verify)
+        .await
+        .unwrap();
+    assert!(report.matches(), "{:#?}", report.diffs);
+}
