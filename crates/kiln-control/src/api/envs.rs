@@ -50,21 +50,21 @@ pub async fn create(
     JsonBody(request): JsonBody<CreateEnv>,
 ) -> Result<(StatusCode, Json<Env>), ApiError> {
     let app = scope::app(state.store.pool(), &caller, &org, &app).await?;
-    let label = format!("{}-{}-{}", app.name, request.name, app.org.name);
-    let hostname = Hostname::new(format!("{label}.{}", state.settings.apps_domain)).map_err(|error| {
+    // One label per name, ENV.APP.ORG.<apps domain>: names are DNS labels without dots and
+    // unique within their parent, so two environments can never get the same hostname, which
+    // joining the names with `-` (itself allowed in names) did not guarantee.
+    let hostname = format!(
+        "{}.{}.{}.{}",
+        request.name, app.name, app.org.name, state.settings.apps_domain
+    );
+    let hostname = Hostname::new(hostname.clone()).map_err(|error| {
         ApiError::invalid(
             "name",
-            format!("the platform hostname {label}.{} is invalid ({error}); choose shorter app, environment or org names", state.settings.apps_domain),
+            format!(
+                "the platform hostname {hostname} is invalid ({error}); choose shorter app, environment or org names"
+            ),
         )
     })?;
-    if label.len() > kiln_core::names::MAX_LABEL_LEN {
-        return Err(ApiError::invalid(
-            "name",
-            format!(
-                "the platform hostname label {label:?} is longer than 63 characters; choose a shorter environment name"
-            ),
-        ));
-    }
 
     let id = EnvId::new();
     let ipv6_address = dedicated_address(state.settings.ula_prefix);
