@@ -67,6 +67,25 @@ pub fn org(caller: &Caller, org: &str) -> Result<OrgScope, ApiError> {
     }
 }
 
+/// Resolves any org by name for an operator token. The operator may see every org, so a
+/// missing org is reported as such.
+pub async fn any_org(pool: &PgPool, caller: &Caller, org: &str) -> Result<OrgScope, ApiError> {
+    operator(caller)?;
+    let org_name = name("org", org, OrgName::new)?;
+    let id: Option<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM orgs WHERE name = $1")
+        .bind(org_name.as_str())
+        .fetch_optional(pool)
+        .await
+        .map_err(ApiError::database("look up org"))?;
+    match id {
+        Some(id) => Ok(OrgScope {
+            id: OrgId::from_uuid(id),
+            name: org_name,
+        }),
+        None => Err(ApiError::not_found("org", &org_name)),
+    }
+}
+
 /// Requires an operator token.
 pub fn operator(caller: &Caller) -> Result<(), ApiError> {
     if caller.token.kind == TokenKind::Operator {

@@ -329,3 +329,50 @@ async fn org_token_cannot_use_operator_or_host_endpoints() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn operator_creates_first_org_token() {
+    let server = TestServer::start().await;
+    let operator = server.operator();
+    let org = kiln_core::OrgName::new("co").unwrap();
+    operator
+        .create_org(&CreateOrg { name: org.clone() })
+        .await
+        .unwrap();
+    let created = operator
+        .create_token(
+            &org,
+            &CreateToken {
+                name: "admin".into(),
+                expires_in_secs: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.token.kind, TokenKind::Org);
+
+    let admin = server.client(&created.secret);
+    let whoami = admin.whoami().await.unwrap();
+    assert_eq!(whoami.org_name.as_deref(), Some("co"));
+    admin
+        .create_app(
+            &org,
+            &CreateApp {
+                name: kiln_core::AppName::new("web").unwrap(),
+            },
+        )
+        .await
+        .unwrap();
+
+    let missing = operator
+        .create_token(
+            &kiln_core::OrgName::new("ghost").unwrap(),
+            &CreateToken {
+                name: "admin".into(),
+                expires_in_secs: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Some(kiln_api::ErrorCode::NotFound));
+}
