@@ -169,6 +169,38 @@ pub async fn scale(
             "counts is empty; name at least one process type",
         ));
     }
+    let current = load(state.store.pool(), env.id).await?;
+    let Some(release_id) = current.current_release_id else {
+        return Err(ApiError::invalid(
+            "counts",
+            format!(
+                "environment {} has no release yet, so it has no process types to scale; deploy a release first",
+                env.name
+            ),
+        ));
+    };
+    let release = super::releases::by_id(state.store.pool(), release_id)
+        .await?
+        .ok_or_else(|| ApiError::internal("current release of the environment is missing"))?;
+    for process in request.counts.keys() {
+        if !release.spec.processes.contains_key(process) {
+            let known: Vec<&str> = release
+                .spec
+                .processes
+                .keys()
+                .map(ProcessName::as_str)
+                .collect();
+            return Err(ApiError::invalid(
+                &format!("counts.{process}"),
+                format!(
+                    "process type {process} is not in release v{} of environment {}; its process types are: {}",
+                    release.version,
+                    env.name,
+                    known.join(", ")
+                ),
+            ));
+        }
+    }
     for (process, count) in &request.counts {
         if *count > MAX_INSTANCES_PER_PROCESS {
             return Err(ApiError::invalid(

@@ -557,3 +557,62 @@ async fn nul_in_body_gets_invalid_value() {
         .unwrap();
     assert!(report.matches(), "{:#?}", report.diffs);
 }
+
+#[tokio::test]
+async fn scale_rejects_unknown_process() {
+    let server = TestServer::start().await;
+    harness::create_app_and_env(&server).await;
+    let client = server.org_client();
+    let path = harness::env_path(&server.org);
+    let scale = format!("{}/scale", "/v1/orgs/acme/apps/web/envs/prod");
+    let body = || Some(br#"{"counts": {"nosuchproc": 5}}"#.to_vec());
+
+    let (status, response) = server
+        .raw("PUT", &scale, Some(&server.org_token), body())
+        .await;
+    assert_eq!(status, 400, "{response}");
+    assert_eq!(response["code"], "invalid_value", "{response}");
+    assert!(
+        response["message"].as_str().unwrap().contains("no release"),
+        "{response}"
+    );
+
+    client
+        .create_deploy(
+            &path,
+            &kiln_api::types::CreateDeploy {
+                target: kiln_api::types::DeployTarget::NewRelease(Box::new(
+                    kiln_api::types::CreateRelease {
+                        image: harness::image(),
+                        spec: harness::release_spec(),
+                        description: String::new(),
+                    },
+                )),
+                strategy: None,
+            },
+        )
+        .await
+        .unwrap();
+    let (status, response) = server
+        .raw("PUT", &scale, Some(&server.org_token), body())
+        .await;
+    assert_eq!(status, 400, "{response}");
+    assert_eq!(response["code"], "invalid_value", "{response}");
+    assert_eq!(
+        response["details"]["field"], "counts.nosuchproc",
+        "{response}"
+    );
+    let message = response["message"].as_str().unwrap();
+    assert!(message.contains("nosuchproc"), "{response}");
+    assert!(message.contains("web"), "{response}");
+
+    let (status, response) = server
+        .raw(
+            "PUT",
+            &scale,
+            Some(&server.org_token),
+            Some(br#"{"counts": {"web": 2}}"#.to_vec()),
+        )
+        .await;
+    assert_eq!(status, 200, "{response}");
+}
