@@ -616,3 +616,35 @@ async fn scale_rejects_unknown_process() {
         .await;
     assert_eq!(status, 200, "{response}");
 }
+
+#[tokio::test]
+async fn cursor_past_head_rejected() {
+    let server = TestServer::start().await;
+    harness::create_app_and_env(&server).await;
+    let env = "/v1/orgs/acme/apps/web/envs/prod";
+    for path in [
+        "/v1/orgs/acme/events?after=18446744073709551615".to_owned(),
+        format!("{env}/logs?after=18446744073709551615"),
+        format!("{env}/logs?after=1"),
+    ] {
+        let (status, body) = server
+            .raw("GET", &path, Some(&server.org_token), None)
+            .await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["code"], "invalid_value", "{path}: {body}");
+        assert_eq!(body["details"]["field"], "after", "{path}: {body}");
+        assert!(body["details"]["head"].is_u64(), "{path}: {body}");
+    }
+
+    let head = server.store.head().await.unwrap();
+    let (status, body) = server
+        .raw(
+            "GET",
+            &format!("/v1/orgs/acme/events?after={head}"),
+            Some(&server.org_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["cursor"], head, "{body}");
+}
