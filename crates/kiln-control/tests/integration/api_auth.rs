@@ -331,6 +331,34 @@ async fn org_token_cannot_use_operator_or_host_endpoints() {
 }
 
 #[tokio::test]
+async fn wrong_token_kind_is_forbidden() {
+    let server = TestServer::start().await;
+    harness::create_app_and_env(&server).await;
+    let (_, other_org_token) = server.other_org("mallory").await;
+    for org in ["acme", "ghost"] {
+        for path in [
+            format!("/v1/orgs/{org}/apps"),
+            format!("/v1/orgs/{org}/apps/web/envs/prod"),
+            format!("/v1/orgs/{org}/events"),
+        ] {
+            let (status, body) = server
+                .raw("GET", &path, Some(&server.operator_token), None)
+                .await;
+            assert_eq!(status, 403, "operator {path}: {body}");
+            assert_eq!(body["code"], "forbidden", "operator {path}: {body}");
+
+            let (status, body) = server.raw("GET", &path, Some(&other_org_token), None).await;
+            assert_eq!(status, 404, "other org {path}: {body}");
+            assert_eq!(
+                body["message"],
+                format!("org {org} not found"),
+                "other org {path}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
 async fn operator_creates_first_org_token() {
     let server = TestServer::start().await;
     let operator = server.operator();

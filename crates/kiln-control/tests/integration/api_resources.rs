@@ -441,7 +441,7 @@ async fn host_agent_flow() {
     assert_eq!(table.routes, vec![route]);
     assert_eq!(
         ingress.list_apps(&server.org).await.unwrap_err().code(),
-        Some(kiln_api::ErrorCode::NotFound)
+        Some(kiln_api::ErrorCode::Forbidden)
     );
 
     let operator = server.operator();
