@@ -120,11 +120,31 @@ fn serde_urlencoded_from_str<T: DeserializeOwned>(query: &str) -> Result<T, ApiE
             (key, json)
         })
         .collect();
-    serde_json::from_value(serde_json::Value::Object(object)).map_err(|error| {
-        ApiError::new(
-            ErrorCode::InvalidValue,
-            format!("invalid query parameters: {error}"),
-        )
+    serde_path_to_error::deserialize(serde_json::Value::Object(object)).map_err(|error| {
+        let parameter = error.path().to_string();
+        let inner = error.into_inner();
+        // The path is `.` when no single value failed, as for an unknown parameter, whose
+        // name serde puts in the message between backticks.
+        if parameter == "." {
+            let message = inner.to_string();
+            let unknown = message
+                .strip_prefix("unknown field `")
+                .and_then(|rest| rest.split_once('`'))
+                .map(|(name, _)| name.to_owned());
+            let error = ApiError::new(
+                ErrorCode::InvalidValue,
+                format!("invalid query parameters: {message}"),
+            );
+            match unknown {
+                Some(name) => error.with_details(serde_json::json!({ "field": name })),
+                None => error,
+            }
+        } else {
+            ApiError::invalid(
+                &parameter,
+                format!("invalid query parameter '{parameter}': {inner}"),
+            )
+        }
     })
 }
 

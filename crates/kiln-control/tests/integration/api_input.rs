@@ -559,6 +559,28 @@ async fn nul_in_body_gets_invalid_value() {
 }
 
 #[tokio::test]
+async fn query_errors_name_parameter() {
+    let server = TestServer::start().await;
+    harness::create_app_and_env(&server).await;
+    let env = "/v1/orgs/acme/apps/web/envs/prod";
+    let cases = [
+        (format!("{env}/logs?since=yesterday"), "since"),
+        ("/v1/orgs/acme/events?wait=soon".to_owned(), "wait"),
+        ("/v1/orgs/acme/events?colour=red".to_owned(), "colour"),
+    ];
+    for (path, parameter) in cases {
+        let (status, body) = server
+            .raw("GET", &path, Some(&server.org_token), None)
+            .await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["code"], "invalid_value", "{path}: {body}");
+        assert_eq!(body["details"]["field"], parameter, "{path}: {body}");
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains(parameter), "{path}: {body}");
+    }
+}
+
+#[tokio::test]
 async fn scale_rejects_unknown_process() {
     let server = TestServer::start().await;
     harness::create_app_and_env(&server).await;
