@@ -25,6 +25,55 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
+/// A JSON body whose NUL characters are replaced with U+FFFD instead of rejected. Only the host
+/// agent's log batches use it: a process may print NUL, and rejecting the batch would make the
+/// agent retry it forever.
+#[derive(Debug)]
+pub struct LossyJsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for LossyJsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = axum::body::Bytes::from_request(request, state)
+            .await
+            .map_err(|_| ApiError::new(ErrorCode::BodyTooLarge, "request body too large"))?;
+        if !contains_nul_escape(&bytes) {
+            return parse_json(&bytes).map(LossyJsonBody);
+        }
+        let mut value = parse_json_value(&bytes)?;
+        replace_nul(&mut value);
+        let text = serde_json::to_vec(&value)
+            .map_err(|_| ApiError::internal("re-encoding a JSON body failed"))?;
+        parse_json(&text).map(LossyJsonBody)
+    }
+}
+
+fn parse_json_value(bytes: &[u8]) -> Result<serde_json::Value, ApiError> {
+    serde_json::from_slice(bytes).map_err(|error| {
+        ApiError::new(
+            ErrorCode::MalformedJson,
+            format!("request body is not valid JSON: {error}"),
+        )
+    })
+}
+
+fn replace_nul(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::String(text) if text.contains('\0') => {
+            *text = text.replace('\0', "\u{FFFD}");
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(replace_nul),
+        serde_json::Value::Object(fields) => fields.values_mut().for_each(replace_nul),
+        _ => {}
+    }
+}
+
+fn contains_nul_escape(bytes: &[u8]) -> bool {
+    const ESCAPE: &[u8] = b"\\u0000";
+    bytes.windows(ESCAPE.len()).any(|window| window == ESCAPE)
+}
+
 /// Parses a JSON request body, classifying errors. A string containing NUL (`\u0000`) is
 /// `invalid_value` naming its JSON path, because PostgreSQL `text` and `jsonb` cannot store
 /// NUL and every string of a body may end up in one of them.
@@ -50,8 +99,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 /// escape `\u0000` (a raw control character is a syntax error), so bodies without that
 /// escape skip the second parse.
 fn reject_nul(bytes: &[u8]) -> Result<(), ApiError> {
-    const ESCAPE: &[u8] = b"\\u0000";
-    if !bytes.windows(ESCAPE.len()).any(|window| window == ESCAPE) {
+    if !contains_nul_escape(bytes) {
         return Ok(());
     }
     let value: serde_json::Value = serde_json::from_slice(bytes)

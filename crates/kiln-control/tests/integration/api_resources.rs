@@ -360,7 +360,13 @@ async fn host_agent_flow() {
     first
         .client
         .ship_logs(&LogBatch {
-            lines: vec![line.clone()],
+            lines: vec![
+                line.clone(),
+                LogLine {
+                    line: "nul\0byte".into(),
+                    ..line.clone()
+                },
+            ],
         })
         .await
         .unwrap();
@@ -371,8 +377,10 @@ async fn host_agent_flow() {
         .unwrap_err();
     assert_eq!(foreign.code(), Some(kiln_api::ErrorCode::NotFound));
     let logs = client.logs(&path, &LogQuery::default()).await.unwrap();
-    assert_eq!(logs.entries.len(), 1);
+    assert_eq!(logs.entries.len(), 2);
     assert_eq!(logs.entries[0].line, "hello from web");
+    // PostgreSQL text cannot store NUL, so log batches get U+FFFD in its place.
+    assert_eq!(logs.entries[1].line, "nul\u{FFFD}byte");
     let filtered = client
         .logs(
             &path,
