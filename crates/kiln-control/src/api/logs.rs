@@ -40,6 +40,8 @@ pub async fn query(
     }
     let wait = wait_duration(query.wait)?;
     if let Some(after) = query.after {
+        // NOTE: the head is the newest stored line, so once pruning removes every line, a
+        // cursor returned earlier is rejected too; the client restarts without `after`.
         let head: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM log_lines")
             .fetch_one(state.store.pool())
             .await
