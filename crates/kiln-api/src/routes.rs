@@ -162,7 +162,7 @@ pub const ROUTES: &[Endpoint] = &[
     ep("POST", ORGS, "create_org", "Create an org", Operator, Some("CreateOrg"), Some("Org"), 201),
     ep("GET", ORG, "get_org", "Show an org", OperatorOrOrg, None, Some("Org"), 200),
     ep("GET", TOKENS, "list_tokens", "List an org's API tokens", Org, None, Some("List<Token>"), 200),
-    ep("POST", TOKENS, "create_token", "Create an API token (its secret is shown once)", Org, Some("CreateToken"), Some("CreatedToken"), 201),
+    ep("POST", TOKENS, "create_token", "Create an API token (its secret is shown once); an operator token may create one for any org", OperatorOrOrg, Some("CreateToken"), Some("CreatedToken"), 201),
     ep("DELETE", TOKEN, "revoke_token", "Revoke an API token", Org, None, Some("Token"), 200),
     with_query(ep("GET", ORG_EVENTS, "list_org_events", "Events of an org after a cursor, long-polling", Org, None, Some("EventPage"), 200), "EventQuery"),
     ep("GET", APPS, "list_apps", "List apps", Org, None, Some("List<App>"), 200),

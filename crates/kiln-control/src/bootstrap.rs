@@ -37,7 +37,7 @@ pub struct BootstrapOutput {
 pub enum BootstrapError {
     /// The cluster was bootstrapped before.
     #[error(
-        "the cluster is already bootstrapped (prefix {prefix}); create more orgs and tokens through the API"
+        "the cluster is already bootstrapped (prefix {prefix}); create more orgs with POST /v1/orgs and their first admin token with POST /v1/orgs/{{org}}/tokens, both with the operator token"
     )]
     AlreadyBootstrapped {
         /// Its prefix.

@@ -1,6 +1,7 @@
 //! The `kiln-control` binary: serves the API, bootstraps a cluster, rebuilds projections and
 //! manages the secrets' master keys.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -114,6 +115,7 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 
     match run(Cli::parse()).await {

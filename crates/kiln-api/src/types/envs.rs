@@ -19,7 +19,7 @@ pub struct Env {
     pub app_id: AppId,
     /// Name, unique within the app.
     pub name: EnvName,
-    /// The platform hostname, `APP-ENV-ORG.<apps domain>`.
+    /// The platform hostname, `ENV.APP.ORG.<apps domain>`.
     pub hostname: Hostname,
     /// Dedicated IPv6 address for raw TCP services, taken from the cluster prefix.
     pub ipv6_address: Ipv6Addr,

@@ -50,21 +50,21 @@ pub async fn create(
     JsonBody(request): JsonBody<CreateEnv>,
 ) -> Result<(StatusCode, Json<Env>), ApiError> {
     let app = scope::app(state.store.pool(), &caller, &org, &app).await?;
-    let label = format!("{}-{}-{}", app.name, request.name, app.org.name);
-    let hostname = Hostname::new(format!("{label}.{}", state.settings.apps_domain)).map_err(|error| {
+    // One label per name, ENV.APP.ORG.<apps domain>: names are DNS labels without dots and
+    // unique within their parent, so two environments can never get the same hostname, which
+    // joining the names with `-` (itself allowed in names) did not guarantee.
+    let hostname = format!(
+        "{}.{}.{}.{}",
+        request.name, app.name, app.org.name, state.settings.apps_domain
+    );
+    let hostname = Hostname::new(hostname.clone()).map_err(|error| {
         ApiError::invalid(
             "name",
-            format!("the platform hostname {label}.{} is invalid ({error}); choose shorter app, environment or org names", state.settings.apps_domain),
+            format!(
+                "the platform hostname {hostname} is invalid ({error}); choose shorter app, environment or org names"
+            ),
         )
     })?;
-    if label.len() > kiln_core::names::MAX_LABEL_LEN {
-        return Err(ApiError::invalid(
-            "name",
-            format!(
-                "the platform hostname label {label:?} is longer than 63 characters; choose a shorter environment name"
-            ),
-        ));
-    }
 
     let id = EnvId::new();
     let ipv6_address = dedicated_address(state.settings.ula_prefix);
@@ -168,6 +168,38 @@ pub async fn scale(
             "counts",
             "counts is empty; name at least one process type",
         ));
+    }
+    let current = load(state.store.pool(), env.id).await?;
+    let Some(release_id) = current.current_release_id else {
+        return Err(ApiError::invalid(
+            "counts",
+            format!(
+                "environment {} has no release yet, so it has no process types to scale; deploy a release first",
+                env.name
+            ),
+        ));
+    };
+    let release = super::releases::by_id(state.store.pool(), release_id)
+        .await?
+        .ok_or_else(|| ApiError::internal("current release of the environment is missing"))?;
+    for process in request.counts.keys() {
+        if !release.spec.processes.contains_key(process) {
+            let known: Vec<&str> = release
+                .spec
+                .processes
+                .keys()
+                .map(ProcessName::as_str)
+                .collect();
+            return Err(ApiError::invalid(
+                &format!("counts.{process}"),
+                format!(
+                    "process type {process} is not in release v{} of environment {}; its process types are: {}",
+                    release.version,
+                    env.name,
+                    known.join(", ")
+                ),
+            ));
+        }
     }
     for (process, count) in &request.counts {
         if *count > MAX_INSTANCES_PER_PROCESS {

@@ -108,7 +108,7 @@ fn duplicate(constraint: &str) -> ApiError {
             "an environment with this name already exists in the app",
             "name",
         ),
-        "envs_hostname" => ("another environment already uses this hostname", "name"),
+        "envs_hostname" => ("this platform hostname is already in use", "name"),
         "hosts_name_key" => ("a host with this name already exists", "name"),
         "releases_env_version" => (
             "a release with this version was created concurrently; retry",

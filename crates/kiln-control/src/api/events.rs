@@ -92,6 +92,10 @@ async fn page(
         ));
     }
     let wait = wait_duration(query.wait)?;
+    let head = state.store.head().await?;
+    if after > head {
+        return Err(cursor_past_head(after, head));
+    }
 
     let mut cursor = after;
     let found = state
@@ -119,6 +123,18 @@ async fn page(
     let (events, next) = state.store.read_page(after, limit, &filter).await?;
     cursor = cursor.max(next);
     Ok(EventPage { events, cursor })
+}
+
+/// Returns the error for an `after` cursor above the head of its log. Such a cursor was never
+/// returned by the server, and accepting it would hide every entry up to it.
+pub fn cursor_past_head(after: u64, head: u64) -> ApiError {
+    ApiError::invalid(
+        "after",
+        format!(
+            "after {after} is past the current head {head}; pass a cursor returned by an earlier page"
+        ),
+    )
+    .with_details(serde_json::json!({ "field": "after", "head": head }))
 }
 
 /// Validates a `wait` query value in seconds.

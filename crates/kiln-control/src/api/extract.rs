@@ -25,9 +25,60 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
-/// Parses a JSON request body, classifying errors.
-pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+/// A JSON body whose NUL characters are replaced with U+FFFD instead of rejected. Only the host
+/// agent's log batches use it: a process may print NUL, and rejecting the batch would make the
+/// agent retry it forever.
+#[derive(Debug)]
+pub struct LossyJsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for LossyJsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = axum::body::Bytes::from_request(request, state)
+            .await
+            .map_err(|_| ApiError::new(ErrorCode::BodyTooLarge, "request body too large"))?;
+        if !contains_nul_escape(&bytes) {
+            return parse_json(&bytes).map(LossyJsonBody);
+        }
+        let mut value = parse_json_value(&bytes)?;
+        replace_nul(&mut value);
+        let text = serde_json::to_vec(&value)
+            .map_err(|_| ApiError::internal("re-encoding a JSON body failed"))?;
+        parse_json(&text).map(LossyJsonBody)
+    }
+}
+
+fn parse_json_value(bytes: &[u8]) -> Result<serde_json::Value, ApiError> {
     serde_json::from_slice(bytes).map_err(|error| {
+        ApiError::new(
+            ErrorCode::MalformedJson,
+            format!("request body is not valid JSON: {error}"),
+        )
+    })
+}
+
+fn replace_nul(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::String(text) if text.contains('\0') => {
+            *text = text.replace('\0', "\u{FFFD}");
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(replace_nul),
+        serde_json::Value::Object(fields) => fields.values_mut().for_each(replace_nul),
+        _ => {}
+    }
+}
+
+fn contains_nul_escape(bytes: &[u8]) -> bool {
+    const ESCAPE: &[u8] = b"\\u0000";
+    bytes.windows(ESCAPE.len()).any(|window| window == ESCAPE)
+}
+
+/// Parses a JSON request body, classifying errors. A string containing NUL (`\u0000`) is
+/// `invalid_value` naming its JSON path, because PostgreSQL `text` and `jsonb` cannot store
+/// NUL and every string of a body may end up in one of them.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let parsed = serde_json::from_slice(bytes).map_err(|error| {
         use serde_json::error::Category;
         match error.classify() {
             Category::Syntax | Category::Eof | Category::Io => ApiError::new(
@@ -39,7 +90,57 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
                 format!("request body does not match the expected fields: {error}"),
             ),
         }
-    })
+    })?;
+    reject_nul(bytes)?;
+    Ok(parsed)
+}
+
+/// Rejects a body whose strings or object keys contain NUL. JSON can only carry NUL as the
+/// escape `\u0000` (a raw control character is a syntax error), so bodies without that
+/// escape skip the second parse.
+fn reject_nul(bytes: &[u8]) -> Result<(), ApiError> {
+    if !contains_nul_escape(bytes) {
+        return Ok(());
+    }
+    let value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|error| ApiError::new(ErrorCode::MalformedJson, error.to_string()))?;
+    match nul_path(&value, "") {
+        Some(path) => Err(ApiError::invalid(
+            &path,
+            format!("{path} contains a NUL character (\\u0000); remove it"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Returns the JSON path (`spec.env.K`, `items[2]`) of the first string containing NUL.
+fn nul_path(value: &serde_json::Value, path: &str) -> Option<String> {
+    let join = |key: &str| {
+        if path.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    match value {
+        serde_json::Value::String(text) if text.contains('\0') => Some(if path.is_empty() {
+            "body".to_owned()
+        } else {
+            path.to_owned()
+        }),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(index, item)| nul_path(item, &format!("{path}[{index}]"))),
+        serde_json::Value::Object(fields) => fields.iter().find_map(|(key, field)| {
+            if key.contains('\0') {
+                Some(join(&key.replace('\0', "\\u0000")))
+            } else {
+                nul_path(field, &join(key))
+            }
+        }),
+        _ => None,
+    }
 }
 
 /// A query string. Unknown parameters and wrong types are `invalid_value`.
@@ -67,11 +168,31 @@ fn serde_urlencoded_from_str<T: DeserializeOwned>(query: &str) -> Result<T, ApiE
             (key, json)
         })
         .collect();
-    serde_json::from_value(serde_json::Value::Object(object)).map_err(|error| {
-        ApiError::new(
-            ErrorCode::InvalidValue,
-            format!("invalid query parameters: {error}"),
-        )
+    serde_path_to_error::deserialize(serde_json::Value::Object(object)).map_err(|error| {
+        let parameter = error.path().to_string();
+        let inner = error.into_inner();
+        // The path is `.` when no single value failed, as for an unknown parameter, whose
+        // name serde puts in the message between backticks.
+        if parameter == "." {
+            let message = inner.to_string();
+            let unknown = message
+                .strip_prefix("unknown field `")
+                .and_then(|rest| rest.split_once('`'))
+                .map(|(name, _)| name.to_owned());
+            let error = ApiError::new(
+                ErrorCode::InvalidValue,
+                format!("invalid query parameters: {message}"),
+            );
+            match unknown {
+                Some(name) => error.with_details(serde_json::json!({ "field": name })),
+                None => error,
+            }
+        } else {
+            ApiError::invalid(
+                &parameter,
+                format!("invalid query parameter '{parameter}': {inner}"),
+            )
+        }
     })
 }
 

@@ -21,7 +21,7 @@ use sqlx::Row;
 
 use super::error::ApiError;
 use super::events::wait_duration;
-use super::extract::{JsonBody, QueryParams};
+use super::extract::{JsonBody, LossyJsonBody, QueryParams};
 use super::{AppState, scope};
 use crate::auth::Caller;
 use crate::secrets::Sealed;
@@ -282,7 +282,7 @@ pub async fn secrets(
 pub async fn ship_logs(
     State(state): State<AppState>,
     caller: Caller,
-    JsonBody(batch): JsonBody<LogBatch>,
+    LossyJsonBody(batch): LossyJsonBody<LogBatch>,
 ) -> Result<StatusCode, ApiError> {
     let host_id = scope::host(&caller)?;
     if batch.lines.len() > MAX_LOG_LINES {

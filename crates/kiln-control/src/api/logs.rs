@@ -9,7 +9,7 @@ use kiln_core::{InstanceId, ProcessName};
 use sqlx::Row;
 
 use super::error::ApiError;
-use super::events::wait_duration;
+use super::events::{cursor_past_head, wait_duration};
 use super::extract::QueryParams;
 use super::{AppState, scope};
 use crate::auth::Caller;
@@ -39,6 +39,18 @@ pub async fn query(
         ));
     }
     let wait = wait_duration(query.wait)?;
+    if let Some(after) = query.after {
+        // NOTE: the head is the newest stored line, so once pruning removes every line, a
+        // cursor returned earlier is rejected too; the client restarts without `after`.
+        let head: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM log_lines")
+            .fetch_one(state.store.pool())
+            .await
+            .map_err(ApiError::database("read log head"))?;
+        let head = head as u64;
+        if after > head {
+            return Err(cursor_past_head(after, head));
+        }
+    }
     let deadline = tokio::time::Instant::now() + wait;
 
     loop {

@@ -1,8 +1,9 @@
 //! Authorization scopes: resolving path names to resources the caller may reach.
 //!
-//! Every org-scoped lookup first checks that the caller's token belongs to the org in the
-//! path and answers `not_found` otherwise, with the same message whether or not the org
-//! exists, so a token of another org learns nothing about it.
+//! Every org-scoped lookup first checks the caller's token. A token that is not an org token
+//! (operator, host, ingress) gets `forbidden` for every org path, whether or not the org exists.
+//! An org token of another org gets `not_found`, with the same message whether or not the org
+//! exists, so it learns nothing about other orgs.
 
 use kiln_api::ErrorCode;
 use kiln_api::types::TokenKind;
@@ -54,6 +55,15 @@ impl EnvScope {
 /// Requires an org token of the org named `org`.
 pub fn org(caller: &Caller, org: &str) -> Result<OrgScope, ApiError> {
     let org_name = name("org", org, OrgName::new)?;
+    if caller.token.kind != TokenKind::Org {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "this endpoint needs an org token of org {org_name}, not a {} token",
+                token_kind_name(caller.token.kind)
+            ),
+        ));
+    }
     match &caller.org {
         Some((id, caller_org))
             if caller.token.kind == TokenKind::Org && *caller_org == org_name =>
@@ -64,6 +74,34 @@ pub fn org(caller: &Caller, org: &str) -> Result<OrgScope, ApiError> {
             })
         }
         _ => Err(ApiError::not_found("org", &org_name)),
+    }
+}
+
+/// Resolves any org by name for an operator token. The operator may see every org, so a
+/// missing org is reported as such.
+pub async fn any_org(pool: &PgPool, caller: &Caller, org: &str) -> Result<OrgScope, ApiError> {
+    operator(caller)?;
+    let org_name = name("org", org, OrgName::new)?;
+    let id: Option<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM orgs WHERE name = $1")
+        .bind(org_name.as_str())
+        .fetch_optional(pool)
+        .await
+        .map_err(ApiError::database("look up org"))?;
+    match id {
+        Some(id) => Ok(OrgScope {
+            id: OrgId::from_uuid(id),
+            name: org_name,
+        }),
+        None => Err(ApiError::not_found("org", &org_name)),
+    }
+}
+
+fn token_kind_name(kind: TokenKind) -> &'static str {
+    match kind {
+        TokenKind::Operator => "operator",
+        TokenKind::Org => "org",
+        TokenKind::Host => "host",
+        TokenKind::Ingress => "ingress",
     }
 }
 

@@ -51,14 +51,20 @@ pub async fn list(
     Ok(Json(List { items }))
 }
 
-/// `POST /v1/orgs/{org}/tokens`.
+/// `POST /v1/orgs/{org}/tokens`. An org token creates tokens of its own org. The operator
+/// token creates tokens of any org, which is how an org created with `POST /v1/orgs` gets
+/// its first admin token.
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
     Path(org): Path<String>,
     JsonBody(request): JsonBody<CreateToken>,
 ) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
-    let org = scope::org(&caller, &org)?;
+    let org = if caller.token.kind == TokenKind::Operator {
+        scope::any_org(state.store.pool(), &caller, &org).await?
+    } else {
+        scope::org(&caller, &org)?
+    };
     validate_token_name(&request.name)?;
     let expires_at = match request.expires_in_secs {
         None => None,

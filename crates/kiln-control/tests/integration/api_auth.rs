@@ -329,3 +329,78 @@ async fn org_token_cannot_use_operator_or_host_endpoints() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn wrong_token_kind_is_forbidden() {
+    let server = TestServer::start().await;
+    harness::create_app_and_env(&server).await;
+    let (_, other_org_token) = server.other_org("mallory").await;
+    for org in ["acme", "ghost"] {
+        for path in [
+            format!("/v1/orgs/{org}/apps"),
+            format!("/v1/orgs/{org}/apps/web/envs/prod"),
+            format!("/v1/orgs/{org}/events"),
+        ] {
+            let (status, body) = server
+                .raw("GET", &path, Some(&server.operator_token), None)
+                .await;
+            assert_eq!(status, 403, "operator {path}: {body}");
+            assert_eq!(body["code"], "forbidden", "operator {path}: {body}");
+
+            let (status, body) = server.raw("GET", &path, Some(&other_org_token), None).await;
+            assert_eq!(status, 404, "other org {path}: {body}");
+            assert_eq!(
+                body["message"],
+                format!("org {org} not found"),
+                "other org {path}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn operator_creates_first_org_token() {
+    let server = TestServer::start().await;
+    let operator = server.operator();
+    let org = kiln_core::OrgName::new("co").unwrap();
+    operator
+        .create_org(&CreateOrg { name: org.clone() })
+        .await
+        .unwrap();
+    let created = operator
+        .create_token(
+            &org,
+            &CreateToken {
+                name: "admin".into(),
+                expires_in_secs: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.token.kind, TokenKind::Org);
+
+    let admin = server.client(&created.secret);
+    let whoami = admin.whoami().await.unwrap();
+    assert_eq!(whoami.org_name.as_deref(), Some("co"));
+    admin
+        .create_app(
+            &org,
+            &CreateApp {
+                name: kiln_core::AppName::new("web").unwrap(),
+            },
+        )
+        .await
+        .unwrap();
+
+    let missing = operator
+        .create_token(
+            &kiln_core::OrgName::new("ghost").unwrap(),
+            &CreateToken {
+                name: "admin".into(),
+                expires_in_secs: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Some(kiln_api::ErrorCode::NotFound));
+}

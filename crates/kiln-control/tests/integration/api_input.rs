@@ -498,3 +498,175 @@ async fn idempotency_key_replays_and_rejects_reuse() {
     let reused: serde_json::Value = reused.json().await.unwrap();
     assert_eq!(reused["code"], "idempotency_key_reused");
 }
+
+#[tokio::test]
+async fn nul_in_body_gets_invalid_value() {
+    let server = TestServer::start().await;
+    harness::create_app_and_env(&server).await;
+    let env = "/v1/orgs/acme/apps/web/envs/prod";
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let release = |description: &str, env_vars: &str| {
+        format!(
+            r#"{{"image": {{"reference": "r/x:1", "digest": "{digest}"}}, "description": "{description}", "spec": {{"processes": {{"web": {{"count": 1, "vcpus": 1, "memory_mib": 256}}}}, "env": {env_vars}}}}}"#
+        )
+    };
+    let cases = [
+        (
+            "PATCH",
+            format!("{env}/config"),
+            r#"{"set": {"FOO": "a\u0000b"}}"#.to_owned(),
+            "set.FOO",
+        ),
+        (
+            "POST",
+            format!("{env}/releases"),
+            release(r"x\u0000y", "{}"),
+            "description",
+        ),
+        (
+            "POST",
+            format!("{env}/releases"),
+            release("ok", r#"{"K": "a\u0000b"}"#),
+            "spec.env.K",
+        ),
+        (
+            "PUT",
+            format!("{env}/secrets/TOKEN"),
+            r#"{"value": "\u0000"}"#.to_owned(),
+            "value",
+        ),
+    ];
+    for (method, path, body, field) in cases {
+        let (status, body) = server
+            .raw(
+                method,
+                &path,
+                Some(&server.org_token),
+                Some(body.into_bytes()),
+            )
+            .await;
+        assert_eq!(status, 400, "{path} {field}: {body}");
+        assert_eq!(body["code"], "invalid_value", "{path} {field}: {body}");
+        assert_eq!(body["details"]["field"], field, "{path}: {body}");
+    }
+
+    let report = server
+        .store
+        .rebuild_projections(kiln_control::store::rebuild::RebuildMode::Verify)
+        .await
+        .unwrap();
+    assert!(report.matches(), "{:#?}", report.diffs);
+}
+
+#[tokio::test]
+async fn query_errors_name_parameter() {
+    let server = TestServer::start().await;
+    harness::create_app_and_env(&server).await;
+    let env = "/v1/orgs/acme/apps/web/envs/prod";
+    let cases = [
+        (format!("{env}/logs?since=yesterday"), "since"),
+        ("/v1/orgs/acme/events?wait=soon".to_owned(), "wait"),
+        ("/v1/orgs/acme/events?colour=red".to_owned(), "colour"),
+    ];
+    for (path, parameter) in cases {
+        let (status, body) = server
+            .raw("GET", &path, Some(&server.org_token), None)
+            .await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["code"], "invalid_value", "{path}: {body}");
+        assert_eq!(body["details"]["field"], parameter, "{path}: {body}");
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains(parameter), "{path}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn scale_rejects_unknown_process() {
+    let server = TestServer::start().await;
+    harness::create_app_and_env(&server).await;
+    let client = server.org_client();
+    let path = harness::env_path(&server.org);
+    let scale = format!("{}/scale", "/v1/orgs/acme/apps/web/envs/prod");
+    let body = || Some(br#"{"counts": {"nosuchproc": 5}}"#.to_vec());
+
+    let (status, response) = server
+        .raw("PUT", &scale, Some(&server.org_token), body())
+        .await;
+    assert_eq!(status, 400, "{response}");
+    assert_eq!(response["code"], "invalid_value", "{response}");
+    assert!(
+        response["message"].as_str().unwrap().contains("no release"),
+        "{response}"
+    );
+
+    client
+        .create_deploy(
+            &path,
+            &kiln_api::types::CreateDeploy {
+                target: kiln_api::types::DeployTarget::NewRelease(Box::new(
+                    kiln_api::types::CreateRelease {
+                        image: harness::image(),
+                        spec: harness::release_spec(),
+                        description: String::new(),
+                    },
+                )),
+                strategy: None,
+            },
+        )
+        .await
+        .unwrap();
+    let (status, response) = server
+        .raw("PUT", &scale, Some(&server.org_token), body())
+        .await;
+    assert_eq!(status, 400, "{response}");
+    assert_eq!(response["code"], "invalid_value", "{response}");
+    assert_eq!(
+        response["details"]["field"], "counts.nosuchproc",
+        "{response}"
+    );
+    let message = response["message"].as_str().unwrap();
+    assert!(message.contains("nosuchproc"), "{response}");
+    assert!(message.contains("web"), "{response}");
+
+    let (status, response) = server
+        .raw(
+            "PUT",
+            &scale,
+            Some(&server.org_token),
+            Some(br#"{"counts": {"web": 2}}"#.to_vec()),
+        )
+        .await;
+    assert_eq!(status, 200, "{response}");
+}
+
+#[tokio::test]
+async fn cursor_past_head_rejected() {
+    let server = TestServer::start().await;
+    harness::create_app_and_env(&server).await;
+    let env = "/v1/orgs/acme/apps/web/envs/prod";
+    for path in [
+        "/v1/orgs/acme/events?after=18446744073709551615".to_owned(),
+        format!("{env}/logs?after=18446744073709551615"),
+        format!("{env}/logs?after=1"),
+    ] {
+        let (status, body) = server
+            .raw("GET", &path, Some(&server.org_token), None)
+            .await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["code"], "invalid_value", "{path}: {body}");
+        assert_eq!(body["details"]["field"], "after", "{path}: {body}");
+        assert!(body["details"]["head"].is_u64(), "{path}: {body}");
+    }
+
+    let head = server.store.head().await.unwrap();
+    let (status, body) = server
+        .raw(
+            "GET",
+            &format!("/v1/orgs/acme/events?after={head}"),
+            Some(&server.org_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["cursor"], head, "{body}");
+}

@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use kiln_api::types::*;
 use kiln_api::{Event, InstanceState};
 use kiln_control::store::{ExpectedVersion, NewEvent, streams};
-use kiln_core::{InstanceId, ProcessName};
+use kiln_core::{AppName, EnvName, InstanceId, ProcessName};
 
 use crate::harness::{self, TestServer};
 
@@ -79,7 +79,7 @@ async fn environment_lifecycle() {
     let env = harness::create_app_and_env(&server).await;
     let path = harness::env_path(&server.org);
 
-    assert_eq!(env.hostname.as_str(), "web-prod-acme.apps.kiln.test");
+    assert_eq!(env.hostname.as_str(), "prod.web.acme.apps.kiln.test");
     assert!(
         env.ipv6_address
             .to_string()
@@ -360,7 +360,13 @@ async fn host_agent_flow() {
     first
         .client
         .ship_logs(&LogBatch {
-            lines: vec![line.clone()],
+            lines: vec![
+                line.clone(),
+                LogLine {
+                    line: "nul\0byte".into(),
+                    ..line.clone()
+                },
+            ],
         })
         .await
         .unwrap();
@@ -371,8 +377,10 @@ async fn host_agent_flow() {
         .unwrap_err();
     assert_eq!(foreign.code(), Some(kiln_api::ErrorCode::NotFound));
     let logs = client.logs(&path, &LogQuery::default()).await.unwrap();
-    assert_eq!(logs.entries.len(), 1);
+    assert_eq!(logs.entries.len(), 2);
     assert_eq!(logs.entries[0].line, "hello from web");
+    // PostgreSQL text cannot store NUL, so log batches get U+FFFD in its place.
+    assert_eq!(logs.entries[1].line, "nul\u{FFFD}byte");
     let filtered = client
         .logs(
             &path,
@@ -441,7 +449,7 @@ async fn host_agent_flow() {
     assert_eq!(table.routes, vec![route]);
     assert_eq!(
         ingress.list_apps(&server.org).await.unwrap_err().code(),
-        Some(kiln_api::ErrorCode::NotFound)
+        Some(kiln_api::ErrorCode::Forbidden)
     );
 
     let operator = server.operator();
@@ -469,4 +477,41 @@ async fn host_agent_flow() {
         .await
         .unwrap();
     assert!(report.matches(), "{:#?}", report.diffs);
+}
+
+#[tokio::test]
+async fn platform_hostnames_never_collide() {
+    let server = TestServer::start().await;
+    let mut hostnames = Vec::new();
+    for (org, env) in [("co", "prod-shop"), ("shop-co", "prod")] {
+        let (org, token) = server.other_org(org).await;
+        let client = server.client(&token);
+        client
+            .create_app(
+                &org,
+                &CreateApp {
+                    name: AppName::new("web").unwrap(),
+                },
+            )
+            .await
+            .unwrap();
+        let created = client
+            .create_env(
+                &org,
+                &AppName::new("web").unwrap(),
+                &CreateEnv {
+                    name: EnvName::new(env).unwrap(),
+                },
+            )
+            .await
+            .unwrap();
+        hostnames.push(created.hostname.as_str().to_owned());
+    }
+    assert_eq!(
+        hostnames,
+        vec![
+            "prod-shop.web.co.apps.kiln.test".to_owned(),
+            "prod.web.shop-co.apps.kiln.test".to_owned(),
+        ]
+    );
 }

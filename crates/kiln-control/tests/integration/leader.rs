@@ -136,3 +136,35 @@ async fn stale_term_is_fenced() {
     let mut tx = store.begin().await.unwrap();
     kiln_control::leader::check_fence(&mut tx, 5).await.unwrap();
 }
+
+#[tokio::test]
+async fn piped_stderr_has_no_ansi() {
+    let server = harness::TestServer::start().await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln-control"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            &server.database.url,
+            "--master-key-file",
+        ])
+        .arg(&server.key_file)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    assert!(line.starts_with("listening on "), "{line:?}");
+
+    // The "listening" log line is written to stderr before the stdout line was printed.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut logs = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut logs).unwrap();
+    assert!(logs.contains("listening"), "{logs}");
+    assert!(!logs.contains('\u{1b}'), "{logs:?}");
+}
