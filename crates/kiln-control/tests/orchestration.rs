@@ -22,6 +22,9 @@ use tempfile::TempDir;
 /// Time a deploy gets to finish in these tests.
 const DEPLOY_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// Time a scale gets to take effect, its instances healthy and routed.
+const SCALE_TIMEOUT: Duration = Duration::from_secs(90);
+
 /// Time `kiln-control` gets to print its listen address.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -393,6 +396,72 @@ async fn lost_host_instances_rescheduled() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+/// Waits until the env has `count` healthy web instances, every instance wanted running is
+/// one of them, and the route's backends are exactly those instances.
+async fn wait_web_scaled(client: &Client, env: &EnvPath, count: usize) {
+    let started = Instant::now();
+    loop {
+        let instances = running(client, env).await;
+        let healthy: std::collections::BTreeSet<_> = instances
+            .iter()
+            .filter(|i| i.process.as_str() == "web" && i.state == kiln_api::InstanceState::Healthy)
+            .map(|i| i.id)
+            .collect();
+        let routes = client.list_env_routes(env).await.unwrap().items;
+        let backends: std::collections::BTreeSet<_> = routes
+            .iter()
+            .flat_map(|route| route.backends.iter().map(|b| b.instance_id))
+            .collect();
+        if healthy.len() == count && instances.len() == count && backends == healthy {
+            return;
+        }
+        assert!(
+            started.elapsed() < SCALE_TIMEOUT,
+            "env not scaled to {count} web instances after {SCALE_TIMEOUT:?}: \
+             instances {instances:?}, routed {backends:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_adds_and_removes_instances() {
+    let cluster = bootstrap();
+    let control = start_control(&cluster);
+    let _h1 = add_host(&control, &cluster, "h1", SimAgentConfig::default()).await;
+    let _h2 = add_host(&control, &cluster, "h2", SimAgentConfig::default()).await;
+    let (client, env) = create_env(&control, &cluster).await;
+
+    let first = deploy(&client, &env, release(1, 0, "a")).await;
+    let first = wait_deploy(&client, &env, &first).await;
+    assert_eq!(first.state, DeployState::Succeeded, "{:?}", first.failure);
+    wait_web_scaled(&client, &env, 1).await;
+
+    let web = ProcessName::new("web").unwrap();
+    let scale = |count| kiln_api::ScaleEnv {
+        counts: BTreeMap::from([(web.clone(), count)]),
+    };
+    client.scale_env(&env, &scale(2)).await.unwrap();
+    wait_web_scaled(&client, &env, 2).await;
+    assert!(
+        running(&client, &env)
+            .await
+            .iter()
+            .all(|i| i.release_id == first.release_id)
+    );
+
+    client.scale_env(&env, &scale(1)).await.unwrap();
+    wait_web_scaled(&client, &env, 1).await;
+
+    // The release deploy and one scale deploy each way; none failed or was retried.
+    let deploys = client.list_deploys(&env).await.unwrap().items;
+    assert_eq!(deploys.len(), 3, "{deploys:?}");
+    assert!(
+        deploys.iter().all(|d| d.state != DeployState::Failed),
+        "{deploys:?}"
+    );
 }
 
 /// Outcome records of a deploy's steps, read from the projection.

@@ -1,5 +1,6 @@
 //! The orchestrator over the event store: plans pending deploys, replaces instances of lost
-//! hosts, runs the engine, and removes instances that have stopped.
+//! hosts, scales envs to their desired counts, runs the engine, and removes instances that have
+//! stopped.
 //!
 //! Every write happens in a transaction that first checks the leader's fencing term
 //! ([`check_fence`]) and then appends events through [`Store::append_in`], so projections,
@@ -106,6 +107,7 @@ impl Orchestrator {
         self.remove_stopped(term).await?;
         self.plan_pending(term).await?;
         self.replace_lost(term).await?;
+        self.reconcile_scale(term).await?;
         let fenced = Fenced { inner: self, term };
         engine::run_pass(&fenced, Fence(term))
             .await
@@ -255,6 +257,99 @@ impl Orchestrator {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Starts a scale deploy for each env whose instances of the current release differ in
+    /// number from its desired scale, so `PUT .../scale` takes effect without a new release.
+    ///
+    /// Envs with a deploy pending or in progress are skipped: that deploy reads the scale when
+    /// it is planned. A scale deploy that could not be planned or failed is not retried until
+    /// the env is scaled again, so a scale the cluster cannot hold does not fail once a pass.
+    async fn reconcile_scale(&self, term: i64) -> Result<(), OrchestratorError> {
+        let envs: Vec<(Uuid, Uuid)> = sqlx::query_as(
+            "SELECT e.id, e.current_release_id FROM envs e
+             WHERE e.current_release_id IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM deploys d WHERE d.env_id = e.id
+                               AND d.state IN ('pending', 'in_progress'))
+               AND NOT EXISTS (
+                   SELECT 1 FROM deploys d WHERE d.env_id = e.id AND d.state = 'failed'
+                     AND d.release_id = e.current_release_id
+                     AND d.previous_release_id = e.current_release_id
+                     AND d.created_at > COALESCE(
+                         (SELECT max(v.time) FROM events v
+                          WHERE v.stream = 'env:' || e.id::text AND v.type = 'EnvScaled'
+                            AND v.actor <> $1),
+                         '-infinity'))
+             ORDER BY e.id",
+        )
+        .bind(ACTOR)
+        .fetch_all(self.store.pool())
+        .await
+        .map_err(query("list envs to reconcile scale"))?;
+
+        for (env, release) in envs {
+            let env = EnvId::from_uuid(env);
+            let release = ReleaseId::from_uuid(release);
+            let counts = self.scale_difference(env, release).await?;
+            if counts.is_empty() {
+                continue;
+            }
+            let deploy = DeployId::new();
+            let org = self.env_org(env).await?;
+
+            let mut tx = self.begin(term).await?;
+            let event = Event::DeployRequested {
+                deploy_id: deploy,
+                env_id: env,
+                release_id: release,
+                previous_release_id: Some(release),
+                strategy: DeployStrategy::Rolling,
+            };
+            Store::append_in(
+                &mut tx,
+                &streams::deploy(deploy),
+                ExpectedVersion::NoStream,
+                vec![NewEvent::org(org, event)],
+                ACTOR,
+            )
+            .await?;
+            tx.commit().await.map_err(query("commit a scale deploy"))?;
+            tracing::info!(%env, %deploy, ?counts, "scaling env");
+
+            self.record_plan(term, deploy, env, Intent::Scale { counts }, None)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The desired count of each process type of `release` whose number of instances in `env`
+    /// (of that release, wanted running) differs from it.
+    async fn scale_difference(
+        &self,
+        env: EnvId,
+        release: ReleaseId,
+    ) -> Result<BTreeMap<ProcessName, u32>, OrchestratorError> {
+        let spec = self.load_release(release).await?;
+        let scale = self.env_scale(env).await?;
+        let desired = convert::planner_release(release, &spec, &scale);
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT process, count(*) FROM instances
+             WHERE env_id = $1 AND release_id = $2 AND desired = 'running' GROUP BY process",
+        )
+        .bind(env.as_uuid())
+        .bind(release.as_uuid())
+        .fetch_all(self.store.pool())
+        .await
+        .map_err(query("count an env's instances"))?;
+        let running: BTreeMap<String, i64> = rows.into_iter().collect();
+        Ok(desired
+            .processes
+            .into_iter()
+            .filter(|(process, spec)| {
+                running.get(process.as_str()).copied().unwrap_or(0) != i64::from(spec.count)
+            })
+            .map(|(process, spec)| (process, spec.count))
+            .collect())
     }
 
     /// Plans a deploy and records the plan, or fails the deploy with the planner's reason.
