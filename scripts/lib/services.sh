@@ -70,7 +70,7 @@ YAML
     fi
     sleep 0.1
   done
-  echo "docker-registry did not answer on 127.0.0.1:$port within 10 s; see $dir/registry.log" >&2
+  echo "docker-registry did not respond on 127.0.0.1:$port within 10 s; see $dir/registry.log" >&2
   return 1
 }
 

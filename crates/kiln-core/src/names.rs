@@ -1,8 +1,8 @@
 //! Validated names: orgs, apps, environments, process types and hostnames.
 //!
-//! Org, app, env and process names appear in hostnames (`APP-ENV.apps.example`), TAP device
-//! names and file paths, so they are restricted to DNS labels: 1 to 63 characters of `a-z`,
-//! `0-9` and `-`, starting with a letter and not ending with `-`.
+//! Org, app, env and process names appear in platform hostnames, TAP device names and file
+//! paths. So they are restricted to DNS labels: 1 to 63 characters of `a-z`, `0-9` and `-`,
+//! starting with a letter and not ending with `-`.
 
 use std::fmt;
 use std::str::FromStr;
@@ -21,13 +21,13 @@ pub enum NameError {
     /// The name is empty.
     #[error("invalid {kind} name: it is empty; use 1 to 63 characters of a-z, 0-9 and '-'")]
     Empty {
-        /// What was being named (`app`, `environment`, ...).
+        /// Kind of the named resource (`app`, `environment`, ...).
         kind: &'static str,
     },
     /// The name is longer than a DNS label allows.
     #[error("invalid {kind} name {value:?}: it has {len} characters, the maximum is 63")]
     TooLong {
-        /// What was being named.
+        /// Kind of the named resource.
         kind: &'static str,
         /// The rejected name.
         value: String,
@@ -40,11 +40,11 @@ pub enum NameError {
          starting with a letter and not ending with '-'"
     )]
     NotDnsLabel {
-        /// What was being named.
+        /// Kind of the named resource.
         kind: &'static str,
         /// The rejected name.
         value: String,
-        /// Which rule it breaks.
+        /// Rule the value breaks.
         reason: &'static str,
     },
     /// The hostname is not a valid DNS name.
@@ -52,7 +52,7 @@ pub enum NameError {
     InvalidHostname {
         /// The rejected hostname.
         value: String,
-        /// Which rule it breaks.
+        /// Rule the value breaks.
         reason: String,
     },
 }
@@ -195,10 +195,7 @@ impl Hostname {
             return Err(invalid("it is longer than 253 characters"));
         }
 
-        let (wildcard, rest) = match name.strip_prefix("*.") {
-            Some(rest) => (true, rest),
-            None => (false, name.as_str()),
-        };
+        let rest = name.strip_prefix("*.").unwrap_or(&name);
         let labels: Vec<&str> = rest.split('.').collect();
         if labels.len() < 2 {
             return Err(invalid(
@@ -235,7 +232,6 @@ impl Hostname {
             ));
         }
 
-        let _ = wildcard;
         Ok(Self(name))
     }
 
