@@ -628,20 +628,7 @@ impl Driver for FirecrackerDriver {
     }
 
     fn state(&self, vm: &mut FirecrackerVm) -> VmState {
-        let Some(pid) = vm.pid else {
-            return VmState::Created;
-        };
-        if let Some(child) = vm.child.as_mut() {
-            return match child.try_wait() {
-                Ok(None) => VmState::Running,
-                _ => VmState::Stopped,
-            };
-        }
-        if process::is_alive(pid) {
-            VmState::Running
-        } else {
-            VmState::Stopped
-        }
+        process::vm_state(vm.pid, vm.child.as_mut())
     }
 
     fn console_path<'a>(&self, vm: &'a FirecrackerVm) -> &'a Path {

@@ -79,6 +79,23 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|kib| kib.parse().ok())
 }
 
+/// Returns the state of a VMM process: `Created` before it started, otherwise whether the
+/// child (when this process started it) or the pid (when adopted) is still alive.
+pub fn vm_state(pid: Option<u32>, child: Option<&mut tokio::process::Child>) -> crate::VmState {
+    let Some(pid) = pid else {
+        return crate::VmState::Created;
+    };
+    let running = match child {
+        Some(child) => matches!(child.try_wait(), Ok(None)),
+        None => is_alive(pid),
+    };
+    if running {
+        crate::VmState::Running
+    } else {
+        crate::VmState::Stopped
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
