@@ -221,7 +221,7 @@ impl Dir {
         };
         let times = [time, time];
         let result = match name {
-            // SAFETY: `name` is NUL-terminated and `times` holds two timespecs.
+            // SAFETY: `name` is NUL-terminated and `times` contains two timespecs.
             Some(name) => unsafe {
                 libc::utimensat(
                     self.fd.as_raw_fd(),
@@ -230,7 +230,7 @@ impl Dir {
                     libc::AT_SYMLINK_NOFOLLOW,
                 )
             },
-            // SAFETY: the fd is open and `times` holds two timespecs.
+            // SAFETY: the fd is open and `times` contains two timespecs.
             None => unsafe { libc::futimens(self.fd.as_raw_fd(), times.as_ptr()) },
         };
         check(result).map(drop)

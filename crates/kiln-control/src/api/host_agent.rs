@@ -27,11 +27,11 @@ use crate::auth::Caller;
 use crate::secrets::Sealed;
 use crate::store::{ExpectedVersion, NewEvent, StoreError, streams};
 
-/// Most lines in one log batch.
+/// Maximum number of lines in one log batch.
 pub const MAX_LOG_LINES: usize = 10_000;
-/// Longest log line, in bytes.
+/// Maximum length of a log line, in bytes.
 pub const MAX_LOG_LINE_LEN: usize = 16 * 1024;
-/// Longest state detail, in bytes.
+/// Maximum length of a state detail, in bytes.
 pub const MAX_DETAIL_LEN: usize = 4096;
 
 /// Key of the advisory lock that orders log inserts, so a follower's `after` cursor never
