@@ -30,8 +30,7 @@ pub async fn capture(
             if written >= limit_bytes {
                 file.flush().await?;
                 drop(file);
-                tokio::fs::rename(&path, rotated_path(&path)).await?;
-                file = open_append(&path).await?;
+                file = rotate(&path).await?;
                 written = 0;
             }
             let room = usize::try_from(limit_bytes - written).unwrap_or(usize::MAX);
@@ -45,9 +44,35 @@ pub async fn capture(
 
 /// Path of the rotated, older console log.
 pub fn rotated_path(path: &Path) -> PathBuf {
+    sibling(path, ".1")
+}
+
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
-    name.push(".1");
+    name.push(suffix);
     PathBuf::from(name)
+}
+
+/// Moves the full log to its rotated name and returns a fresh, empty log file.
+///
+/// The new file is created under a temporary name and renamed over the log, so the log's path
+/// names a file at every moment: readers (`kiln logs`, operators running `tail -F`) never see
+/// it missing.
+async fn rotate(path: &Path) -> std::io::Result<tokio::fs::File> {
+    let fresh_path = sibling(path, ".new");
+    let link_path = sibling(path, ".old");
+
+    let _ = tokio::fs::remove_file(&link_path).await;
+    tokio::fs::hard_link(path, &link_path).await?;
+    tokio::fs::rename(&link_path, rotated_path(path)).await?;
+    let file = tokio::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(&fresh_path)
+        .await?;
+    tokio::fs::rename(&fresh_path, path).await?;
+    Ok(file)
 }
 
 async fn open_append(path: &Path) -> std::io::Result<tokio::fs::File> {
