@@ -7,6 +7,8 @@
 
 #[path = "support/fakes.rs"]
 mod fakes;
+#[path = "vm/network.rs"]
+mod vm_network;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -565,6 +567,8 @@ const PASS_INTERVAL: Duration = Duration::from_millis(200);
 #[derive(Clone)]
 struct BusyboxImages {
     rootfs: std::path::PathBuf,
+    /// User and group id the workload runs as.
+    uid: u32,
 }
 
 impl kiln_agent::runtime::Images for BusyboxImages {
@@ -577,9 +581,9 @@ impl kiln_agent::runtime::Images for BusyboxImages {
             rootfs: self.rootfs.clone(),
             default_command: vec!["/bin/sh".to_owned()],
             working_dir: Some("/srv".to_owned()),
-            user: Some("app".to_owned()),
-            uid: kiln_testkit::guest::APP_UID,
-            gid: kiln_testkit::guest::APP_UID,
+            user: Some(self.uid.to_string()),
+            uid: self.uid,
+            gid: self.uid,
             env: BTreeMap::new(),
         })
     }
@@ -719,7 +723,10 @@ fn real_vm_healthy_readopted_stopped() {
     kiln_testkit::guest::RootfsBuilder::new()
         .build(&rootfs)
         .unwrap();
-    let images = BusyboxImages { rootfs };
+    let images = BusyboxImages {
+        rootfs,
+        uid: kiln_testkit::guest::APP_UID,
+    };
 
     let a = vm_assignment(2, "echo READY; exec httpd -f -p [::]:8080 -h /www");
     let id = a.instance_id;
@@ -805,7 +812,10 @@ fn real_vm_unhealthy_names_loopback_listener() {
     kiln_testkit::guest::RootfsBuilder::new()
         .build(&rootfs)
         .unwrap();
-    let images = BusyboxImages { rootfs };
+    let images = BusyboxImages {
+        rootfs,
+        uid: kiln_testkit::guest::APP_UID,
+    };
 
     namespace
         .block_on(|| async {
@@ -1055,6 +1065,7 @@ fn bench_start_to_healthy() {
         .unwrap();
     let images = BusyboxImages {
         rootfs: rootfs.clone(),
+        uid: kiln_testkit::guest::APP_UID,
     };
 
     let (agent_times, bare_times) = namespace
