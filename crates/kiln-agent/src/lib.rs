@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod backoff;
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod health;
 pub mod images;

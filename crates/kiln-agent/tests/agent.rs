@@ -7,6 +7,8 @@
 
 #[path = "support/fakes.rs"]
 mod fakes;
+#[path = "vm/console.rs"]
+mod vm_console;
 #[path = "vm/network.rs"]
 mod vm_network;
 

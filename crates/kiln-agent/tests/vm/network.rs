@@ -148,9 +148,9 @@ fn counter_packets(namespace: &NetNs, name: &str) -> u64 {
         .unwrap()
 }
 
-/// Builds the prober's script, which connects to a same-org and an other-org guest over both families,
-/// then sends genuine and forged UDP to the outside listener, the forged ones before the
-/// last genuine ones.
+/// Builds the prober's script, which connects to a same-org and an other-org guest over
+/// both families, then sends genuine and forged UDP to the outside listener, the forged ones
+/// before the last genuine ones.
 fn prober_script(prober: &Assignment, same_org: &Assignment, other_org: &Assignment) -> String {
     let genuine_ipv6 = prober.network.ipv6;
     let genuine_ipv4 = prober.network.ipv4;
