@@ -19,5 +19,6 @@ pub mod plan;
 pub mod records;
 pub mod runtime;
 pub mod status;
+pub mod steps;
 pub mod tasks;
 pub mod vmm;
