@@ -420,7 +420,8 @@ where
     /// failure stay until the instance is cleaned up or started again (they are reused).
     ///
     /// The image, the writable disk, the secrets and the network do not depend on each other,
-    /// so they are prepared concurrently; the durations go to the instance's log as one line.
+    /// so they are prepared concurrently. The step durations go to the instance's log as one
+    /// line.
     async fn boot(&mut self, assignment: &Assignment) -> Result<VmHandle, String> {
         let id = assignment.instance_id;
         let mut steps = StepTimes::new();
@@ -568,9 +569,9 @@ where
         let mut timeout = Duration::from_secs(u64::from(check.timeout_secs.max(1)));
         // Until the first check passes, probe often with a short timeout, so the instance is
         // healthy soon after the app listens instead of up to a whole interval later. A
-        // short timeout fails fast while the guest's network is not up yet (the host's
-        // neighbor solicitations go unanswered); after the grace period the full timeout
-        // applies, so a slow app is never judged by the short one.
+        // short timeout fails fast while the guest's network is not up yet, because the
+        // host's neighbor solicitations go unanswered until then. After the grace period the
+        // full timeout applies, so a slow app is never judged by the short one.
         let starting = tracked.phase == Phase::Running;
         if starting && in_grace {
             timeout = timeout.min(STARTING_PROBE_TIMEOUT);

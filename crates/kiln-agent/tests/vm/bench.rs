@@ -1,7 +1,7 @@
-//! Benchmark harnesses for `bench/agent/run` (ignored by default; they assert nothing about
-//! time or memory): cached-image start to healthy through the agent against a bare kiln-vmm
-//! boot measured in the same run, and the host memory that idle instances take beyond their
-//! guest memory.
+//! Benchmark harnesses for `bench/agent/run`, ignored by default and asserting nothing about
+//! time or memory. One measures cached-image start to healthy through the agent against a
+//! bare kiln-vmm boot in the same run. The other measures the host memory that idle instances
+//! take beyond their guest memory.
 
 use std::collections::BTreeMap;
 
