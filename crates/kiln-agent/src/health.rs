@@ -58,7 +58,7 @@ pub async fn probe(target: SocketAddr, check: &HealthCheck) -> Result<(), ProbeF
     probe_within(target, check, timeout).await
 }
 
-/// Probes `target` once as `check` says, with `timeout` in place of the check's own.
+/// Probes `target` once with the kind of `check`, and `timeout` in place of its timeout.
 pub async fn probe_within(
     target: SocketAddr,
     check: &HealthCheck,

@@ -395,8 +395,8 @@ async fn forward_events<Vm>(entry: Arc<Entry<Vm>>, mut events: GuestEvents, logs
                 }
             }
             GuestMessage::Started { pid } => {
-                // Timestamped like every log line: the step between the boot and the first
-                // passing health check.
+                // Its timestamp splits the time from the boot to the first passing health
+                // check into the guest's setup and the app's own start.
                 logs.agent_line(&format!("workload started (guest pid {pid})"));
             }
             GuestMessage::Hello { .. } => {}
