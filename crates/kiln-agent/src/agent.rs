@@ -23,15 +23,25 @@ use tracing::{info, warn};
 
 use crate::config::LogConfig;
 use crate::control::ControlPlane;
-use crate::health::{DEFAULT_CHECK, diagnose, probe};
+use crate::health::{DEFAULT_CHECK, diagnose, probe_within};
 use crate::logs::LogSink;
 use crate::plan::{Action, Phase, STABLE_AFTER, Tracked, plan, restart_delay};
 use crate::records::{InstanceRecord, StateDir, write_json};
 use crate::runtime::{HostNetwork, Images, NetworkRequest, VmHandle, VmSpec, VmStatus, Vms};
 use crate::status::{AgentStatus, InstanceStatus};
+use crate::steps::{StepTimes, timed};
 
 /// Size of an instance's writable disk, in MiB (sparse: it takes space only as it fills).
 const WRITABLE_DISK_MIB: u64 = 1024;
+
+/// Interval between health checks of an instance that has not passed one since it booted.
+pub const STARTING_PROBE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Timeout of those checks during the grace period.
+pub const STARTING_PROBE_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// Shortest sleep of the reconcile loop between passes.
+const MIN_PASS_INTERVAL: Duration = Duration::from_millis(20);
 
 /// State shared with the background tasks.
 #[derive(Debug, Default)]
@@ -184,6 +194,9 @@ where
     }
 
     /// Runs the loop until `shutdown` resolves. VMs keep running after the agent stops.
+    ///
+    /// A pass runs when the assignments change, when a probe, restart or kill deadline is
+    /// due, and at the latest every `tick`.
     pub async fn run(
         mut self,
         mut assignments: watch::Receiver<Option<HostAssignments>>,
@@ -209,10 +222,25 @@ where
                         self.set_desired(latest);
                     }
                 }
-                () = tokio::time::sleep(tick) => {}
+                () = tokio::time::sleep(self.next_pass_in(Instant::now(), tick)) => {}
             }
         }
         info!("agent stopping; microVMs keep running");
+    }
+
+    /// Returns how long the loop may sleep before something tracked is due, at most `tick`.
+    fn next_pass_in(&self, now: Instant, tick: Duration) -> Duration {
+        let due = self
+            .tracked
+            .values()
+            .filter_map(|tracked| match tracked.phase {
+                Phase::Stopping { deadline } => Some(deadline),
+                Phase::Exited { .. } | Phase::Failed { .. } => tracked.next_start_at,
+                Phase::Running | Phase::Healthy | Phase::Unhealthy => tracked.next_probe_at,
+            });
+        due.map(|at| at.saturating_duration_since(now))
+            .fold(tick, Duration::min)
+            .max(MIN_PASS_INTERVAL)
     }
 
     /// Runs one reconcile pass: observe, plan, execute.
@@ -360,9 +388,12 @@ where
             Ok(handle) => {
                 self.save_record(&assignment, Some(handle.clone()), restarts);
                 self.handles.insert(id, handle);
+                // The boot took a while: the grace period counts from its end, not from the
+                // start of this pass. The first health check is due at once.
+                let booted = Instant::now().max(now);
                 if let Some(tracked) = self.tracked.get_mut(&id) {
                     tracked.phase = Phase::Running;
-                    tracked.booted_at = Some(now);
+                    tracked.booted_at = Some(booted);
                     tracked.next_probe_at = Some(now);
                 }
                 info!(instance = %id, "instance booted");
@@ -387,40 +418,77 @@ where
 
     /// Runs the named steps of a start; each failure names its step. Resources made before a
     /// failure stay until the instance is cleaned up or started again (they are reused).
+    ///
+    /// The image, the writable disk, the secrets and the network do not depend on each other,
+    /// so they are prepared concurrently. The step durations go to the instance's log as one
+    /// line.
     async fn boot(&mut self, assignment: &Assignment) -> Result<VmHandle, String> {
         let id = assignment.instance_id;
-        let image = self
-            .images
-            .prepare(&assignment.image)
-            .await
-            .map_err(|error| {
-                format!(
-                    "preparing image {}: {}",
-                    assignment.image.digest,
-                    error_chain(&*error)
-                )
-            })?;
+        let mut steps = StepTimes::new();
 
         let run_dir = self.state.run_dir(id);
         let restarts = self.tracked.get(&id).map_or(0, |t| t.restarts);
         // The record exists before the VM does: a restarted agent then finds the VM through
         // its run directory and never boots a second one.
-        self.state
-            .save_record(&InstanceRecord {
+        let (saved, elapsed) = timed(async {
+            self.state.save_record(&InstanceRecord {
                 assignment: assignment.clone(),
                 vm: None,
                 restarts,
             })
-            .map_err(|error| format!("saving the instance record: {}", error_chain(&error)))?;
+        })
+        .await;
+        saved.map_err(|error| format!("saving the instance record: {}", error_chain(&error)))?;
+        steps.record("record", elapsed);
+
         let disk = run_dir.join("disk.ext4");
-        self.images
-            .create_disk(&disk, WRITABLE_DISK_MIB)
-            .await
-            .map_err(|error| format!("creating the writable disk: {}", error_chain(&*error)))?;
+        let requests = self.network_requests();
+        let cached_secrets = self
+            .secrets
+            .get(&id)
+            .filter(|cached| cached.secrets_version == assignment.secrets_version)
+            .cloned();
+        let control = &self.control;
+        let fetch_secrets = async {
+            if assignment.secrets_version == 0 {
+                return Ok(None);
+            }
+            if let Some(cached) = cached_secrets {
+                return Ok(Some(cached));
+            }
+            control.secrets(id).await.map(Some)
+        };
+        let (
+            (image, image_time),
+            (created, disk_time),
+            (secrets, secrets_time),
+            (networks, network_time),
+        ) = tokio::join!(
+            timed(self.images.prepare(&assignment.image)),
+            timed(self.images.create_disk(&disk, WRITABLE_DISK_MIB)),
+            timed(fetch_secrets),
+            timed(self.network.apply(&requests)),
+        );
+        steps.record("image", image_time);
+        steps.record("disk", disk_time);
+        steps.record("secrets", secrets_time);
+        steps.record("network", network_time);
 
-        let secrets = self.fetch_secrets(assignment).await?;
-
-        let networks = self.sync_network().await?;
+        let image = image.map_err(|error| {
+            format!(
+                "preparing image {}: {}",
+                assignment.image.digest,
+                error_chain(&*error)
+            )
+        })?;
+        created.map_err(|error| format!("creating the writable disk: {}", error_chain(&*error)))?;
+        let secrets =
+            secrets.map_err(|error| format!("fetching secrets: {}", error_chain(&error)))?;
+        if let Some(secrets) = &secrets {
+            self.secrets.insert(id, secrets.clone());
+        }
+        let networks = networks
+            .map_err(|error| format!("setting up the network: {}", error_chain(&*error)))?;
         let network = networks
             .get(&id)
             .cloned()
@@ -459,32 +527,15 @@ where
             kill_signal: assignment.kill_signal.clone(),
             logs,
         };
-        self.vms
-            .boot(spec)
-            .await
-            .map_err(|error| format!("booting the microVM: {}", error_chain(&*error)))
-    }
-
-    async fn fetch_secrets(
-        &mut self,
-        assignment: &Assignment,
-    ) -> Result<Option<InstanceSecrets>, String> {
-        let id = assignment.instance_id;
-        if assignment.secrets_version == 0 {
-            return Ok(None);
+        let (booted, boot_time) = timed(self.vms.boot(spec)).await;
+        steps.record("vm boot", boot_time);
+        let handle =
+            booted.map_err(|error| format!("booting the microVM: {}", error_chain(&*error)))?;
+        info!(instance = %id, steps = %steps.summary(), "start steps done");
+        if let Some(sink) = self.log_sink(id) {
+            sink.agent_line(&steps.summary());
         }
-        if let Some(cached) = self.secrets.get(&id)
-            && cached.secrets_version == assignment.secrets_version
-        {
-            return Ok(Some(cached.clone()));
-        }
-        let secrets = self
-            .control
-            .secrets(id)
-            .await
-            .map_err(|error| format!("fetching secrets: {}", error_chain(&error)))?;
-        self.secrets.insert(id, secrets.clone());
-        Ok(Some(secrets))
+        Ok(handle)
     }
 
     async fn probe(&mut self, id: InstanceId, now: Instant) {
@@ -515,10 +566,25 @@ where
             .booted_at
             .is_some_and(|at| now.duration_since(at) < grace);
         let interval = Duration::from_secs(u64::from(check.interval_secs.max(1)));
-        let result = probe(target, &check).await;
+        let mut timeout = Duration::from_secs(u64::from(check.timeout_secs.max(1)));
+        // Until the first check passes, probe often with a short timeout, so the instance is
+        // healthy soon after the app listens instead of up to a whole interval later. A
+        // short timeout fails fast while the guest's network is not up yet, because the
+        // host's neighbor solicitations go unanswered until then. After the grace period the
+        // full timeout applies, so a slow app is never judged by the short one.
+        let starting = tracked.phase == Phase::Running;
+        if starting && in_grace {
+            timeout = timeout.min(STARTING_PROBE_TIMEOUT);
+        }
+        let result = probe_within(target, &check, timeout).await;
 
+        let next_in = if starting && result.is_err() {
+            interval.min(STARTING_PROBE_INTERVAL)
+        } else {
+            interval
+        };
         if let Some(tracked) = self.tracked.get_mut(&id) {
-            tracked.next_probe_at = Some(now + interval);
+            tracked.next_probe_at = Some(now + next_in);
         }
         match result {
             Ok(()) => self.set_phase(id, Phase::Healthy, None),
@@ -597,8 +663,16 @@ where
     async fn sync_network(
         &mut self,
     ) -> Result<BTreeMap<InstanceId, crate::runtime::GuestNetwork>, String> {
-        let requests: Vec<NetworkRequest> = self
-            .tracked
+        let requests = self.network_requests();
+        self.network
+            .apply(&requests)
+            .await
+            .map_err(|error| format!("setting up the network: {}", error_chain(&*error)))
+    }
+
+    /// Returns the network of every instance that has or is about to get a VM.
+    fn network_requests(&self) -> Vec<NetworkRequest> {
+        self.tracked
             .values()
             .filter(|tracked| tracked.has_resources)
             .map(|tracked| NetworkRequest {
@@ -607,11 +681,7 @@ where
                 ipv6: tracked.assignment.network.ipv6,
                 ipv4: tracked.assignment.network.ipv4,
             })
-            .collect();
-        self.network
-            .apply(&requests)
-            .await
-            .map_err(|error| format!("setting up the network: {}", error_chain(&*error)))
+            .collect()
     }
 
     fn set_phase(&mut self, id: InstanceId, phase: Phase, detail: Option<String>) {

@@ -55,6 +55,15 @@ pub enum ProbeFailure {
 /// Probes `target` once as `check` says.
 pub async fn probe(target: SocketAddr, check: &HealthCheck) -> Result<(), ProbeFailure> {
     let timeout = Duration::from_secs(u64::from(check.timeout_secs.max(1)));
+    probe_within(target, check, timeout).await
+}
+
+/// Probes `target` once with the kind of `check`, and `timeout` in place of its timeout.
+pub async fn probe_within(
+    target: SocketAddr,
+    check: &HealthCheck,
+    timeout: Duration,
+) -> Result<(), ProbeFailure> {
     match tokio::time::timeout(timeout, probe_inner(target, &check.kind)).await {
         Ok(result) => result,
         Err(_) => Err(ProbeFailure::Timeout { target, timeout }),

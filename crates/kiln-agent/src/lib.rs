@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod backoff;
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod health;
 pub mod images;
@@ -18,5 +19,6 @@ pub mod plan;
 pub mod records;
 pub mod runtime;
 pub mod status;
+pub mod steps;
 pub mod tasks;
 pub mod vmm;

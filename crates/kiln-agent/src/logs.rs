@@ -1,5 +1,6 @@
-//! Per-instance logs: the workload's stdout and stderr and the agent's lines about the instance,
-//! kept on disk with a size bound and rotation, and queued (bounded too) for shipping to the control plane.
+//! Per-instance logs: the workload's stdout and stderr, the VM's serial console (kernel and
+//! kiln-init) and the agent's lines about the instance, kept on disk with a size bound and
+//! rotation, and queued (bounded too) for shipping to the control plane.
 //!
 //! A guest that floods its console can neither fill the disk (at most `max_file_bytes` times
 //! `max_files + 1` per instance) nor the agent's memory (at most `max_pending_bytes` queued,

@@ -3,8 +3,8 @@
 //! The driver API is per VM handle and blocking where the agent's is not: `stop` waits for the
 //! guest, and guest messages arrive as a stream. This adapter keeps the handles, runs one task
 //! per VM that forwards the workload's output to the instance's [`LogSink`] and records its
-//! exit code, and runs each graceful stop in a task of its own so the reconcile loop never
-//! waits on a guest.
+//! exit code, follows the VM's serial console into the same sink, and runs each graceful stop
+//! in a task of its own so the reconcile loop never waits on a guest.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -23,6 +23,7 @@ use kiln_vmm::{Driver, GuestAssets, VmState};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
+use crate::console::ConsoleFollower;
 use crate::logs::LogSink;
 use crate::runtime::{ListeningSocket, RuntimeError, VmHandle, VmSpec, VmStatus, Vms};
 
@@ -78,6 +79,8 @@ struct Entry<Vm> {
     exit_code: Mutex<Option<i32>>,
     /// A pending listening-socket request.
     sockets: Mutex<Option<oneshot::Sender<Vec<ListeningSocket>>>>,
+    /// Copies the serial console into the instance's log while the VM runs.
+    console: ConsoleFollower,
 }
 
 /// VMs through a kiln-vmm driver.
@@ -155,6 +158,7 @@ where
         vm: D::Vm,
         events: GuestEvents,
         logs: LogSink,
+        console: ConsoleFollower,
     ) -> Result<VmHandle, RuntimeError> {
         let pid = vm.pid().ok_or(AdapterError::NoPid { instance })?;
         let entry = Arc::new(Entry {
@@ -162,6 +166,7 @@ where
             vm: tokio::sync::Mutex::new(vm),
             exit_code: Mutex::new(None),
             sockets: Mutex::new(None),
+            console,
         });
         tokio::spawn(forward_events(Arc::clone(&entry), events, logs));
         self.lock().insert(pid, entry);
@@ -235,9 +240,15 @@ where
         };
 
         let mut vm = self.driver.create(vm_spec).await?;
+        // Following starts before the boot, so a boot that fails still ships its console
+        // (a kernel panic, kiln-init's error) when the follower drops.
+        let console = ConsoleFollower::start(
+            self.driver.console_path(&vm).to_path_buf(),
+            spec.logs.clone(),
+        );
         let events = self.driver.start(&mut vm, config).await?;
         info!(%instance, pid = ?vm.pid(), "microVM started");
-        self.track(instance, vm, events, spec.logs)
+        self.track(instance, vm, events, spec.logs, console)
     }
 
     async fn adopt(
@@ -251,8 +262,9 @@ where
             return Ok(None);
         }
         let record = VmRecord::load(&vm_dir)?;
+        let console = ConsoleFollower::start(record.console_log.clone(), logs.clone());
         match self.driver.adopt(record).await {
-            Ok((vm, events)) => self.track(instance, vm, events, logs).map(Some),
+            Ok((vm, events)) => self.track(instance, vm, events, logs, console).map(Some),
             Err(kiln_vmm::VmmError::Adopt { reason, .. }) => {
                 info!(%instance, %reason, "no running VM to adopt");
                 Ok(None)
@@ -271,6 +283,7 @@ where
             VmState::Created | VmState::Running => Ok(VmStatus::Running),
             VmState::Stopped => {
                 drop(vm);
+                entry.console.stop();
                 self.lock().remove(&handle.pid);
                 let code = *entry
                     .exit_code
@@ -381,7 +394,12 @@ async fn forward_events<Vm>(entry: Arc<Entry<Vm>>, mut events: GuestEvents, logs
                     let _ = sender.send(parsed);
                 }
             }
-            GuestMessage::Hello { .. } | GuestMessage::Started { .. } => {}
+            GuestMessage::Started { pid } => {
+                // Its timestamp splits the time from the boot to the first passing health
+                // check into the guest's setup and the app's own start.
+                logs.agent_line(&format!("workload started (guest pid {pid})"));
+            }
+            GuestMessage::Hello { .. } => {}
         }
     }
 }

@@ -7,6 +7,12 @@
 
 #[path = "support/fakes.rs"]
 mod fakes;
+#[path = "vm/bench.rs"]
+mod vm_bench;
+#[path = "vm/console.rs"]
+mod vm_console;
+#[path = "vm/network.rs"]
+mod vm_network;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -224,6 +230,37 @@ async fn health_failures_ignored_during_grace() {
     assert_eq!(h.phase(a.instance_id), Some(Phase::Running));
     h.pass(now + Duration::from_secs(31)).await;
     assert_eq!(h.phase(a.instance_id), Some(Phase::Unhealthy));
+}
+
+#[tokio::test]
+async fn first_check_retried_within_interval() {
+    let root = tempfile::tempdir().unwrap();
+    let closed = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let mut a = assignment(port);
+    let check = a.ports[0].health_check.as_mut().unwrap();
+    check.interval_secs = 30;
+    check.grace_period_secs = 60;
+    let mut h = Harness::new(root.path(), FakeVms::new(), FakeNetwork::default());
+    h.agent
+        .set_desired(assignments(1, std::slice::from_ref(&a)));
+
+    let now = Instant::now();
+    h.pass(now).await;
+    h.pass(now).await;
+    assert_eq!(h.phase(a.instance_id), Some(Phase::Running));
+
+    // The app listens a moment after the first check failed: the next check comes after
+    // the short starting interval, not after the check's 30 s.
+    let _service = tokio::net::TcpListener::bind(("::1", port)).await.unwrap();
+    h.pass(now + kiln_agent::agent::STARTING_PROBE_INTERVAL)
+        .await;
+    assert_eq!(h.phase(a.instance_id), Some(Phase::Healthy));
+
+    // Once healthy, the check's own interval applies.
+    let next = h.agent.tracked()[&a.instance_id].next_probe_at.unwrap();
+    assert!(next >= now + Duration::from_secs(30));
 }
 
 #[tokio::test]
@@ -565,6 +602,8 @@ const PASS_INTERVAL: Duration = Duration::from_millis(200);
 #[derive(Clone)]
 struct BusyboxImages {
     rootfs: std::path::PathBuf,
+    /// User and group id the workload runs as.
+    uid: u32,
 }
 
 impl kiln_agent::runtime::Images for BusyboxImages {
@@ -577,9 +616,9 @@ impl kiln_agent::runtime::Images for BusyboxImages {
             rootfs: self.rootfs.clone(),
             default_command: vec!["/bin/sh".to_owned()],
             working_dir: Some("/srv".to_owned()),
-            user: Some("app".to_owned()),
-            uid: kiln_testkit::guest::APP_UID,
-            gid: kiln_testkit::guest::APP_UID,
+            user: Some(self.uid.to_string()),
+            uid: self.uid,
+            gid: self.uid,
             env: BTreeMap::new(),
         })
     }
@@ -719,7 +758,10 @@ fn real_vm_healthy_readopted_stopped() {
     kiln_testkit::guest::RootfsBuilder::new()
         .build(&rootfs)
         .unwrap();
-    let images = BusyboxImages { rootfs };
+    let images = BusyboxImages {
+        rootfs,
+        uid: kiln_testkit::guest::APP_UID,
+    };
 
     let a = vm_assignment(2, "echo READY; exec httpd -f -p [::]:8080 -h /www");
     let id = a.instance_id;
@@ -805,7 +847,10 @@ fn real_vm_unhealthy_names_loopback_listener() {
     kiln_testkit::guest::RootfsBuilder::new()
         .build(&rootfs)
         .unwrap();
-    let images = BusyboxImages { rootfs };
+    let images = BusyboxImages {
+        rootfs,
+        uid: kiln_testkit::guest::APP_UID,
+    };
 
     namespace
         .block_on(|| async {
@@ -1034,109 +1079,4 @@ async fn real_control_plane_register_watch_outage() {
 
     session.abort();
     watcher.abort();
-}
-
-/// Benchmark harness for `bench/agent/run` (ignored by default; it asserts nothing about
-/// time): cached-image start to healthy through the agent, and the anchor measured in the
-/// same run, a bare kiln-vmm boot of the same root filesystem to kiln-init's hello.
-#[test]
-#[ignore = "benchmark: run through bench/agent/run"]
-fn bench_start_to_healthy() {
-    let starts: usize = std::env::var("KILN_BENCH_STARTS")
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(10);
-    let namespace = NetNs::create("bench").unwrap();
-    let root = tempfile::tempdir().unwrap();
-    let _guard = KillVmsOnDrop(root.path().to_path_buf());
-    let rootfs = root.path().join("rootfs.ext4");
-    kiln_testkit::guest::RootfsBuilder::new()
-        .build(&rootfs)
-        .unwrap();
-    let images = BusyboxImages {
-        rootfs: rootfs.clone(),
-    };
-
-    let (agent_times, bare_times) = namespace
-        .block_on(|| async {
-            let mut h = vm_harness(root.path(), images);
-            let mut agent_times = Vec::new();
-            for start in 0..starts {
-                let mut a = vm_assignment(
-                    2 + u16::try_from(start % 200).unwrap(),
-                    "exec httpd -f -p [::]:8080 -h /www",
-                );
-                a.ports[0].health_check.as_mut().unwrap().interval_secs = 1;
-                let id = a.instance_id;
-                let began = Instant::now();
-                h.agent
-                    .set_desired(assignments(start as u64 * 2 + 1, std::slice::from_ref(&a)));
-                loop {
-                    h.pass().await;
-                    if h.phase(id) == Some(Phase::Healthy) {
-                        break;
-                    }
-                    assert!(
-                        began.elapsed() < HEALTHY_TIMEOUT,
-                        "start {start} never healthy"
-                    );
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                agent_times.push(began.elapsed());
-                h.agent.set_desired(assignments(start as u64 * 2 + 2, &[]));
-                h.pass_until("forgotten", HEALTHY_TIMEOUT, |h| {
-                    h.agent.tracked().is_empty()
-                })
-                .await;
-            }
-
-            let driver = kiln_vmm::qemu::QemuDriver::new(kiln_vmm::qemu::QemuConfig {
-                allow_software_virtualization: true,
-                ..kiln_vmm::qemu::QemuConfig::default()
-            })
-            .unwrap();
-            let assets =
-                kiln_vmm::GuestAssets::in_dir(&kiln_testkit::guest::guest_assets_dir().unwrap());
-            let mut bare_times = Vec::new();
-            for _ in 0..starts {
-                let dir = tempfile::tempdir().unwrap();
-                let spec = kiln_vmm::VmSpec::new(
-                    InstanceId::new(),
-                    dir.path().join("vm"),
-                    assets.clone(),
-                    rootfs.clone(),
-                );
-                let config = kiln_testkit::guest::instance_config(&["/bin/sleep", "600"]);
-                let began = Instant::now();
-                let mut vm = kiln_vmm::Driver::create(&driver, spec).await.unwrap();
-                let _events = kiln_vmm::Driver::start(&driver, &mut vm, config)
-                    .await
-                    .unwrap();
-                bare_times.push(began.elapsed());
-                kiln_vmm::Driver::kill(&driver, &mut vm).await.unwrap();
-            }
-            (agent_times, bare_times)
-        })
-        .unwrap();
-
-    let percentile = |times: &[Duration], p: f64| -> f64 {
-        let mut sorted: Vec<f64> = times.iter().map(Duration::as_secs_f64).collect();
-        sorted.sort_by(f64::total_cmp);
-        let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-        sorted[index]
-    };
-    let agent_p50 = percentile(&agent_times, 0.5);
-    let bare_p50 = percentile(&bare_times, 0.5);
-    println!("starts: {starts}");
-    println!(
-        "agent start to healthy: p50 {:.3} s, p99 {:.3} s",
-        agent_p50,
-        percentile(&agent_times, 0.99)
-    );
-    println!(
-        "anchor, bare kiln-vmm boot to kiln-init hello: p50 {:.3} s, p99 {:.3} s",
-        bare_p50,
-        percentile(&bare_times, 0.99)
-    );
-    println!("ratio agent/anchor at p50: {:.2}", agent_p50 / bare_p50);
 }

@@ -64,6 +64,29 @@ impl NetNs {
         })
     }
 
+    /// Runs the blocking `task` on a new thread that has entered this namespace and returns
+    /// its result. Sockets it creates stay in this namespace after the thread ends, so a test
+    /// running in one namespace can listen in another.
+    pub fn run<F, T>(&self, task: F) -> anyhow::Result<T>
+    where
+        F: FnOnce() -> T + Send,
+        T: Send,
+    {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let file =
+                        File::open(&path).with_context(|| format!("failed to open {path}"))?;
+                    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .with_context(|| format!("failed to enter network namespace {path}"))?;
+                    Ok(task())
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("task in network namespace {} panicked", self.name))?
+        })
+    }
+
     /// Runs `ip -n NAME ARGS...` and returns its standard output (for counting links and
     /// routes in tests).
     pub fn ip(&self, args: &[&str]) -> anyhow::Result<String> {

@@ -32,6 +32,8 @@ pub(crate) struct ControlState {
     pub(crate) reports: Vec<(InstanceId, ReportInstanceState)>,
     pub(crate) secrets: BTreeMap<InstanceId, InstanceSecrets>,
     pub(crate) shipped: Vec<String>,
+    /// The shipped lines whole, with stream and instance.
+    pub(crate) shipped_lines: Vec<kiln_api::types::LogLine>,
 }
 
 fn unavailable() -> ClientError {
@@ -107,6 +109,7 @@ impl kiln_agent::control::ControlPlane for FakeControl {
         state
             .shipped
             .extend(batch.lines.iter().map(|line| line.line.clone()));
+        state.shipped_lines.extend(batch.lines.iter().cloned());
         Ok(())
     }
 }
