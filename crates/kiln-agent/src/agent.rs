@@ -709,6 +709,10 @@ where
         if let Err(error) = self.state.remove_logs(id) {
             warn!(instance = %id, error = %error_chain(&error), "failed to remove logs");
         }
+        // A run-once instance's record outlives its cleanup; nothing else is left by now.
+        if let Err(error) = self.state.remove_run_dir(id) {
+            warn!(instance = %id, error = %error_chain(&error), "failed to remove run directory");
+        }
     }
 
     /// Applies the network of every instance that has or is about to get a VM.

@@ -318,6 +318,27 @@ fn stream_name(stream: LogStream) -> &'static str {
 mod tests {
     use super::*;
 
+    #[test]
+    fn output_tail_keeps_workload_lines() {
+        let sink = LogSink::discard(InstanceId::new());
+        sink.agent_line("state Booting");
+        sink.write(LogStream::Console, b"[    0.1] kernel line\n");
+        for n in 0..25 {
+            sink.write(LogStream::Stdout, format!("line {n}\n").as_bytes());
+        }
+        sink.write(LogStream::Stderr, "é".repeat(600).as_bytes());
+        sink.write(LogStream::Stderr, b"\n");
+
+        let tail = sink.output_tail(16);
+        assert_eq!(tail.len(), OUTPUT_TAIL_LINES);
+        assert_eq!(tail[0], "line 6");
+        assert!(tail.iter().all(|line| !line.contains("Booting")));
+        assert!(tail.iter().all(|line| !line.contains("kernel")));
+        let last = tail.last().unwrap();
+        assert!(last.len() <= 16, "{last}");
+        assert!(last.ends_with('…'), "{last}");
+    }
+
     fn config(max_file_bytes: u64, max_files: u32, max_pending_bytes: usize) -> LogConfig {
         LogConfig {
             max_file_bytes,

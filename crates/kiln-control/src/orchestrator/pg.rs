@@ -421,7 +421,7 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// Whether the release command of `release` already exited 0 in some deploy.
+    /// Returns whether the release command of `release` already exited 0 in some deploy.
     async fn release_command_succeeded(
         &self,
         release: ReleaseId,
@@ -850,7 +850,7 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// The last state report of each instance that has one, read from the instance's stream.
+    /// Reads the last state report of each instance that has one from the instance's stream.
     /// Unlike the projection it keeps the exit code and output lines, and it outlives the
     /// instance's removal.
     async fn last_reports(
@@ -896,8 +896,8 @@ impl Orchestrator {
         Ok(reports)
     }
 
-    /// The last output lines of a deploy's release command: those its agent reported with the
-    /// exit, or else (after a timeout) the last lines it shipped as logs.
+    /// Reads the last output lines of a deploy's release command: those its agent reported
+    /// with the exit, or else (after a timeout) the last lines it shipped as logs.
     async fn release_command_output(
         &self,
         deploy: DeployId,
