@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use kiln_api::InstanceState;
 use kiln_api::types::{
-    Assignment, DesiredState, HostAssignments, InstanceSecrets, ReportInstanceState,
+    Assignment, DesiredState, HostAssignments, InstanceSecrets, MAX_REPORTED_OUTPUT_LINE_BYTES,
+    ReportInstanceState,
 };
 use kiln_core::{HostId, InstanceId};
 use time::OffsetDateTime;
@@ -26,7 +27,7 @@ use crate::control::ControlPlane;
 use crate::health::{DEFAULT_CHECK, diagnose, probe_within};
 use crate::logs::LogSink;
 use crate::plan::{Action, Phase, STABLE_AFTER, Tracked, plan, restart_delay};
-use crate::records::{InstanceRecord, StateDir, write_json};
+use crate::records::{FinishedRun, InstanceRecord, StateDir, write_json};
 use crate::runtime::{HostNetwork, Images, NetworkRequest, VmHandle, VmSpec, VmStatus, Vms};
 use crate::status::{AgentStatus, InstanceStatus};
 use crate::steps::{StepTimes, timed};
@@ -74,6 +75,8 @@ pub struct Agent<C, I, V, N> {
     tracked: BTreeMap<InstanceId, Tracked>,
     handles: BTreeMap<InstanceId, VmHandle>,
     reported: BTreeMap<InstanceId, (InstanceState, Option<String>)>,
+    /// Exit code and output lines of the last terminal report, kept for run-once records.
+    final_reports: BTreeMap<InstanceId, (Option<i32>, Vec<String>)>,
     /// Secret values, in memory only.
     secrets: BTreeMap<InstanceId, InstanceSecrets>,
 }
@@ -113,6 +116,7 @@ where
             tracked: BTreeMap::new(),
             handles: BTreeMap::new(),
             reported: BTreeMap::new(),
+            final_reports: BTreeMap::new(),
             secrets: BTreeMap::new(),
         };
         (agent, outbox)
@@ -131,6 +135,10 @@ where
         };
         for record in records {
             let id = record.assignment.instance_id;
+            if let Some(finished) = record.finished {
+                self.readopt_finished(record.assignment, record.restarts, finished);
+                continue;
+            }
             let run_dir = self.state.run_dir(id);
             let sink = self.open_log(id);
             let adopted = match self.vms.adopt(id, &run_dir, sink).await {
@@ -145,6 +153,7 @@ where
                 None => Phase::Exited { code: None },
             };
             info!(instance = %id, adopted = adopted.is_some(), "instance re-adopted from disk");
+            let run_once_gone = adopted.is_none() && record.assignment.run_once;
             if let Some(handle) = adopted {
                 self.handles.insert(id, handle);
             }
@@ -160,6 +169,11 @@ where
                     has_resources: true,
                 },
             );
+            if run_once_gone {
+                // Its exit code went with the agent that ran it; report the exit without one.
+                let sink = self.log_sink(id);
+                self.report_run_once_exit(id, None, sink.as_ref());
+            }
         }
         if let Err(error) = self.sync_network().await {
             warn!(%error, "failed to restore the network of re-adopted instances");
@@ -177,6 +191,41 @@ where
                 0
             }
         }
+    }
+
+    /// Tracks a run-once instance that finished and was cleaned up before the agent stopped,
+    /// and reports its result again in case the last report was lost with the old process.
+    fn readopt_finished(&mut self, assignment: Assignment, restarts: u32, finished: FinishedRun) {
+        let id = assignment.instance_id;
+        let phase = match finished.state {
+            InstanceState::Failed => Phase::Failed {
+                reason: finished.detail.clone().unwrap_or_default(),
+            },
+            _ => Phase::Exited {
+                code: finished.exit_code,
+            },
+        };
+        info!(instance = %id, "finished run-once instance re-adopted from disk");
+        self.open_log(id);
+        self.tracked.insert(
+            id,
+            Tracked {
+                assignment,
+                phase,
+                booted_at: None,
+                restarts,
+                next_start_at: None,
+                next_probe_at: None,
+                has_resources: false,
+            },
+        );
+        self.report_output(
+            id,
+            finished.state,
+            finished.detail,
+            finished.exit_code,
+            finished.output,
+        );
     }
 
     /// Replaces the desired assignment set.
@@ -318,6 +367,12 @@ where
                 continue;
             };
             self.handles.remove(&id);
+            if tracked.assignment.run_once {
+                tracked.phase = Phase::Exited { code };
+                tracked.booted_at = None;
+                self.report_run_once_exit(id, code, sink.as_ref());
+                continue;
+            }
             let was_stopping = matches!(tracked.phase, Phase::Stopping { .. });
             tracked.phase = Phase::Exited { code };
             tracked.booted_at = None;
@@ -363,6 +418,20 @@ where
         }
     }
 
+    /// Reports how a run-once instance ended: its exit code and last output lines. It is not
+    /// restarted; the next pass cleans it up.
+    fn report_run_once_exit(&mut self, id: InstanceId, code: Option<i32>, sink: Option<&LogSink>) {
+        let detail = match code {
+            Some(code) => format!("release command exited with code {code}"),
+            None => "release command's VM stopped without an exit code".to_owned(),
+        };
+        let output = sink.map_or_else(Vec::new, |sink| {
+            sink.output_tail(MAX_REPORTED_OUTPUT_LINE_BYTES)
+        });
+        info!(instance = %id, ?code, "run-once instance exited");
+        self.report_output(id, InstanceState::Exited, Some(detail), code, output);
+    }
+
     async fn start(&mut self, id: InstanceId, now: Instant) {
         let Some(assignment) = self.desired.as_ref().and_then(|d| d.get(&id)).cloned() else {
             return;
@@ -401,8 +470,22 @@ where
             }
             Err(reason) => {
                 warn!(instance = %id, %reason, "instance failed to start");
-                if let Some(sink) = self.log_sink(id) {
+                let sink = self.log_sink(id);
+                if let Some(sink) = &sink {
                     sink.agent_line(&format!("start failed: {reason}"));
+                }
+                if assignment.run_once {
+                    // Never retried: the release command's deploy fails with this reason.
+                    if let Some(tracked) = self.tracked.get_mut(&id) {
+                        tracked.phase = Phase::Failed {
+                            reason: reason.clone(),
+                        };
+                    }
+                    let output = sink.map_or_else(Vec::new, |sink| {
+                        sink.output_tail(MAX_REPORTED_OUTPUT_LINE_BYTES)
+                    });
+                    self.report_output(id, InstanceState::Failed, Some(reason), None, output);
+                    return;
                 }
                 if let Some(tracked) = self.tracked.get_mut(&id) {
                     tracked.restarts += 1;
@@ -435,6 +518,7 @@ where
                 assignment: assignment.clone(),
                 vm: None,
                 restarts,
+                finished: None,
             })
         })
         .await;
@@ -637,25 +721,63 @@ where
     }
 
     async fn cleanup(&mut self, id: InstanceId) {
+        let mut run_once = None;
         if let Some(tracked) = self.tracked.get_mut(&id) {
             tracked.has_resources = false;
+            if tracked.assignment.run_once {
+                run_once = Some((tracked.assignment.clone(), tracked.restarts));
+            }
         }
         self.secrets.remove(&id);
         if let Err(error) = self.sync_network().await {
             warn!(instance = %id, %error, "failed to remove the instance's network");
         }
-        if let Err(error) = self.state.remove_run_dir(id) {
+
+        // A run-once instance keeps its record, with its result, until it is no longer
+        // assigned: an agent restarted in between must not run it again.
+        let removed = match run_once {
+            Some((assignment, restarts)) => {
+                let record = InstanceRecord {
+                    assignment,
+                    vm: None,
+                    restarts,
+                    finished: self.finished_run(id),
+                };
+                self.state
+                    .save_record(&record)
+                    .and_then(|()| self.state.remove_run_files(id))
+            }
+            None => self.state.remove_run_dir(id),
+        };
+        if let Err(error) = removed {
             warn!(instance = %id, error = %error_chain(&error), "failed to remove run directory");
         }
         info!(instance = %id, "instance cleaned up");
     }
 
+    /// The last reported result of a run-once instance, for its record.
+    fn finished_run(&self, id: InstanceId) -> Option<FinishedRun> {
+        let (state, detail) = self.reported.get(&id)?.clone();
+        let (exit_code, output) = self.final_reports.get(&id).cloned().unwrap_or_default();
+        Some(FinishedRun {
+            state,
+            detail,
+            exit_code,
+            output,
+        })
+    }
+
     fn forget(&mut self, id: InstanceId) {
         self.tracked.remove(&id);
         self.reported.remove(&id);
+        self.final_reports.remove(&id);
         self.lock_logs().remove(&id);
         if let Err(error) = self.state.remove_logs(id) {
             warn!(instance = %id, error = %error_chain(&error), "failed to remove logs");
+        }
+        // A run-once instance's record outlives its cleanup; nothing else is left by now.
+        if let Err(error) = self.state.remove_run_dir(id) {
+            warn!(instance = %id, error = %error_chain(&error), "failed to remove run directory");
         }
     }
 
@@ -708,6 +830,19 @@ where
         detail: Option<String>,
         exit_code: Option<i32>,
     ) {
+        self.report_output(id, state, detail, exit_code, Vec::new());
+    }
+
+    /// Queues a report with the last output lines of a run-once instance, unless it repeats
+    /// the last report.
+    fn report_output(
+        &mut self,
+        id: InstanceId,
+        state: InstanceState,
+        detail: Option<String>,
+        exit_code: Option<i32>,
+        output: Vec<String>,
+    ) {
         let current = (state, detail.clone());
         if self.reported.get(&id) == Some(&current) {
             return;
@@ -720,10 +855,14 @@ where
             };
             sink.agent_line(&text);
         }
+        if state.is_terminal() {
+            self.final_reports.insert(id, (exit_code, output.clone()));
+        }
         let report = ReportInstanceState {
             state,
             detail,
             exit_code,
+            output,
         };
         // The reporter task ends only when the agent does.
         let _ = self.reports.send((id, report));
@@ -734,6 +873,7 @@ where
             assignment: assignment.clone(),
             vm,
             restarts,
+            finished: None,
         };
         if let Err(error) = self.state.save_record(&record) {
             warn!(instance = %assignment.instance_id, error = %error_chain(&error), "failed to save instance record");

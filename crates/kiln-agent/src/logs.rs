@@ -27,6 +27,10 @@ pub const MAX_LINE_BYTES: usize = 16 * 1024;
 /// Lines kept in memory for crash reports ("last lines before the exit").
 const TAIL_LINES: usize = 20;
 
+/// Lines of the workload's own output (stdout and stderr) kept in memory for the exit report
+/// of a run-once instance.
+pub const OUTPUT_TAIL_LINES: usize = 20;
+
 const CURRENT_FILE: &str = "current.log";
 
 /// One instance's log, shared by the driver (which writes) and the agent (which ships).
@@ -56,6 +60,8 @@ struct InstanceLog {
     /// Lines dropped since the agent started.
     dropped_total: u64,
     tail: VecDeque<String>,
+    /// The last lines of stdout and stderr only, without console or agent lines.
+    output_tail: VecDeque<String>,
 }
 
 impl LogSink {
@@ -77,6 +83,7 @@ impl LogSink {
                 dropped_unreported: 0,
                 dropped_total: 0,
                 tail: VecDeque::new(),
+                output_tail: VecDeque::new(),
             })),
         })
     }
@@ -97,6 +104,7 @@ impl LogSink {
                 dropped_unreported: 0,
                 dropped_total: 0,
                 tail: VecDeque::new(),
+                output_tail: VecDeque::new(),
             })),
         }
     }
@@ -155,6 +163,16 @@ impl LogSink {
         self.lock().tail.iter().cloned().collect()
     }
 
+    /// Returns the last lines the workload wrote to stdout and stderr, oldest first, each cut
+    /// to `max_line_bytes`.
+    pub fn output_tail(&self, max_line_bytes: usize) -> Vec<String> {
+        self.lock()
+            .output_tail
+            .iter()
+            .map(|line| cut_line(line, max_line_bytes))
+            .collect()
+    }
+
     /// Returns the number of lines dropped from the shipping queue since the agent started.
     pub fn dropped_total(&self) -> u64 {
         self.lock().dropped_total
@@ -178,6 +196,12 @@ impl InstanceLog {
             self.tail.pop_front();
         }
         self.tail.push_back(line.line.clone());
+        if matches!(stream, LogStream::Stdout | LogStream::Stderr) {
+            if self.output_tail.len() == OUTPUT_TAIL_LINES {
+                self.output_tail.pop_front();
+            }
+            self.output_tail.push_back(line.line.clone());
+        }
 
         self.pending_bytes += line.line.len();
         self.pending.push_back(line);
@@ -260,6 +284,19 @@ fn append_bounded(line: &mut Vec<u8>, bytes: &[u8]) {
     }
 }
 
+/// Cuts `line` to at most `max_bytes` bytes on a character boundary, marking a cut with `…`.
+fn cut_line(line: &str, max_bytes: usize) -> String {
+    if line.len() <= max_bytes {
+        return line.to_owned();
+    }
+    let marker = "…";
+    let mut end = max_bytes.saturating_sub(marker.len());
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{marker}", &line[..end])
+}
+
 fn stream_slot(stream: LogStream) -> usize {
     match stream {
         LogStream::Stdout => 0,
@@ -281,6 +318,27 @@ fn stream_name(stream: LogStream) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_tail_keeps_workload_lines() {
+        let sink = LogSink::discard(InstanceId::new());
+        sink.agent_line("state Booting");
+        sink.write(LogStream::Console, b"[    0.1] kernel line\n");
+        for n in 0..25 {
+            sink.write(LogStream::Stdout, format!("line {n}\n").as_bytes());
+        }
+        sink.write(LogStream::Stderr, "é".repeat(600).as_bytes());
+        sink.write(LogStream::Stderr, b"\n");
+
+        let tail = sink.output_tail(16);
+        assert_eq!(tail.len(), OUTPUT_TAIL_LINES);
+        assert_eq!(tail[0], "line 6");
+        assert!(tail.iter().all(|line| !line.contains("Booting")));
+        assert!(tail.iter().all(|line| !line.contains("kernel")));
+        let last = tail.last().unwrap();
+        assert!(last.len() <= 16, "{last}");
+        assert!(last.ends_with('…'), "{last}");
+    }
 
     fn config(max_file_bytes: u64, max_files: u32, max_pending_bytes: usize) -> LogConfig {
         LogConfig {

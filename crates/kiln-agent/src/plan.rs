@@ -135,6 +135,10 @@ pub fn plan(
 }
 
 fn plan_running(id: InstanceId, tracked: &Tracked, now: Instant, actions: &mut Vec<Action>) {
+    if tracked.assignment.run_once {
+        plan_run_once(id, tracked, now, actions);
+        return;
+    }
     match &tracked.phase {
         Phase::Running | Phase::Healthy | Phase::Unhealthy => {
             if tracked.next_probe_at.is_none_or(|due| due <= now) {
@@ -149,6 +153,24 @@ fn plan_running(id: InstanceId, tracked: &Tracked, now: Instant, actions: &mut V
         Phase::Exited { .. } | Phase::Failed { .. } => {
             if tracked.next_start_at.is_none_or(|due| due <= now) {
                 actions.push(Action::Start(id));
+            }
+        }
+    }
+}
+
+/// A run-once instance (a release command) is never health-checked and never started again:
+/// once it has exited or failed, its resources go.
+fn plan_run_once(id: InstanceId, tracked: &Tracked, now: Instant, actions: &mut Vec<Action>) {
+    match &tracked.phase {
+        Phase::Running | Phase::Healthy | Phase::Unhealthy => {}
+        Phase::Stopping { deadline } => {
+            if *deadline <= now {
+                actions.push(Action::Kill(id));
+            }
+        }
+        Phase::Exited { .. } | Phase::Failed { .. } => {
+            if tracked.has_resources {
+                actions.push(Action::Cleanup(id));
             }
         }
     }
@@ -219,6 +241,7 @@ mod tests {
             kill_timeout_secs: 10,
             startup_scripts: Vec::new(),
             desired,
+            run_once: false,
         }
     }
 
@@ -353,6 +376,32 @@ mod tests {
             plan(&none, &one_tracked(cleaned), now),
             [Action::Forget(id)]
         );
+    }
+
+    #[test]
+    fn run_once_never_probed_or_restarted() {
+        let now = Instant::now();
+        let mut a = assignment(DesiredState::Running);
+        a.run_once = true;
+
+        let running = tracked(&a, Phase::Running);
+        assert!(plan(&one(&a), &one_tracked(running), now).is_empty());
+
+        for phase in [
+            Phase::Exited { code: Some(3) },
+            Phase::Failed {
+                reason: "image pull failed".to_owned(),
+            },
+        ] {
+            let mut done = tracked(&a, phase);
+            done.next_start_at = Some(now);
+            assert_eq!(
+                plan(&one(&a), &one_tracked(done.clone()), now),
+                [Action::Cleanup(a.instance_id)]
+            );
+            done.has_resources = false;
+            assert!(plan(&one(&a), &one_tracked(done), now).is_empty());
+        }
     }
 
     #[test]

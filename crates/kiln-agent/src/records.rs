@@ -5,11 +5,15 @@
 
 use std::path::{Path, PathBuf};
 
+use kiln_api::InstanceState;
 use kiln_api::types::{Assignment, HostAssignments};
 use kiln_core::InstanceId;
 use serde::{Deserialize, Serialize};
 
 use crate::runtime::VmHandle;
+
+/// Name of an instance's record file in its run directory.
+const RECORD_FILE: &str = "record.json";
 
 /// A failed read or write of agent state.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +49,23 @@ pub struct InstanceRecord {
     pub vm: Option<VmHandle>,
     /// Restarts since it last ran stable.
     pub restarts: u32,
+    /// How a run-once instance ended; set when it is cleaned up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<FinishedRun>,
+}
+
+/// The result of a run-once instance (a release command), kept after its cleanup so that a
+/// restarted agent neither runs it again nor loses its exit code and output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FinishedRun {
+    /// `exited` or `failed`.
+    pub state: InstanceState,
+    /// Detail of the final report.
+    pub detail: Option<String>,
+    /// The workload's exit code, when known.
+    pub exit_code: Option<i32>,
+    /// Its last output lines.
+    pub output: Vec<String>,
 }
 
 /// The agent's state directory layout.
@@ -92,7 +113,7 @@ impl StateDir {
     pub fn save_record(&self, record: &InstanceRecord) -> Result<(), RecordError> {
         let dir = self.run_dir(record.assignment.instance_id);
         create_dir(&dir)?;
-        write_json(&dir.join("record.json"), record)
+        write_json(&dir.join(RECORD_FILE), record)
     }
 
     /// Loads every instance record.
@@ -105,7 +126,7 @@ impl StateDir {
         })?;
         let mut records = Vec::new();
         for entry in entries.flatten() {
-            let path = entry.path().join("record.json");
+            let path = entry.path().join(RECORD_FILE);
             if path.exists() {
                 records.push(read_json(&path)?);
             }
@@ -116,6 +137,46 @@ impl StateDir {
     /// Removes an instance's run directory (record, disk, sockets).
     pub fn remove_run_dir(&self, instance: InstanceId) -> Result<(), RecordError> {
         remove_dir(&self.run_dir(instance))
+    }
+
+    /// Removes everything in an instance's run directory (disk, sockets, VM state) but its
+    /// record.
+    pub fn remove_run_files(&self, instance: InstanceId) -> Result<(), RecordError> {
+        let dir = self.run_dir(instance);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => {
+                return Err(RecordError::Io {
+                    operation: "list",
+                    path: dir,
+                    source,
+                });
+            }
+        };
+        for entry in entries.flatten() {
+            if entry.file_name() == RECORD_FILE {
+                continue;
+            }
+            let path = entry.path();
+            let removed = if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            match removed {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(RecordError::Io {
+                        operation: "remove",
+                        path,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Removes an instance's logs.

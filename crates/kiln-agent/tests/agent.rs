@@ -81,6 +81,7 @@ fn assignment(port: u16) -> Assignment {
         kill_timeout_secs: 10,
         startup_scripts: Vec::new(),
         desired: DesiredState::Running,
+        run_once: false,
     }
 }
 
@@ -465,6 +466,7 @@ async fn reports_survive_outage_in_order() {
             state,
             detail: None,
             exit_code: None,
+            output: Vec::new(),
         };
         sender.send((id, report)).unwrap();
     }
@@ -887,6 +889,149 @@ fn real_vm_unhealthy_names_loopback_listener() {
             })
             .await;
             assert_eq!(h.phase(id), None);
+        })
+        .unwrap();
+}
+
+/// The run directory entries left for `id`, by name.
+fn run_dir_entries(root: &std::path::Path, id: InstanceId) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(root.join("instances").join(id.to_string())) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A release command: a run-once assignment without ports that runs `script`.
+fn release_command_assignment(host_part: u16, script: &str) -> Assignment {
+    let mut a = vm_assignment(host_part, script);
+    a.process = "release-command".parse().unwrap();
+    a.ports.clear();
+    a.run_once = true;
+    a
+}
+
+/// The final report of `id`, once there is one.
+fn final_report(h: &VmHarness, id: InstanceId) -> Option<ReportInstanceState> {
+    let reports = h.control.inner.lock().unwrap().reports.clone();
+    reports
+        .into_iter()
+        .rev()
+        .find(|(reported, report)| *reported == id && report.state.is_terminal())
+        .map(|(_, report)| report)
+}
+
+#[test]
+fn real_vm_release_command_runs_once() {
+    let namespace = NetNs::create("vmrc").unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let _guard = KillVmsOnDrop(root.path().to_path_buf());
+    let rootfs = root.path().join("rootfs.ext4");
+    kiln_testkit::guest::RootfsBuilder::new()
+        .build(&rootfs)
+        .unwrap();
+    let images = BusyboxImages { rootfs };
+
+    let success = release_command_assignment(
+        5,
+        "echo migrating; echo marker-$KILN_PROCESS > /tmp/marker; cat /tmp/marker; exit 0",
+    );
+    let failure = release_command_assignment(6, "echo checking schema; echo broken >&2; exit 3");
+    let both = [success.clone(), failure.clone()];
+
+    namespace
+        .block_on(|| async {
+            let mut h = vm_harness(root.path(), images.clone());
+            h.agent.set_desired(assignments(1, &both));
+            h.pass_until("both commands exited", HEALTHY_TIMEOUT, |h| {
+                final_report(h, success.instance_id).is_some()
+                    && final_report(h, failure.instance_id).is_some()
+            })
+            .await;
+
+            let exited = final_report(&h, success.instance_id).unwrap();
+            assert_eq!(exited.state, InstanceState::Exited);
+            assert_eq!(exited.exit_code, Some(0));
+            assert!(
+                exited
+                    .output
+                    .iter()
+                    .any(|line| line == "marker-release-command"),
+                "{exited:?}"
+            );
+            assert_eq!(
+                exited.detail.as_deref(),
+                Some("release command exited with code 0")
+            );
+            let failed = final_report(&h, failure.instance_id).unwrap();
+            assert_eq!(failed.state, InstanceState::Exited);
+            assert_eq!(failed.exit_code, Some(3));
+            assert_eq!(failed.output, ["checking schema", "broken"], "{failed:?}");
+
+            // Cleaned up while still assigned: no VM, TAP, rule or disk is left, only the
+            // record with the result.
+            h.pass_until("cleaned up", HEALTHY_TIMEOUT, |h| {
+                h.agent
+                    .tracked()
+                    .values()
+                    .all(|tracked| !tracked.has_resources)
+            })
+            .await;
+            for _ in 0..5 {
+                h.pass().await;
+            }
+            assert!(qemu_pids(root.path()).is_empty());
+            assert_eq!(count_links(&namespace), 0);
+            let ruleset = namespace
+                .exec("/usr/sbin/nft", &["list", "ruleset"])
+                .unwrap();
+            assert!(!ruleset.contains("kiln"), "{ruleset}");
+            for a in &both {
+                let id = a.instance_id;
+                assert_eq!(run_dir_entries(root.path(), id), ["record.json"]);
+                let states = h.control.states(id);
+                assert!(!states.contains(&InstanceState::Healthy), "{states:?}");
+                let boots = states
+                    .iter()
+                    .filter(|s| **s == InstanceState::Booting)
+                    .count();
+                assert_eq!(boots, 1, "{states:?}");
+            }
+        })
+        .unwrap();
+
+    namespace
+        .block_on(|| async {
+            // A restarted agent still assigned the commands neither runs them again nor loses
+            // their results.
+            let mut h = vm_harness(root.path(), images.clone());
+            h.agent.readopt().await;
+            h.agent.set_desired(assignments(1, &both));
+            for _ in 0..5 {
+                h.pass().await;
+            }
+            for a in &both {
+                let states = h.control.states(a.instance_id);
+                assert_eq!(states, [InstanceState::Exited], "{states:?}");
+            }
+            assert_eq!(
+                final_report(&h, failure.instance_id).unwrap().exit_code,
+                Some(3)
+            );
+            assert!(qemu_pids(root.path()).is_empty());
+
+            h.agent.set_desired(assignments(2, &[]));
+            h.pass_until("forgotten", HEALTHY_TIMEOUT, |h| {
+                h.agent.tracked().is_empty()
+            })
+            .await;
+            for a in &both {
+                assert!(run_dir_entries(root.path(), a.instance_id).is_empty());
+            }
         })
         .unwrap();
 }

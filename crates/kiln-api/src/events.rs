@@ -192,6 +192,9 @@ pub enum Event {
         step: String,
         /// Human-readable detail.
         detail: String,
+        /// The release command's last output lines, for the step that ran it.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        output: Vec<String>,
     },
     /// The environment's current release changed (deploy start, rollback).
     EnvReleaseChanged {
@@ -231,6 +234,10 @@ pub enum Event {
         detail: Option<String>,
         /// Exit code, for `exited` and `failed`.
         exit_code: Option<i32>,
+        /// Last output lines of a run-once instance (a release command), for `exited` and
+        /// `failed`.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        output: Vec<String>,
     },
     /// The control plane asked for an instance to stop.
     InstanceStopRequested {

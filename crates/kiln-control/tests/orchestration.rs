@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use kiln_api::client::EnvPath;
 use kiln_api::{
     Client, CreateApp, CreateDeploy, CreateEnv, CreateHost, CreateRelease, Deploy, DeployState,
-    DeployStrategy, DeployTarget, ImageRef, Instance, ProcessSpec, ReleaseSpec, ServiceProtocol,
-    ServiceSpec,
+    DeployStrategy, DeployTarget, ImageRef, Instance, ProcessSpec, ReleaseCommandLimits,
+    ReleaseSpec, ServiceProtocol, ServiceSpec,
 };
 use kiln_core::{AppName, EnvName, OrgName, ProcessName};
 use kiln_testkit::simagent::{Outcome, SimAgent, SimAgentConfig};
@@ -210,6 +210,7 @@ fn release(web: u32, worker: u32, tag: &str) -> CreateRelease {
             kill_timeout_secs: 5,
             startup_scripts: Vec::new(),
             release_command: None,
+            release_command_limits: None,
         },
         description: format!("release {tag}"),
     }
@@ -581,4 +582,301 @@ async fn two_controls_one_orchestrator() {
     for agent in &agents {
         assert!(agent.duplicate_starts().is_empty());
     }
+}
+
+/// A release like [`release`] with a release command that gets `timeout_secs` to exit.
+fn release_with_command(web: u32, tag: &str, timeout_secs: u64) -> CreateRelease {
+    let mut release = release(web, 0, tag);
+    release.spec.release_command = Some(vec!["/app/migrate".to_owned()]);
+    release.spec.release_command_limits = Some(ReleaseCommandLimits {
+        timeout_secs,
+        vcpus: 1,
+        memory_mib: 256,
+    });
+    release
+}
+
+/// Simulated agents whose release commands end with `outcome` and whose other instances
+/// become healthy.
+fn release_command_config(outcome: Outcome) -> SimAgentConfig {
+    let behavior: kiln_testkit::simagent::Behavior = std::sync::Arc::new(move |assignment| {
+        if assignment.run_once {
+            outcome
+        } else {
+            Outcome::Healthy
+        }
+    });
+    SimAgentConfig {
+        behavior,
+        ..SimAgentConfig::default()
+    }
+}
+
+/// Events of `type_name` in the log, oldest first, as `(seq, stream, payload data)`.
+async fn events_of(pool: &sqlx::PgPool, type_name: &str) -> Vec<(i64, String, serde_json::Value)> {
+    sqlx::query_as("SELECT seq, stream, payload->'data' FROM events WHERE type = $1 ORDER BY seq")
+        .bind(type_name)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+/// Ids (as in event payloads) of the release command instances placed so far.
+async fn release_command_instances(pool: &sqlx::PgPool) -> Vec<String> {
+    events_of(pool, "InstancePlaced")
+        .await
+        .into_iter()
+        .filter(|(_, _, data)| data["process"] == "release-command")
+        .map(|(_, _, data)| data["instance_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The output lines recorded with a deploy's release command step.
+async fn release_command_step_output(pool: &sqlx::PgPool, deploy: &Deploy) -> Vec<String> {
+    let deploy_id = deploy.id.to_string();
+    let steps = events_of(pool, "DeployStepCompleted").await;
+    let (_, _, data) = steps
+        .iter()
+        .find(|(_, _, data)| {
+            data["deploy_id"] == deploy_id.as_str()
+                && data["step"]
+                    .as_str()
+                    .is_some_and(|step| step.ends_with(":release-command"))
+        })
+        .unwrap_or_else(|| panic!("no release command step recorded: {steps:?}"));
+    serde_json::from_value(data["output"].clone()).unwrap_or_default()
+}
+
+/// Waits until every instance of the env is gone except `kept`, so a removed release command
+/// instance is observed.
+async fn wait_only_instances(client: &Client, env: &EnvPath, kept: &[Instance]) {
+    let kept: std::collections::BTreeSet<_> = kept.iter().map(|i| i.id).collect();
+    let started = Instant::now();
+    loop {
+        let all: std::collections::BTreeSet<_> = client
+            .list_instances(env)
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|instance| instance.id)
+            .collect();
+        if all == kept {
+            return;
+        }
+        assert!(
+            started.elapsed() < DEPLOY_TIMEOUT,
+            "instances {all:?} not reduced to {kept:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_command_runs_before_rollout() {
+    let cluster = bootstrap();
+    let control = start_control(&cluster);
+    let pool = sqlx::PgPool::connect(&cluster.database_url).await.unwrap();
+    let config = release_command_config(Outcome::Exit { code: 0 });
+    let _h1 = add_host(&control, &cluster, "h1", config.clone()).await;
+    let _h2 = add_host(&control, &cluster, "h2", config).await;
+    let (client, env) = create_env(&control, &cluster).await;
+
+    let first = deploy(&client, &env, release(2, 0, "a")).await;
+    let first = wait_deploy(&client, &env, &first).await;
+    assert_eq!(first.state, DeployState::Succeeded, "{:?}", first.failure);
+    let old = running(&client, &env).await;
+
+    let second = deploy(&client, &env, release_with_command(2, "b", 60)).await;
+    let second = wait_deploy(&client, &env, &second).await;
+    assert_eq!(second.state, DeployState::Succeeded, "{:?}", second.failure);
+
+    let records = step_records(&pool, &second).await;
+    assert_eq!(records[0], "completed:release-command", "{records:?}");
+    assert_eq!(
+        release_command_step_output(&pool, &second).await,
+        kiln_testkit::simagent::exit_output(0)
+    );
+
+    // The command exited before the first old instance was asked to stop.
+    let placed = release_command_instances(&pool).await;
+    assert_eq!(placed.len(), 1, "{placed:?}");
+    let command_stream = format!("instance:{}", placed[0]);
+    let exited = events_of(&pool, "InstanceStateChanged")
+        .await
+        .into_iter()
+        .find(|(_, stream, data)| stream == &command_stream && data["state"] == "exited")
+        .map(|(seq, _, _)| seq)
+        .expect("the release command reported its exit");
+    let old_ids: Vec<String> = old.iter().map(|i| i.id.to_string()).collect();
+    let first_old_stop = events_of(&pool, "InstanceStopRequested")
+        .await
+        .into_iter()
+        .find(|(_, _, data)| old_ids.iter().any(|id| data["instance_id"] == id.as_str()))
+        .map(|(seq, _, _)| seq)
+        .expect("the old instances were stopped");
+    assert!(
+        exited < first_old_stop,
+        "an old instance was stopped (seq {first_old_stop}) before the release command exited (seq {exited})"
+    );
+
+    // The one-off instance is stopped and removed, freeing its addresses.
+    let new = running(&client, &env).await;
+    assert_eq!(new.len(), 2);
+    assert!(new.iter().all(|i| i.release_id == second.release_id));
+    assert!(new.iter().all(|i| i.process.as_str() == "web"));
+    wait_only_instances(&client, &env, &new).await;
+
+    // Deploying the same release again goes straight to the rollout.
+    let again = client
+        .create_deploy(
+            &env,
+            &CreateDeploy {
+                target: DeployTarget::ReleaseVersion(2),
+                strategy: None,
+            },
+        )
+        .await
+        .unwrap()
+        .deploy;
+    let again = wait_deploy(&client, &env, &again).await;
+    assert_eq!(again.state, DeployState::Succeeded, "{:?}", again.failure);
+    assert_eq!(release_command_instances(&pool).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_command_failure_keeps_old_instances() {
+    let cluster = bootstrap();
+    let control = start_control(&cluster);
+    let pool = sqlx::PgPool::connect(&cluster.database_url).await.unwrap();
+    let config = release_command_config(Outcome::Exit { code: 3 });
+    let _h1 = add_host(&control, &cluster, "h1", config.clone()).await;
+    let _h2 = add_host(&control, &cluster, "h2", config).await;
+    let (client, env) = create_env(&control, &cluster).await;
+
+    let first = deploy(&client, &env, release(2, 0, "a")).await;
+    let first = wait_deploy(&client, &env, &first).await;
+    assert_eq!(first.state, DeployState::Succeeded, "{:?}", first.failure);
+    let old = running(&client, &env).await;
+    let stops_before = events_of(&pool, "InstanceStopRequested").await.len();
+
+    let second = deploy(&client, &env, release_with_command(2, "b", 60)).await;
+    let second = wait_deploy(&client, &env, &second).await;
+    assert_eq!(second.state, DeployState::Failed);
+    let failure = second.failure.clone().unwrap_or_default();
+    assert!(failure.contains("release command"), "{failure}");
+    assert!(failure.contains("exited with code 3"), "{failure}");
+    assert!(failure.contains("no instance was replaced"), "{failure}");
+    assert_eq!(
+        release_command_step_output(&pool, &second).await,
+        kiln_testkit::simagent::exit_output(3)
+    );
+
+    // No instance of the new release other than the command was placed, and the only stop
+    // is the command's own.
+    let placed: Vec<_> = events_of(&pool, "InstancePlaced")
+        .await
+        .into_iter()
+        .filter(|(_, _, data)| data["release_id"] == second.release_id.to_string().as_str())
+        .collect();
+    assert_eq!(placed.len(), 1, "{placed:?}");
+    assert_eq!(placed[0].2["process"], "release-command");
+    let stops = events_of(&pool, "InstanceStopRequested").await;
+    assert_eq!(stops.len(), stops_before + 1, "{stops:?}");
+
+    wait_only_instances(&client, &env, &old).await;
+    let current = client.get_env(&env).await.unwrap();
+    assert_eq!(current.current_release_id, Some(first.release_id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_command_timeout_fails_deploy() {
+    let cluster = bootstrap();
+    let control = start_control(&cluster);
+    let pool = sqlx::PgPool::connect(&cluster.database_url).await.unwrap();
+    let _h1 = add_host(
+        &control,
+        &cluster,
+        "h1",
+        release_command_config(Outcome::Hang),
+    )
+    .await;
+    let (client, env) = create_env(&control, &cluster).await;
+
+    let first = deploy(&client, &env, release(1, 0, "a")).await;
+    let first = wait_deploy(&client, &env, &first).await;
+    assert_eq!(first.state, DeployState::Succeeded, "{:?}", first.failure);
+    let old = running(&client, &env).await;
+
+    let second = deploy(&client, &env, release_with_command(1, "b", 2)).await;
+    let second = wait_deploy(&client, &env, &second).await;
+    assert_eq!(second.state, DeployState::Failed);
+    let failure = second.failure.clone().unwrap_or_default();
+    assert!(failure.contains("did not exit within 2 s"), "{failure}");
+    assert!(failure.contains("no instance was replaced"), "{failure}");
+
+    // The hanging command is stopped and removed; the old instance never was.
+    let placed = release_command_instances(&pool).await;
+    assert_eq!(placed.len(), 1, "{placed:?}");
+    let stopped: Vec<String> = events_of(&pool, "InstanceStopRequested")
+        .await
+        .into_iter()
+        .map(|(_, _, data)| data["instance_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(stopped, placed);
+    wait_only_instances(&client, &env, &old).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_command_survives_control_restart() {
+    let cluster = bootstrap();
+    let mut control = start_control(&cluster);
+    let pool = sqlx::PgPool::connect(&cluster.database_url).await.unwrap();
+    let slow = Outcome::ExitAfter {
+        code: 0,
+        delay: Duration::from_secs(4),
+    };
+    let agent = add_host(&control, &cluster, "h1", release_command_config(slow)).await;
+    let (client, env) = create_env(&control, &cluster).await;
+
+    let second = deploy(&client, &env, release_with_command(1, "a", 60)).await;
+
+    // Kill kiln-control while the command runs, twice, and start it again on the same address.
+    for _ in 0..2 {
+        let started = Instant::now();
+        loop {
+            let running: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM instances WHERE process = 'release-command'
+                 AND state = 'running'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            if running == 1 {
+                break;
+            }
+            assert!(
+                started.elapsed() < DEPLOY_TIMEOUT,
+                "the release command never ran"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let address = control.url.trim_start_matches("http://").to_owned();
+        drop(control);
+        control = start_control_on(&cluster, &address);
+    }
+
+    let client = Client::new(&control.url, &cluster.org_token).unwrap();
+    let second = wait_deploy(&client, &env, &second).await;
+    assert_eq!(second.state, DeployState::Succeeded, "{:?}", second.failure);
+
+    assert_eq!(release_command_instances(&pool).await.len(), 1);
+    assert!(agent.duplicate_starts().is_empty());
+    let records = step_records(&pool, &second).await;
+    let commands = records
+        .iter()
+        .filter(|record| record.ends_with(":release-command"))
+        .count();
+    assert_eq!(commands, 1, "{records:?}");
+    assert_eq!(running(&client, &env).await.len(), 1);
 }

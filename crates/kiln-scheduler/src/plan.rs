@@ -31,6 +31,9 @@ pub const DEFAULT_DRAIN_GRACE_SECS: u64 = 30;
 /// Name of the one-off process type that runs a release command.
 pub const RELEASE_COMMAND_PROCESS: &str = "release-command";
 
+/// Name of the step that runs the release command.
+pub const RELEASE_COMMAND_STEP: &str = "release-command";
+
 /// One process type of a release as the planner needs it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessSpec {
@@ -59,7 +62,8 @@ pub struct ReleaseSpec {
     pub id: ReleaseId,
     /// Process types by name, with the counts the env wants for this release.
     pub processes: BTreeMap<ProcessName, ProcessSpec>,
-    /// The release command, when the manifest has one.
+    /// The release command, when the manifest has one and it has not yet succeeded for this
+    /// release.
     pub release_command: Option<ReleaseCommandSpec>,
 }
 
@@ -190,7 +194,8 @@ pub struct PlannedInstance {
 #[serde(rename_all = "snake_case", tag = "action")]
 pub enum Action {
     /// Run the release command in a one-off microVM and wait for it to exit; a non-zero exit
-    /// or the timeout fails the step.
+    /// or the timeout fails the step. The instance is placed once: applying the action again
+    /// (after a control plane restart) only waits for it.
     RunReleaseCommand {
         /// The one-off instance.
         instance: PlannedInstance,
@@ -376,12 +381,13 @@ pub fn plan(
 
     let (kind, to_release) = match &request.intent {
         Intent::Deploy { release, strategy } => {
-            planner.plan_rollout(release, *strategy)?;
+            planner.plan_rollout(release, *strategy, true)?;
             (PlanKind::Deploy, release.id)
         }
         Intent::Restart { strategy } => {
+            // A restart replaces instances of a release whose command already ran.
             let current = current_release(env)?;
-            planner.plan_rollout(current, *strategy)?;
+            planner.plan_rollout(current, *strategy, false)?;
             (PlanKind::Restart, current.id)
         }
         Intent::Scale { counts } => {
@@ -542,7 +548,7 @@ impl Planner<'_> {
         let Some(command) = &release.release_command else {
             return Ok(());
         };
-        let step = "release-command".to_owned();
+        let step = RELEASE_COMMAND_STEP.to_owned();
         let process = ProcessName::new(RELEASE_COMMAND_PROCESS)
             .expect("the release command's process name is a valid label");
         let mut instances = self.place_new(&step, release.id, &process, command.resources, 1)?;
@@ -551,20 +557,32 @@ impl Planner<'_> {
         };
 
         // The one-off microVM exits before any instance is replaced, so its capacity is free
-        // again for the rollout.
+        // again for the rollout. Once it exited, stopping it removes the instance and frees
+        // its addresses; the undo stops it too, so a timed-out command is killed.
         self.scheduler.remove(instance.id);
+        let id = instance.id;
         self.push(
             step,
-            vec![Action::RunReleaseCommand {
-                instance,
-                timeout_secs: command.timeout_secs,
-            }],
-            Vec::new(),
+            vec![
+                Action::RunReleaseCommand {
+                    instance,
+                    timeout_secs: command.timeout_secs,
+                },
+                self.stop(vec![id], 0),
+            ],
+            vec![self.stop(vec![id], 0)],
         );
         Ok(())
     }
 
-    fn plan_rollout(&mut self, target: &ReleaseSpec, strategy: Strategy) -> Result<(), PlanError> {
+    /// Plans the replacement of every instance with one of `target`, running the release
+    /// command first when `release_command` is set and the release has one.
+    fn plan_rollout(
+        &mut self,
+        target: &ReleaseSpec,
+        strategy: Strategy,
+        release_command: bool,
+    ) -> Result<(), PlanError> {
         if target.processes.is_empty() {
             return Err(PlanError::NoProcesses { release: target.id });
         }
@@ -572,7 +590,9 @@ impl Planner<'_> {
             return Err(PlanError::ZeroMaxSurge);
         }
 
-        self.plan_release_command(target)?;
+        if release_command {
+            self.plan_release_command(target)?;
+        }
 
         let old = self.old_instances();
         let processes: BTreeSet<ProcessName> =

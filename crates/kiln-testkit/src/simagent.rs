@@ -35,6 +35,31 @@ pub enum Outcome {
     Unhealthy,
     /// Reports preparing, then failed with exit code 1.
     Fail,
+    /// Reports preparing, booting, running, then exited with `code` and two output lines (the
+    /// second names the code): a one-shot release command.
+    Exit {
+        /// The exit code reported.
+        code: i32,
+    },
+    /// Reports preparing, booting, running, and nothing more until it is stopped: a release
+    /// command that never finishes.
+    Hang,
+    /// Like [`Outcome::Exit`], but reports the exit only after `delay`: a release command that
+    /// takes a while.
+    ExitAfter {
+        /// The exit code reported.
+        code: i32,
+        /// Time between the running report and the exit report.
+        delay: Duration,
+    },
+}
+
+/// Output lines a simulated run-once instance reports when it exits with `code`.
+pub fn exit_output(code: i32) -> Vec<String> {
+    vec![
+        "simulated release command".to_owned(),
+        format!("exiting with code {code}"),
+    ]
 }
 
 /// Chooses the outcome of each assignment.
@@ -49,7 +74,8 @@ pub struct SimAgentConfig {
     pub heartbeat_interval: Duration,
     /// Long-poll wait of each assignments watch, in seconds.
     pub watch_wait_secs: u64,
-    /// Outcome of each assignment.
+    /// Outcome of each assignment. The default makes run-once instances exit 0 and every
+    /// other instance healthy.
     pub behavior: Behavior,
 }
 
@@ -62,7 +88,13 @@ impl Default for SimAgentConfig {
             },
             heartbeat_interval: Duration::from_millis(500),
             watch_wait_secs: 5,
-            behavior: Arc::new(|_| Outcome::Healthy),
+            behavior: Arc::new(|assignment| {
+                if assignment.run_once {
+                    Outcome::Exit { code: 0 }
+                } else {
+                    Outcome::Healthy
+                }
+            }),
         }
     }
 }
@@ -275,64 +307,93 @@ async fn reconcile(
                 {
                     let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
                     *state.starts.entry(assignment.instance_id).or_default() += 1;
+                    state
+                        .instances
+                        .insert(assignment.instance_id, InstanceState::Pending);
                 }
+                // Each instance boots in a task of its own, as microVMs boot in parallel on a
+                // real host; it was recorded as pending above, so it is never booted twice.
                 let outcome = (config.behavior)(assignment);
-                boot(client, state, assignment.instance_id, outcome).await;
+                tokio::spawn(boot(
+                    client.clone(),
+                    Arc::clone(state),
+                    assignment.instance_id,
+                    outcome,
+                ));
             }
             (DesiredState::Stopped, Some(current)) if !current.is_terminal() => {
-                report(
-                    client,
-                    state,
-                    assignment.instance_id,
-                    InstanceState::Stopping,
-                    None,
-                )
-                .await;
-                report(
-                    client,
-                    state,
-                    assignment.instance_id,
-                    InstanceState::Exited,
-                    Some(0),
-                )
-                .await;
+                let stopping = Report::new(InstanceState::Stopping, None);
+                report(client, state, assignment.instance_id, stopping).await;
+                let exited = Report::new(InstanceState::Exited, Some(0));
+                report(client, state, assignment.instance_id, exited).await;
             }
             _ => {}
         }
     }
 }
 
-async fn boot(
-    client: &Client,
-    state: &Arc<Mutex<SimState>>,
-    instance: InstanceId,
-    outcome: Outcome,
-) {
-    report(client, state, instance, InstanceState::Preparing, None).await;
+/// One state report of a simulated instance.
+struct Report {
+    state: InstanceState,
+    exit_code: Option<i32>,
+    output: Vec<String>,
+}
+
+impl Report {
+    fn new(state: InstanceState, exit_code: Option<i32>) -> Self {
+        Self {
+            state,
+            exit_code,
+            output: Vec::new(),
+        }
+    }
+}
+
+async fn boot(client: Client, state: Arc<Mutex<SimState>>, instance: InstanceId, outcome: Outcome) {
+    let (client, state) = (&client, &state);
+    let preparing = Report::new(InstanceState::Preparing, None);
+    report(client, state, instance, preparing).await;
     if outcome == Outcome::Fail {
-        report(client, state, instance, InstanceState::Failed, Some(1)).await;
+        let failed = Report::new(InstanceState::Failed, Some(1));
+        report(client, state, instance, failed).await;
         return;
     }
-    report(client, state, instance, InstanceState::Booting, None).await;
-    report(client, state, instance, InstanceState::Running, None).await;
+    for reached in [InstanceState::Booting, InstanceState::Running] {
+        report(client, state, instance, Report::new(reached, None)).await;
+    }
     let last = match outcome {
-        Outcome::Unhealthy => InstanceState::Unhealthy,
-        _ => InstanceState::Healthy,
+        Outcome::Hang => return,
+        Outcome::ExitAfter { code, delay } => {
+            tokio::time::sleep(delay).await;
+            Report {
+                state: InstanceState::Exited,
+                exit_code: Some(code),
+                output: exit_output(code),
+            }
+        }
+        Outcome::Exit { code } => Report {
+            state: InstanceState::Exited,
+            exit_code: Some(code),
+            output: exit_output(code),
+        },
+        Outcome::Unhealthy => Report::new(InstanceState::Unhealthy, None),
+        Outcome::Healthy | Outcome::Fail => Report::new(InstanceState::Healthy, None),
     };
-    report(client, state, instance, last, None).await;
+    report(client, state, instance, last).await;
 }
 
 async fn report(
     client: &Client,
     state: &Arc<Mutex<SimState>>,
     instance: InstanceId,
-    new_state: InstanceState,
-    exit_code: Option<i32>,
+    report: Report,
 ) {
+    let new_state = report.state;
     let request = ReportInstanceState {
         state: new_state,
         detail: Some("simulated".to_owned()),
-        exit_code,
+        exit_code: report.exit_code,
+        output: report.output,
     };
     // Retry while the control plane is unreachable (it may be restarting), as a real agent
     // does, so no state change is lost; give up after REPORT_ATTEMPTS.

@@ -85,6 +85,10 @@ pub struct Assignment {
     pub startup_scripts: Vec<String>,
     /// Whether to run or stop it.
     pub desired: DesiredState,
+    /// Runs once, as a release command: not health-checked and not restarted. Its exit code
+    /// and last output lines are reported when it exits, and then it is cleaned up.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub run_once: bool,
 }
 
 /// Result of `GET /v1/host/assignments`: the host's complete desired set at a cursor.

@@ -62,4 +62,14 @@ pub struct ReportInstanceState {
     /// Exit code, for `exited` and `failed`.
     #[serde(default)]
     pub exit_code: Option<i32>,
+    /// Last output lines of a run-once instance (a release command), for `exited` and
+    /// `failed`; at most [`MAX_REPORTED_OUTPUT_LINES`] lines.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub output: Vec<String>,
 }
+
+/// Most output lines a state report may carry.
+pub const MAX_REPORTED_OUTPUT_LINES: usize = 50;
+
+/// Longest output line a state report may carry, in bytes.
+pub const MAX_REPORTED_OUTPUT_LINE_BYTES: usize = 1024;

@@ -152,6 +152,32 @@ pub struct ReleaseSpec {
     /// Command run once per release in its own microVM before the rollout.
     #[serde(default)]
     pub release_command: Option<Vec<String>>,
+    /// Timeout and size of the release command's microVM; absent uses
+    /// [`ReleaseCommandLimits::default`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_command_limits: Option<ReleaseCommandLimits>,
+}
+
+/// Timeout and size of the microVM that runs a release command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseCommandLimits {
+    /// Time the command gets to exit 0, in seconds. Default 600.
+    pub timeout_secs: u64,
+    /// Virtual CPUs. Default 1.
+    pub vcpus: u32,
+    /// Guest memory in MiB. Default 512.
+    pub memory_mib: u32,
+}
+
+impl Default for ReleaseCommandLimits {
+    fn default() -> Self {
+        Self {
+            timeout_secs: 600,
+            vcpus: 1,
+            memory_mib: 512,
+        }
+    }
 }
 
 fn default_max_surge() -> u32 {

@@ -10,13 +10,14 @@ use axum::http::StatusCode;
 use base64::Engine;
 use kiln_api::types::{
     Assignment, DesiredState, Heartbeat, HostAssignments, HostLease, Instance, InstanceNetwork,
-    InstanceSecrets, LogBatch, OverlayPeer, RegisterHost, ReportInstanceState, ServicePort,
-    WatchQuery,
+    InstanceSecrets, LogBatch, MAX_REPORTED_OUTPUT_LINE_BYTES, MAX_REPORTED_OUTPUT_LINES,
+    OverlayPeer, RegisterHost, ReportInstanceState, ServicePort, WatchQuery,
 };
 use kiln_api::{ErrorCode, Event};
 use kiln_core::{
     AppId, AppName, EnvId, EnvName, HostId, InstanceId, OrgId, OrgName, ProcessName, ReleaseId,
 };
+use kiln_scheduler::plan::RELEASE_COMMAND_PROCESS;
 use sqlx::Row;
 
 use super::error::ApiError;
@@ -192,6 +193,22 @@ pub async fn report_state(
             format!("detail is longer than {MAX_DETAIL_LEN} bytes"),
         ));
     }
+    if request.output.len() > MAX_REPORTED_OUTPUT_LINES {
+        return Err(ApiError::invalid(
+            "output",
+            format!("output has more than {MAX_REPORTED_OUTPUT_LINES} lines; send the last ones"),
+        ));
+    }
+    if request
+        .output
+        .iter()
+        .any(|line| line.len() > MAX_REPORTED_OUTPUT_LINE_BYTES)
+    {
+        return Err(ApiError::invalid(
+            "output",
+            format!("an output line is longer than {MAX_REPORTED_OUTPUT_LINE_BYTES} bytes; cut it"),
+        ));
+    }
     let (env_id, org_id) = instance_on_host(&state, host_id, instance_id).await?;
 
     let event = Event::InstanceStateChanged {
@@ -201,6 +218,7 @@ pub async fn report_state(
         state: request.state,
         detail: request.detail,
         exit_code: request.exit_code,
+        output: request.output,
     };
     state
         .store
@@ -462,7 +480,7 @@ async fn free_prefix(pool: &sqlx::PgPool, ula_prefix: Ipv6Addr) -> Result<String
 async fn load_assignments(state: &AppState, host_id: HostId) -> Result<Vec<Assignment>, ApiError> {
     let pool = state.store.pool();
     let rows = sqlx::query(
-        "SELECT i.id, i.process, i.ipv6, i.ipv4, i.desired, i.env_id, e.name AS env_name, e.secrets_version,
+        "SELECT i.id, i.process, i.ipv6, i.ipv4, i.desired, i.state, i.env_id, e.name AS env_name, e.secrets_version,
                 e.app_id, a.name AS app_name, e.org_id, o.name AS org_name,
                 r.id AS release_id, r.version, r.image_ref, r.image_digest, r.spec, h.ipv6_prefix
          FROM instances i
@@ -487,8 +505,21 @@ async fn load_assignments(state: &AppState, host_id: HostId) -> Result<Vec<Assig
             .map_err(|_| corrupt("stored release spec is invalid"))?;
         let process = ProcessName::new(row.get::<String, _>("process"))
             .map_err(|_| corrupt("stored process name is invalid"))?;
-        let Some(process_spec) = spec.processes.get(&process) else {
-            return Err(corrupt("instance names a process its release lacks"));
+        let (command, vcpus, memory_mib, run_once) = match spec.processes.get(&process) {
+            Some(process) => (
+                process.command.clone(),
+                process.vcpus,
+                process.memory_mib,
+                false,
+            ),
+            None if process.as_str() == RELEASE_COMMAND_PROCESS => {
+                let Some(command) = &spec.release_command else {
+                    return Err(corrupt("release command instance of a release without one"));
+                };
+                let limits = spec.release_command_limits.unwrap_or_default();
+                (command.clone(), limits.vcpus, limits.memory_mib, true)
+            }
+            None => return Err(corrupt("instance names a process its release lacks")),
         };
 
         let mut env_vars = spec.env.clone();
@@ -505,9 +536,17 @@ async fn load_assignments(state: &AppState, host_id: HostId) -> Result<Vec<Assig
                 health_check: service.health_check.clone(),
             })
             .collect();
-        let desired: DesiredState =
+        let mut desired: DesiredState =
             serde_json::from_value(serde_json::Value::String(row.get("desired")))
                 .map_err(|_| corrupt("stored desired state is invalid"))?;
+        let reported: kiln_api::InstanceState =
+            serde_json::from_value(serde_json::Value::String(row.get("state")))
+                .map_err(|_| corrupt("stored instance state is invalid"))?;
+        if run_once && reported.is_terminal() {
+            // A release command that has exited is done: an agent that restarts before the
+            // orchestrator stops it must not run it again.
+            desired = DesiredState::Stopped;
+        }
         let version: i64 = row.get("version");
         let secrets_version: i64 = row.get("secrets_version");
 
@@ -529,11 +568,11 @@ async fn load_assignments(state: &AppState, host_id: HostId) -> Result<Vec<Assig
                 reference: row.get("image_ref"),
                 digest: row.get("image_digest"),
             },
-            command: process_spec.command.clone(),
+            command,
             env_vars,
             secrets_version: secrets_version as u64,
-            vcpus: process_spec.vcpus,
-            memory_mib: process_spec.memory_mib,
+            vcpus,
+            memory_mib,
             network: InstanceNetwork {
                 ipv6: row
                     .get::<String, _>("ipv6")
@@ -553,6 +592,7 @@ async fn load_assignments(state: &AppState, host_id: HostId) -> Result<Vec<Assig
             kill_timeout_secs: spec.kill_timeout_secs,
             startup_scripts: spec.startup_scripts.clone(),
             desired,
+            run_once,
         });
     }
     Ok(assignments)

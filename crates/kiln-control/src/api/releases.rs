@@ -8,6 +8,7 @@ use axum::http::StatusCode;
 use kiln_api::Event;
 use kiln_api::types::{CreateRelease, HealthCheckKind, ImageRef, List, Release, ReleaseSpec};
 use kiln_core::{EnvId, ReleaseId};
+use kiln_scheduler::plan::RELEASE_COMMAND_PROCESS;
 use sqlx::Row;
 
 use super::config::validate_var_name;
@@ -285,6 +286,64 @@ fn validate_spec(spec: &ReleaseSpec) -> Result<(), ApiError> {
                 ),
             ));
         }
+    }
+    validate_release_command(spec)
+}
+
+/// Longest timeout a release command may have, in seconds (one day).
+const MAX_RELEASE_COMMAND_TIMEOUT_SECS: u64 = 86_400;
+
+fn validate_release_command(spec: &ReleaseSpec) -> Result<(), ApiError> {
+    if spec
+        .processes
+        .keys()
+        .any(|name| name.as_str() == RELEASE_COMMAND_PROCESS)
+    {
+        return Err(ApiError::invalid(
+            "spec.processes",
+            format!(
+                "process type name {RELEASE_COMMAND_PROCESS} is reserved for the release \
+                 command; rename the process type"
+            ),
+        ));
+    }
+    if let Some(command) = &spec.release_command
+        && command.first().is_none_or(|program| program.is_empty())
+    {
+        return Err(ApiError::invalid(
+            "spec.release_command",
+            "the release command is empty; give its argv, such as [\"/app/migrate\"]",
+        ));
+    }
+    let Some(limits) = spec.release_command_limits else {
+        return Ok(());
+    };
+    if limits.timeout_secs == 0 || limits.timeout_secs > MAX_RELEASE_COMMAND_TIMEOUT_SECS {
+        return Err(ApiError::invalid(
+            "spec.release_command_limits",
+            format!(
+                "release command timeout {} s is out of range 1..={MAX_RELEASE_COMMAND_TIMEOUT_SECS}",
+                limits.timeout_secs
+            ),
+        ));
+    }
+    if limits.vcpus == 0 || limits.vcpus > MAX_VCPUS {
+        return Err(ApiError::invalid(
+            "spec.release_command_limits",
+            format!(
+                "release command vcpus {} is out of range 1..={MAX_VCPUS}",
+                limits.vcpus
+            ),
+        ));
+    }
+    if limits.memory_mib < MIN_MEMORY_MIB || limits.memory_mib > MAX_MEMORY_MIB {
+        return Err(ApiError::invalid(
+            "spec.release_command_limits",
+            format!(
+                "release command memory_mib {} is out of range {MIN_MEMORY_MIB}..={MAX_MEMORY_MIB}",
+                limits.memory_mib
+            ),
+        ));
     }
     Ok(())
 }

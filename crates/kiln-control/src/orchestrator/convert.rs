@@ -11,16 +11,6 @@ use kiln_scheduler::plan::{Action, Plan, ProcessSpec, ReleaseCommandSpec, Releas
 use kiln_scheduler::progress::Observed;
 use kiln_scheduler::{Host, HostState, Resources};
 
-/// Guest memory of the one-off microVM that runs a release command, in MiB.
-// NOTE: the manifest has no resources for the release command, so it gets this fixed size.
-pub const RELEASE_COMMAND_MEMORY_MIB: u64 = 512;
-
-/// vCPUs of the one-off microVM that runs a release command.
-pub const RELEASE_COMMAND_VCPUS: u32 = 1;
-
-/// Time a release command gets to exit 0, in seconds.
-pub const RELEASE_COMMAND_TIMEOUT_SECS: u64 = 600;
-
 /// The scheduler's view of a host, or `None` for a host that has not registered its capacity.
 pub fn scheduler_host(host: &kiln_api::Host) -> Option<Host> {
     let capacity = host.capacity?;
@@ -66,21 +56,27 @@ pub fn planner_release(
         })
         .collect();
 
-    let release_command = release
-        .release_command
-        .as_ref()
-        .map(|_| ReleaseCommandSpec {
-            resources: Resources {
-                memory_mib: RELEASE_COMMAND_MEMORY_MIB,
-                vcpus: RELEASE_COMMAND_VCPUS,
-            },
-            timeout_secs: RELEASE_COMMAND_TIMEOUT_SECS,
-        });
+    let release_command = release.release_command.as_ref().map(|_| {
+        let limits = release.release_command_limits.unwrap_or_default();
+        ReleaseCommandSpec {
+            resources: release_command_resources(release),
+            timeout_secs: limits.timeout_secs,
+        }
+    });
 
     ReleaseSpec {
         id,
         processes,
         release_command,
+    }
+}
+
+/// Resources of the one-off microVM that runs the release command of `release`.
+pub fn release_command_resources(release: &kiln_api::ReleaseSpec) -> Resources {
+    let limits = release.release_command_limits.unwrap_or_default();
+    Resources {
+        memory_mib: u64::from(limits.memory_mib),
+        vcpus: limits.vcpus,
     }
 }
 
@@ -239,6 +235,11 @@ mod tests {
                 kill_timeout_secs: 30,
                 startup_scripts: Vec::new(),
                 release_command: Some(vec!["migrate".to_owned()]),
+                release_command_limits: Some(kiln_api::ReleaseCommandLimits {
+                    timeout_secs: 30,
+                    vcpus: 2,
+                    memory_mib: 256,
+                }),
             },
             config_version: 1,
             rollback_of: None,
@@ -255,7 +256,15 @@ mod tests {
         assert_eq!(spec.processes[&worker].count, 5);
         assert!(spec.processes[&web].routed);
         assert!(!spec.processes[&worker].routed);
-        assert!(spec.release_command.is_some());
+        let command = spec.release_command.unwrap();
+        assert_eq!(command.timeout_secs, 30);
+        assert_eq!(
+            command.resources,
+            Resources {
+                memory_mib: 256,
+                vcpus: 2
+            }
+        );
     }
 
     #[test]

@@ -16,7 +16,8 @@ use kiln_api::{
 };
 use kiln_core::{DeployId, EnvId, HostId, Hostname, InstanceId, OrgId, ProcessName, ReleaseId};
 use kiln_scheduler::plan::{
-    Action, EnvInstance, EnvState, Intent, Plan, PlanRequest, Strategy, Timeouts, plan,
+    Action, EnvInstance, EnvState, Intent, Plan, PlanRequest, RELEASE_COMMAND_STEP, Strategy,
+    Timeouts, plan,
 };
 use kiln_scheduler::progress::{Observed, StepRecord};
 use kiln_scheduler::{ClusterSnapshot, Ipam, PlacedInstance, Resources, SchedulerConfig};
@@ -202,8 +203,16 @@ impl Orchestrator {
                 "immediate" => Strategy::Immediate,
                 _ => convert::planner_strategy(DeployStrategy::Rolling, target.max_surge.max(1)),
             };
+            let mut release_spec = convert::planner_release(release, &target, &scale);
+            if release_spec.release_command.is_some()
+                && self.release_command_succeeded(release).await?
+            {
+                // The command runs once per release: a later deploy of the same release (after
+                // a failed rollout, or a rollback to it) goes straight to the rollout.
+                release_spec.release_command = None;
+            }
             let intent = Intent::Deploy {
-                release: convert::planner_release(release, &target, &scale),
+                release: release_spec,
                 strategy,
             };
             let previous = previous.map(ReleaseId::from_uuid);
@@ -412,6 +421,24 @@ impl Orchestrator {
         Ok(())
     }
 
+    /// Returns whether the release command of `release` already exited 0 in some deploy.
+    async fn release_command_succeeded(
+        &self,
+        release: ReleaseId,
+    ) -> Result<bool, OrchestratorError> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM deploy_steps s JOIN deploys d ON d.id = s.deploy_id
+                            WHERE d.release_id = $1 AND s.step = $2)",
+        )
+        .bind(release.as_uuid())
+        .bind(record_text(&StepRecord::Completed(
+            RELEASE_COMMAND_STEP.to_owned(),
+        )))
+        .fetch_one(self.store.pool())
+        .await
+        .map_err(query("check a release command's result"))
+    }
+
     async fn load_release(
         &self,
         id: ReleaseId,
@@ -499,19 +526,17 @@ impl Orchestrator {
             let process: String = row.get("process");
             let process = ProcessName::new(process.clone())
                 .map_err(|_| corrupt("instances.process", process))?;
-            let resources = specs
-                .get(&release)
-                .and_then(|spec| spec.processes.get(&process))
-                .map_or(
-                    Resources {
-                        memory_mib: convert::RELEASE_COMMAND_MEMORY_MIB,
-                        vcpus: convert::RELEASE_COMMAND_VCPUS,
-                    },
-                    |spec| Resources {
-                        memory_mib: u64::from(spec.memory_mib),
-                        vcpus: spec.vcpus,
-                    },
-                );
+            let Some(spec) = specs.get(&release) else {
+                return Err(corrupt("releases", format!("release {release} not found")));
+            };
+            // An instance whose process the release lacks is its release command's.
+            let resources = spec.processes.get(&process).map_or_else(
+                || convert::release_command_resources(spec),
+                |process| Resources {
+                    memory_mib: u64::from(process.memory_mib),
+                    vcpus: process.vcpus,
+                },
+            );
             let instance = PlacedInstance {
                 id: InstanceId::from_uuid(row.get("id")),
                 env: EnvId::from_uuid(row.get("env_id")),
@@ -584,7 +609,14 @@ impl Orchestrator {
         env: EnvId,
         instance: &kiln_scheduler::plan::PlannedInstance,
     ) -> Result<(), OrchestratorError> {
-        if self.instance_env(instance.id).await?.is_some() {
+        // An instance is placed at most once: its stream outlives its removal, so a step run
+        // again after a restart never starts a release command (or any instance) twice.
+        if self
+            .store
+            .stream_version(&streams::instance(instance.id))
+            .await?
+            > 0
+        {
             return Ok(());
         }
         let org = self.env_org(env).await?;
@@ -818,6 +850,107 @@ impl Orchestrator {
         Ok(())
     }
 
+    /// Reads the last state report of each instance that has one from the instance's stream.
+    /// Unlike the projection it keeps the exit code and output lines, and it outlives the
+    /// instance's removal.
+    async fn last_reports(
+        &self,
+        instances: &[InstanceId],
+    ) -> Result<BTreeMap<InstanceId, LastReport>, OrchestratorError> {
+        if instances.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let streams: Vec<String> = instances.iter().map(|id| streams::instance(*id)).collect();
+        let payloads: Vec<serde_json::Value> = sqlx::query_scalar(
+            "SELECT DISTINCT ON (stream) payload FROM events
+             WHERE stream = ANY($1) AND type = 'InstanceStateChanged'
+             ORDER BY stream, stream_version DESC",
+        )
+        .bind(streams)
+        .fetch_all(self.store.pool())
+        .await
+        .map_err(query("read instance reports"))?;
+
+        let mut reports = BTreeMap::new();
+        for payload in payloads {
+            let event: Event = serde_json::from_value(payload)
+                .map_err(|error| corrupt("events.payload", error))?;
+            if let Event::InstanceStateChanged {
+                instance_id,
+                state,
+                detail,
+                exit_code,
+                output,
+                ..
+            } = event
+            {
+                let report = LastReport {
+                    state,
+                    detail,
+                    exit_code,
+                    output,
+                };
+                reports.insert(instance_id, report);
+            }
+        }
+        Ok(reports)
+    }
+
+    /// Reads the last output lines of a deploy's release command: those its agent reported
+    /// with the exit, or else (after a timeout) the last lines it shipped as logs.
+    async fn release_command_output(
+        &self,
+        deploy: DeployId,
+        env: EnvId,
+    ) -> Result<Vec<String>, OrchestratorError> {
+        let plan: Option<serde_json::Value> =
+            sqlx::query_scalar("SELECT plan FROM deploy_plans WHERE deploy_id = $1")
+                .bind(deploy.as_uuid())
+                .fetch_optional(self.store.pool())
+                .await
+                .map_err(query("read a deploy's plan"))?;
+        let Some(plan) = plan else {
+            return Ok(Vec::new());
+        };
+        let plan: Plan =
+            serde_json::from_value(plan).map_err(|error| corrupt("deploy_plans.plan", error))?;
+        let instance = plan
+            .steps
+            .iter()
+            .flat_map(|step| &step.actions)
+            .find_map(|action| match action {
+                Action::RunReleaseCommand { instance, .. } => Some(instance.id),
+                _ => None,
+            });
+        let Some(instance) = instance else {
+            return Ok(Vec::new());
+        };
+
+        let reported = self
+            .last_reports(&[instance])
+            .await?
+            .remove(&instance)
+            .map(|report| report.output)
+            .unwrap_or_default();
+        if !reported.is_empty() {
+            return Ok(reported);
+        }
+        let shipped: Vec<String> = sqlx::query_scalar(
+            "SELECT line FROM (
+                 SELECT id, line FROM log_lines
+                 WHERE env_id = $1 AND instance_id = $2 AND stream IN ('stdout', 'stderr')
+                 ORDER BY id DESC LIMIT $3) AS last
+             ORDER BY id",
+        )
+        .bind(env.as_uuid())
+        .bind(instance.as_uuid())
+        .bind(RELEASE_COMMAND_OUTPUT_LINES)
+        .fetch_all(self.store.pool())
+        .await
+        .map_err(query("read a release command's logs"))?;
+        Ok(shipped)
+    }
+
     async fn deploy_env(&self, deploy: DeployId) -> Result<EnvId, OrchestratorError> {
         let env: Uuid = sqlx::query_scalar("SELECT env_id FROM deploys WHERE id = $1")
             .bind(deploy.as_uuid())
@@ -826,6 +959,19 @@ impl Orchestrator {
             .map_err(query("read a deploy"))?;
         Ok(EnvId::from_uuid(env))
     }
+}
+
+/// Output lines of a release command kept in its deploy's events when the agent reported
+/// none (after a timeout), taken from the shipped logs.
+const RELEASE_COMMAND_OUTPUT_LINES: i64 = 20;
+
+/// An instance's last state report, as appended to its stream.
+#[derive(Debug, Clone)]
+struct LastReport {
+    state: kiln_api::InstanceState,
+    detail: Option<String>,
+    exit_code: Option<i32>,
+    output: Vec<String>,
 }
 
 /// The orchestrator bound to one leadership term, as the engine's store.
@@ -901,8 +1047,6 @@ impl engine::Store for Fenced<'_> {
         let (inner, term) = (self.inner, self.term);
         match action {
             Action::RunReleaseCommand { instance, .. } => {
-                // TODO(correctness): agents do not yet run a one-off release command; the
-                // instance is placed like any other and must exit 0 to pass.
                 inner.start_instance(term, plan.env, instance).await
             }
             Action::StartInstances { instances } => {
@@ -957,11 +1101,26 @@ impl engine::Store for Fenced<'_> {
             let state: kiln_api::InstanceState =
                 serde_json::from_value(serde_json::Value::String(state.clone()))
                     .map_err(|_| corrupt("instances.state", &state))?;
-            // NOTE: the instances projection keeps no exit code, so a release command that
-            // exited reads as exited with an unknown code.
+            if state.is_terminal() {
+                continue;
+            }
             observed.insert(
                 InstanceId::from_uuid(row.get("id")),
                 convert::observed(state, None, row.get("detail")),
+            );
+        }
+
+        // The projection keeps no exit code and drops removed instances, so stopped ones are
+        // read from their last report in the log.
+        let stopped: Vec<InstanceId> = instances
+            .iter()
+            .filter(|id| !observed.contains_key(id))
+            .copied()
+            .collect();
+        for (id, report) in self.inner.last_reports(&stopped).await? {
+            observed.insert(
+                id,
+                convert::observed(report.state, report.exit_code, report.detail),
             );
         }
         Ok(observed)
@@ -975,11 +1134,20 @@ impl engine::Store for Fenced<'_> {
         reason: Option<String>,
     ) -> Result<(), OrchestratorError> {
         let env = self.inner.deploy_env(deploy).await?;
+        let output = match &record {
+            StepRecord::Completed(step) | StepRecord::Failed(step)
+                if step == RELEASE_COMMAND_STEP =>
+            {
+                self.inner.release_command_output(deploy, env).await?
+            }
+            _ => Vec::new(),
+        };
         let event = Event::DeployStepCompleted {
             deploy_id: deploy,
             env_id: env,
             step: record_text(&record),
             detail: reason.unwrap_or_default(),
+            output,
         };
         self.inner
             .append_deploy_event(self.term, deploy, env, event)
@@ -996,22 +1164,29 @@ impl engine::Store for Fenced<'_> {
         let (state, failure) = match outcome {
             Outcome::Succeeded => (DeployState::Succeeded, None),
             Outcome::Failed { reason } => {
-                let detail: Option<String> = sqlx::query_scalar(
-                    "SELECT detail FROM deploy_steps WHERE deploy_id = $1 AND step LIKE 'failed:%'
+                let failed: Option<(String, String)> = sqlx::query_as(
+                    "SELECT step, detail FROM deploy_steps
+                     WHERE deploy_id = $1 AND step LIKE 'failed:%'
                      ORDER BY position LIMIT 1",
                 )
                 .bind(deploy.as_uuid())
                 .fetch_optional(self.inner.store.pool())
                 .await
                 .map_err(query("read a deploy's failure"))?;
-                (
-                    DeployState::Failed,
-                    Some(
-                        detail
-                            .filter(|d| !d.is_empty())
-                            .map_or(reason, |d| format!("{d}; the deploy was rolled back")),
-                    ),
-                )
+                let failure = match failed {
+                    Some((step, detail)) if !detail.is_empty() => {
+                        let aftermath = if step
+                            == record_text(&StepRecord::Failed(RELEASE_COMMAND_STEP.to_owned()))
+                        {
+                            "no instance was replaced"
+                        } else {
+                            "the deploy was rolled back"
+                        };
+                        format!("{detail}; {aftermath}")
+                    }
+                    _ => reason,
+                };
+                (DeployState::Failed, Some(failure))
             }
         };
         // The API names the target as the env's release when the deploy is requested, so a

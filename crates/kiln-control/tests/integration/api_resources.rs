@@ -332,6 +332,7 @@ async fn host_agent_flow() {
                 state: InstanceState::Healthy,
                 detail: None,
                 exit_code: None,
+                output: Vec::new(),
             },
         )
         .await
@@ -345,6 +346,7 @@ async fn host_agent_flow() {
                 state: InstanceState::Failed,
                 detail: None,
                 exit_code: None,
+                output: Vec::new(),
             },
         )
         .await

@@ -319,6 +319,7 @@ async fn rebuild_matches_long_scripted_history() {
                         env_id,
                         step: "start_instances".into(),
                         detail: format!("step {counter}"),
+                        output: Vec::new(),
                     },
                 )
                 .await;
@@ -435,6 +436,7 @@ async fn rebuild_matches_long_scripted_history() {
                         state,
                         detail: Some(format!("report {counter}")),
                         exit_code: None,
+                        output: Vec::new(),
                     },
                 )
                 .await;

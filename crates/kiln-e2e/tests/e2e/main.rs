@@ -329,3 +329,118 @@ impl Drop for StopOnDrop<'_> {
         self.0.store(true, Ordering::Relaxed);
     }
 }
+
+/// A manifest for the busybox image whose release command runs `script` with `/bin/sh -c`.
+fn release_command_manifest(script: &str) -> String {
+    format!(
+        r#"app = "hello"
+
+[processes.web]
+command = ["/bin/busybox", "httpd", "-f", "-p", "[::]:8443", "-h", "/www"]
+count = 1
+vcpus = 1
+memory = 128
+
+[services.https]
+process = "web"
+port = 8443
+protocol = "tls"
+
+[services.https.health]
+type = "tcp"
+interval = "1s"
+timeout = "1s"
+grace_period = "10s"
+
+[release_command]
+command = ["/bin/sh", "-c", "{script}"]
+timeout = "5m"
+memory = 128
+"#
+    )
+}
+
+#[test]
+fn release_command_gates_deploy() {
+    let stack = Stack::start("relcmd");
+    stack.create_env("staging");
+    let image = stack.push_busybox_image("v1");
+
+    // v1: the command writes a marker, prints it and exits 0; the deploy goes on.
+    stack.write_manifest(&release_command_manifest(
+        "echo release-marker-$KILN_RELEASE > /tmp/marker && cat /tmp/marker",
+    ));
+    let events = stack.kiln_with(
+        &["deploy", "--env", "staging", "--image", &image, "--json"],
+        None,
+        stack::DEPLOY_TIMEOUT,
+    );
+    let step = events
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find(|event| {
+            event["type"] == "DeployStepCompleted"
+                && event["data"]["step"] == "completed:release-command"
+        })
+        .unwrap_or_else(|| panic!("no completed release command step in:\n{events}"));
+    let output: Vec<&str> = step["data"]["output"]
+        .as_array()
+        .map(|lines| lines.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    assert_eq!(output, ["release-marker-v1"], "step: {step}");
+    let web: Vec<Value> = wait::until("the v1 web instance to be healthy", SCALE_TIMEOUT, || {
+        let instances = stack.instances("staging");
+        let healthy: Vec<Value> = instances
+            .iter()
+            .filter(|instance| instance["state"] == "healthy")
+            .cloned()
+            .collect();
+        if healthy.len() == 1 && instances.len() == 1 {
+            Ok(healthy)
+        } else {
+            Err(format!("instances: {instances:?}"))
+        }
+    });
+    assert_eq!(web[0]["process"], "web", "instance: {}", web[0]);
+
+    // v2: the command fails with exit code 3; `kiln deploy` fails, naming the release command
+    // and showing its output, and the v1 instance keeps running.
+    stack.write_manifest(&release_command_manifest(
+        "echo checking the schema; echo schema v7 is missing >&2; exit 3",
+    ));
+    let failed = stack.kiln_output(
+        &["deploy", "--env", "staging", "--image", &image],
+        None,
+        stack::DEPLOY_TIMEOUT,
+    );
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(
+        failed.status.code(),
+        Some(6),
+        "kiln deploy did not exit with the deploy-failed code:\n{stderr}"
+    );
+    assert!(stderr.contains("release command"), "stderr:\n{stderr}");
+    assert!(stderr.contains("exited with code 3"), "stderr:\n{stderr}");
+    assert!(stderr.contains("schema v7 is missing"), "stderr:\n{stderr}");
+
+    let current = current_release(&stack, "staging");
+    assert_eq!(current["version"], 1, "current release: {current}");
+    let instances = stack.instances("staging");
+    let ids: Vec<&Value> = instances.iter().map(|instance| &instance["id"]).collect();
+    assert_eq!(ids, [&web[0]["id"]], "instances: {instances:?}");
+
+    // Both one-off microVMs are gone, with their TAP devices: only the web instance's remain.
+    wait::until(
+        "the release commands' microVMs to go",
+        TEARDOWN_TIMEOUT,
+        || {
+            let pids = stack.vm_pids();
+            let taps = stack.tap_devices();
+            if pids.len() == 1 && taps.len() == 1 {
+                Ok(())
+            } else {
+                Err(format!("VMM pids: {pids:?}, TAP devices: {taps:?}"))
+            }
+        },
+    );
+}

@@ -256,6 +256,52 @@ impl Stack {
             .to_owned()
     }
 
+    /// Replaces the app's `kiln.toml`.
+    pub(crate) fn write_manifest(&self, manifest: &str) {
+        std::fs::write(self.root.path().join("app/kiln.toml"), manifest).expect("write kiln.toml");
+    }
+
+    /// Builds a busybox image (a static `/bin/busybox` with `/bin/sh`, a world-writable
+    /// `/tmp` and an empty `/www`, run as user 65532) with kiln-testkit's OCI builder, pushes
+    /// it as `busybox:TAG` and returns `REF@DIGEST`.
+    pub(crate) fn push_busybox_image(&self, tag: &str) -> String {
+        use kiln_testkit::oci::{Artifact, Compression, ImageBuilder, LayerBuilder, Meta};
+
+        let busybox =
+            std::fs::read("/bin/busybox").expect("read /bin/busybox; install busybox-static");
+        let layer = LayerBuilder::new()
+            .dir("bin", Meta::mode(0o755))
+            .file("bin/busybox", &busybox, Meta::mode(0o755))
+            .symlink("bin/sh", "busybox")
+            .dir("tmp", Meta::mode(0o1777))
+            .dir("www", Meta::mode(0o755));
+        let image = Artifact::Image(
+            ImageBuilder::new()
+                .layer(layer, Compression::Gzip)
+                .config("User", serde_json::json!("65532:65532"))
+                .config("WorkingDir", serde_json::json!("/"))
+                .build(),
+        );
+        let layout = self.root.path().join(format!("busybox-{tag}"));
+        image
+            .write_oci_layout(&layout, tag)
+            .expect("write the busybox image's OCI layout");
+
+        let reference = format!("{}/busybox:{tag}", self.registry);
+        let mut copy = self.in_netns(Path::new("/usr/bin/skopeo"));
+        copy.args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(format!("docker://{reference}"));
+        let output = wait::run(copy, None, IMAGE_TIMEOUT);
+        assert!(
+            output.status.success(),
+            "skopeo copy failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        format!("{reference}@{}", image.top().digest)
+    }
+
     /// Returns the platform hostname of environment `env`.
     pub(crate) fn hostname(&self, env: &str) -> String {
         let status = self.kiln_json(&["status", "--env", env]);

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use kiln_core::{DeployId, HostId, InstanceId, ProcessName, ReleaseId};
 use kiln_scheduler::plan::{
     Action, EnvInstance, EnvState, Intent, Plan, PlanError, PlanKind, PlanRequest, ProcessSpec,
-    ReleaseCommandSpec, ReleaseSpec, Strategy, Timeouts, plan,
+    RELEASE_COMMAND_PROCESS, ReleaseCommandSpec, ReleaseSpec, Strategy, Timeouts, plan,
 };
 use kiln_scheduler::{ClusterSnapshot, HostState, PlacedInstance, SchedulerConfig};
 use proptest::prelude::*;
@@ -273,6 +273,7 @@ fn rolling_deploy_reaches_target() {
 fn release_command_runs_first() {
     let old = release(1, 2, 0);
     let mut new = release(2, 2, 0);
+    let new_id = new.id;
     new.release_command = Some(ReleaseCommandSpec {
         resources: resources(256, 1),
         timeout_secs: 600,
@@ -284,14 +285,54 @@ fn release_command_runs_first() {
     };
     let plan = plan(&cluster, SchedulerConfig::default(), &env, &request(intent)).unwrap();
     assert_eq!(plan.steps[0].name, "release-command");
-    assert!(matches!(
-        plan.steps[0].actions[..],
-        [Action::RunReleaseCommand {
+    let [
+        Action::RunReleaseCommand {
+            instance,
             timeout_secs: 600,
-            ..
-        }]
+        },
+        Action::StopInstances {
+            instances: stopped, ..
+        },
+    ] = &plan.steps[0].actions[..]
+    else {
+        panic!("unexpected release command actions: {:?}", plan.steps[0]);
+    };
+    assert_eq!(stopped, &[instance.id]);
+    assert_eq!(instance.release, new_id);
+    assert!(matches!(
+        &plan.steps[0].undo[..],
+        [Action::StopInstances { instances, .. }] if instances == &[instance.id]
     ));
-    assert!(plan.steps[0].undo.is_empty());
+
+    // No old instance is touched before the release command's step.
+    for step in &plan.steps[1..] {
+        assert!(
+            !step
+                .actions
+                .iter()
+                .any(|action| matches!(action, Action::RunReleaseCommand { .. })),
+            "the release command runs twice: {plan:?}"
+        );
+    }
+}
+
+#[test]
+fn restart_skips_release_command() {
+    let mut current = release(1, 2, 0);
+    current.release_command = Some(ReleaseCommandSpec {
+        resources: resources(256, 1),
+        timeout_secs: 600,
+    });
+    let (cluster, env) = running_env(&current, 2, 4096);
+    let intent = Intent::Restart {
+        strategy: Strategy::default(),
+    };
+    let plan = plan(&cluster, SchedulerConfig::default(), &env, &request(intent)).unwrap();
+    assert!(
+        plan.started_instances()
+            .all(|instance| instance.process.as_str() != RELEASE_COMMAND_PROCESS),
+        "{plan:?}"
+    );
 }
 
 #[test]

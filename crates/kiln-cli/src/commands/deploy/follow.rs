@@ -16,6 +16,13 @@ use kiln_api::{
 use kiln_core::{InstanceId, ProcessName};
 
 use crate::commands::{EnvTarget, route};
+
+/// Process type name of the instance that runs a release command, as the control plane
+/// places it.
+const RELEASE_COMMAND_PROCESS: &str = "release-command";
+
+/// Name of the deploy step that runs the release command.
+const RELEASE_COMMAND_STEP: &str = "release-command";
 use crate::error::{CliError, CliResult};
 use crate::exit::ExitKind;
 use crate::http::Http;
@@ -90,6 +97,10 @@ struct View {
     new_instances: BTreeMap<InstanceId, (ProcessName, InstanceState)>,
     /// The most recent instance of the new release that failed, with the reason.
     failed_instance: Option<(InstanceId, String)>,
+    /// The instance that runs the release command, once placed.
+    release_command: Option<InstanceId>,
+    /// The release command's step, once recorded: whether it failed, and its last output lines.
+    release_command_result: Option<(bool, Vec<String>)>,
 }
 
 impl View {
@@ -103,9 +114,31 @@ impl View {
                 host_id,
                 ..
             } if *release_id == created.release.id => {
+                if process.as_str() == RELEASE_COMMAND_PROCESS {
+                    self.release_command = Some(*instance_id);
+                    return Some(format!(
+                        "running the release command in {instance_id} on host {host_id}"
+                    ));
+                }
                 self.new_instances
                     .insert(*instance_id, (process.clone(), InstanceState::Pending));
                 Some(format!("placed {process} {instance_id} on host {host_id}"))
+            }
+            Event::InstanceStateChanged {
+                instance_id,
+                state,
+                detail,
+                ..
+            } if self.release_command == Some(*instance_id) => {
+                if *state == InstanceState::Failed {
+                    let reason = detail.clone().unwrap_or_default();
+                    self.failed_instance = Some((*instance_id, reason));
+                }
+                let state = state_name(*state);
+                Some(match detail {
+                    Some(detail) => format!("release command {state}: {detail}"),
+                    None => format!("release command {state}"),
+                })
             }
             Event::InstanceStateChanged {
                 instance_id,
@@ -123,10 +156,7 @@ impl View {
                 if matches!(state, InstanceState::Failed | InstanceState::Unhealthy) {
                     self.failed_instance = Some((*instance_id, reason.clone()));
                 }
-                let state = serde_json::to_value(state)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default();
+                let state = state_name(*state);
                 let line = format!("{process} {instance_id} {state}");
                 Some(if reason.is_empty() {
                     line
@@ -157,15 +187,37 @@ impl View {
                 deploy_id,
                 step,
                 detail,
+                output,
                 ..
-            } if *deploy_id == created.deploy.id => Some(format!("{step}: {detail}")),
+            } if *deploy_id == created.deploy.id => {
+                let mut text = format!("{step}: {detail}");
+                if step.ends_with(RELEASE_COMMAND_STEP) {
+                    let failed = step.starts_with("failed:");
+                    self.release_command_result = Some((failed, output.clone()));
+                    text = if failed {
+                        format!("release command failed: {detail}")
+                    } else {
+                        "release command succeeded".to_owned()
+                    };
+                    for line in output {
+                        text.push_str(&format!("\n    | {line}"));
+                    }
+                }
+                Some(text)
+            }
             _ => None,
         }
     }
 
-    /// The current phase for the spinner: waiting for placement, then `healthy/total` of
-    /// the new instances.
+    /// The current phase for the spinner: waiting for placement, the release command, then
+    /// `healthy/total` of the new instances.
     fn summary(&self) -> String {
+        if self.new_instances.is_empty()
+            && self.release_command.is_some()
+            && self.release_command_result.is_none()
+        {
+            return "running the release command".to_owned();
+        }
         if self.new_instances.is_empty() {
             return "waiting for placement".to_owned();
         }
@@ -195,6 +247,14 @@ impl View {
             )
         }
     }
+}
+
+/// The API's name of an instance state, such as `exited`.
+fn state_name(state: InstanceState) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|value| value.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 /// Whether `event` belongs to the deploy's environment and so to its output.
@@ -373,6 +433,25 @@ async fn failure(
             created.release.version
         ),
     );
+
+    if let Some((true, output)) = &view.release_command_result {
+        let mut detail = "the release command failed before any instance was replaced".to_owned();
+        if !output.is_empty() {
+            detail.push_str("\nlast output lines:");
+            for line in output {
+                detail.push_str(&format!("\n  | {line}"));
+            }
+        }
+        error = error.with_detail(detail);
+        return match view.release_command {
+            Some(instance) => error.with_hint(format!(
+                "fix the release command, then deploy again; see its logs with: \
+                 kiln logs --env {} --instance {instance}",
+                target.env
+            )),
+            None => error.with_hint("fix the release command, then deploy again"),
+        };
+    }
 
     let Some((instance, why)) = &view.failed_instance else {
         return error.with_hint(format!(

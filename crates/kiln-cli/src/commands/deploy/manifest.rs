@@ -8,8 +8,8 @@ use std::io::IsTerminal;
 use std::path::Path;
 
 use kiln_api::{
-    DeployStrategy, HealthCheck, HealthCheckKind, ProcessSpec, ReleaseSpec, ServiceProtocol,
-    ServiceSpec, VolumeSpec,
+    DeployStrategy, HealthCheck, HealthCheckKind, ProcessSpec, ReleaseCommandLimits, ReleaseSpec,
+    ServiceProtocol, ServiceSpec, VolumeSpec,
 };
 use kiln_core::manifest::{Deploy, Manifest, ManifestErrors, Probe, Protocol, ResolvedManifest};
 use kiln_core::{AppName, EnvName};
@@ -183,6 +183,13 @@ fn release_spec(manifest: &ResolvedManifest) -> ReleaseSpec {
             .map(|script| script.command.join(" "))
             .collect(),
         release_command: manifest.release_command.as_ref().map(|r| r.command.clone()),
+        release_command_limits: manifest.release_command.as_ref().map(|release| {
+            ReleaseCommandLimits {
+                timeout_secs: u64::from(whole_secs(release.timeout)),
+                vcpus: release.vcpus,
+                memory_mib: release.memory_mib,
+            }
+        }),
     }
 }
 
