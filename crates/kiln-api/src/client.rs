@@ -455,6 +455,33 @@ impl Client {
         self.send(Method::POST, &path, Some(request)).await
     }
 
+    /// `GET .../plans/{plan}`.
+    pub async fn get_plan(&self, env: &EnvPath, plan: PlanId) -> Result<Plan, ClientError> {
+        self.get(&env.fill(routes::PLAN, &[&plan.to_string()]))
+            .await
+    }
+
+    /// `POST .../plans/{plan}/apply`.
+    pub async fn apply_plan(
+        &self,
+        env: &EnvPath,
+        plan: PlanId,
+    ) -> Result<CreatedDeploy, ClientError> {
+        let path = env.fill(routes::PLAN_APPLY, &[&plan.to_string()]);
+        self.send(Method::POST, &path, Some(&ApplyPlan::default()))
+            .await
+    }
+
+    /// `POST .../restart`.
+    pub async fn restart_env(
+        &self,
+        env: &EnvPath,
+        request: &RestartEnv,
+    ) -> Result<CreatedDeploy, ClientError> {
+        let path = env.fill(routes::ENV_RESTART, &[]);
+        self.send(Method::POST, &path, Some(request)).await
+    }
+
     /// `GET .../instances`.
     pub async fn list_instances(&self, env: &EnvPath) -> Result<List<Instance>, ClientError> {
         self.get(&env.fill(routes::INSTANCES, &[])).await

@@ -33,6 +33,8 @@ pub enum ErrorCode {
     AlreadyExists,
     /// The stream changed since the caller read it; re-read and retry.
     Conflict,
+    /// The environment changed since the deploy plan was made; make a new plan.
+    PlanConflict,
     /// The idempotency key was used before with a different request.
     IdempotencyKeyReused,
     /// The operation is not valid in the resource's current state.
@@ -56,7 +58,10 @@ impl ErrorCode {
             Self::Forbidden => 403,
             Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
-            Self::AlreadyExists | Self::Conflict | Self::FailedPrecondition => 409,
+            Self::AlreadyExists
+            | Self::Conflict
+            | Self::PlanConflict
+            | Self::FailedPrecondition => 409,
             Self::IdempotencyKeyReused => 422,
             Self::BodyTooLarge => 413,
             Self::Internal => 500,
@@ -84,6 +89,7 @@ impl ErrorCode {
             Self::NotFound => "not_found",
             Self::AlreadyExists => "already_exists",
             Self::Conflict => "conflict",
+            Self::PlanConflict => "plan_conflict",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::FailedPrecondition => "failed_precondition",
             Self::MethodNotAllowed => "method_not_allowed",
@@ -94,7 +100,7 @@ impl ErrorCode {
     }
 
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         Self::MalformedJson,
         Self::InvalidBody,
         Self::InvalidValue,
@@ -106,6 +112,7 @@ impl ErrorCode {
         Self::NotFound,
         Self::AlreadyExists,
         Self::Conflict,
+        Self::PlanConflict,
         Self::IdempotencyKeyReused,
         Self::FailedPrecondition,
         Self::MethodNotAllowed,

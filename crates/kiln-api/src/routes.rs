@@ -41,8 +41,14 @@ pub const RELEASE: &str = "/v1/orgs/{org}/apps/{app}/envs/{env}/releases/{versio
 pub const DEPLOYS: &str = "/v1/orgs/{org}/apps/{app}/envs/{env}/deploys";
 /// One deploy.
 pub const DEPLOY: &str = "/v1/orgs/{org}/apps/{app}/envs/{env}/deploys/{deploy}";
-/// Deploy plans (preview).
+/// Deploy plans: what a deploy would do, stored and bound to the environment's state.
 pub const PLANS: &str = "/v1/orgs/{org}/apps/{app}/envs/{env}/plans";
+/// One deploy plan.
+pub const PLAN: &str = "/v1/orgs/{org}/apps/{app}/envs/{env}/plans/{plan}";
+/// Apply a deploy plan exactly as stored.
+pub const PLAN_APPLY: &str = "/v1/orgs/{org}/apps/{app}/envs/{env}/plans/{plan}/apply";
+/// Replace an environment's instances with fresh ones of the same release.
+pub const ENV_RESTART: &str = "/v1/orgs/{org}/apps/{app}/envs/{env}/restart";
 /// Instances of an environment.
 pub const INSTANCES: &str = "/v1/orgs/{org}/apps/{app}/envs/{env}/instances";
 /// Routes of an environment.
@@ -185,7 +191,10 @@ pub const ROUTES: &[Endpoint] = &[
     ep("GET", DEPLOYS, "list_deploys", "List deploys, newest first", Org, None, Some("List<Deploy>"), 200),
     ep("POST", DEPLOYS, "create_deploy", "Request a deploy", Org, Some("CreateDeploy"), Some("CreatedDeploy"), 201),
     ep("GET", DEPLOY, "get_deploy", "Show a deploy", Org, None, Some("Deploy"), 200),
-    ep("POST", PLANS, "create_plan", "Preview what a deploy would do", Org, Some("CreatePlan"), Some("Plan"), 200),
+    ep("POST", PLANS, "create_plan", "Plan a deploy without changing anything, and store the plan", Org, Some("CreatePlan"), Some("Plan"), 201),
+    ep("GET", PLAN, "get_plan", "Show a stored deploy plan", Org, None, Some("Plan"), 200),
+    ep("POST", PLAN_APPLY, "apply_plan", "Deploy exactly a stored plan, or fail with plan_conflict when the environment changed", Org, Some("ApplyPlan"), Some("CreatedDeploy"), 201),
+    ep("POST", ENV_RESTART, "restart_env", "Replace the instances of every or one process type, as a deploy", Org, Some("RestartEnv"), Some("CreatedDeploy"), 201),
     ep("GET", INSTANCES, "list_instances", "List instances", Org, None, Some("List<Instance>"), 200),
     ep("GET", ENV_ROUTES, "list_env_routes", "List routes", Org, None, Some("List<Route>"), 200),
     ep("GET", ADDRESSES, "list_addresses", "List allocated addresses", Org, None, Some("List<Address>"), 200),

@@ -312,6 +312,11 @@ fn api_error(what: &str, base_url: &str, status: StatusCode, bytes: &[u8]) -> Cl
             ExitKind::Conflict,
             "the resource changed meanwhile; look at it again and retry".to_owned(),
         ),
+        ErrorCode::PlanConflict => (
+            ExitKind::Conflict,
+            "the environment changed since the plan was made; make a new one with `kiln plan`"
+                .to_owned(),
+        ),
         ErrorCode::FailedPrecondition => (
             ExitKind::Conflict,
             "the resource is not in a state that allows this; see `kiln status`".to_owned(),

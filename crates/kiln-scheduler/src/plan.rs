@@ -152,10 +152,14 @@ pub enum Intent {
         /// New counts by process type; process types not named keep their count.
         counts: BTreeMap<ProcessName, u32>,
     },
-    /// Replace every instance with a fresh one of the same release.
+    /// Replace every instance, or every instance of one process type, with a fresh one of
+    /// the same release. The release command does not run again.
     Restart {
         /// How to replace the instances.
         strategy: Strategy,
+        /// The only process type to restart; `None` restarts all of them.
+        #[serde(default)]
+        process: Option<ProcessName>,
     },
     /// Replace the instances on dead hosts.
     ReplaceLost,
@@ -336,8 +340,8 @@ pub enum PlanError {
         /// The env.
         env: EnvId,
     },
-    /// Scale of a process type the current release does not have.
-    #[error("release {release} has no process type {process}; scale one of: {known}")]
+    /// Scale or restart of a process type the current release does not have.
+    #[error("release {release} has no process type {process}; use one of: {known}")]
     UnknownProcess {
         /// The requested process type.
         process: ProcessName,
@@ -381,13 +385,15 @@ pub fn plan(
 
     let (kind, to_release) = match &request.intent {
         Intent::Deploy { release, strategy } => {
-            planner.plan_rollout(release, *strategy, true)?;
+            planner.plan_rollout(release, *strategy)?;
             (PlanKind::Deploy, release.id)
         }
-        Intent::Restart { strategy } => {
-            // A restart replaces instances of a release whose command already ran.
+        Intent::Restart { strategy, process } => {
             let current = current_release(env)?;
-            planner.plan_rollout(current, *strategy, false)?;
+            if let Some(process) = process {
+                check_process(current, process)?;
+            }
+            planner.plan_replace(current, *strategy, process.as_ref())?;
             (PlanKind::Restart, current.id)
         }
         Intent::Scale { counts } => {
@@ -410,6 +416,19 @@ pub fn plan(
         from_release: env.current.as_ref().map(|release| release.id),
         to_release,
         steps: planner.steps,
+    })
+}
+
+/// Fails with [`PlanError::UnknownProcess`] when `release` has no process type `process`.
+fn check_process(release: &ReleaseSpec, process: &ProcessName) -> Result<(), PlanError> {
+    if release.processes.contains_key(process) {
+        return Ok(());
+    }
+    let known: Vec<&str> = release.processes.keys().map(|p| p.as_str()).collect();
+    Err(PlanError::UnknownProcess {
+        process: process.clone(),
+        release: release.id,
+        known: known.join(", "),
     })
 }
 
@@ -576,13 +595,8 @@ impl Planner<'_> {
     }
 
     /// Plans the replacement of every instance with one of `target`, running the release
-    /// command first when `release_command` is set and the release has one.
-    fn plan_rollout(
-        &mut self,
-        target: &ReleaseSpec,
-        strategy: Strategy,
-        release_command: bool,
-    ) -> Result<(), PlanError> {
+    /// command first when the release has one. Restarts use `plan_replace` and never run it.
+    fn plan_rollout(&mut self, target: &ReleaseSpec, strategy: Strategy) -> Result<(), PlanError> {
         if target.processes.is_empty() {
             return Err(PlanError::NoProcesses { release: target.id });
         }
@@ -590,13 +604,32 @@ impl Planner<'_> {
             return Err(PlanError::ZeroMaxSurge);
         }
 
-        if release_command {
-            self.plan_release_command(target)?;
+        self.plan_release_command(target)?;
+        self.plan_replace(target, strategy, None)?;
+        self.plan_activate(target.id);
+        Ok(())
+    }
+
+    /// Replaces the old instances of every process type, or of `only`, with new instances of
+    /// `target`. Old instances of other process types keep running.
+    fn plan_replace(
+        &mut self,
+        target: &ReleaseSpec,
+        strategy: Strategy,
+        only: Option<&ProcessName>,
+    ) -> Result<(), PlanError> {
+        if strategy == (Strategy::Rolling { max_surge: 0 }) {
+            return Err(PlanError::ZeroMaxSurge);
         }
 
         let old = self.old_instances();
-        let processes: BTreeSet<ProcessName> =
-            target.processes.keys().chain(old.keys()).cloned().collect();
+        let processes: BTreeSet<ProcessName> = target
+            .processes
+            .keys()
+            .chain(old.keys())
+            .filter(|process| only.is_none_or(|only| *process == only))
+            .cloned()
+            .collect();
 
         match strategy {
             Strategy::Rolling { max_surge } => {
@@ -607,8 +640,6 @@ impl Planner<'_> {
             }
             Strategy::Immediate => self.plan_immediate(target, &processes, &old)?,
         }
-
-        self.plan_activate(target.id);
         Ok(())
     }
 
@@ -675,7 +706,7 @@ impl Planner<'_> {
             }
         }
         for (process, spec) in &target.processes {
-            if spec.count == 0 {
+            if spec.count == 0 || !processes.contains(process) {
                 continue;
             }
             let new = self.place_new(
@@ -804,14 +835,7 @@ impl Planner<'_> {
         counts: &BTreeMap<ProcessName, u32>,
     ) -> Result<(), PlanError> {
         for process in counts.keys() {
-            if !current.processes.contains_key(process) {
-                let known: Vec<&str> = current.processes.keys().map(|p| p.as_str()).collect();
-                return Err(PlanError::UnknownProcess {
-                    process: process.clone(),
-                    release: current.id,
-                    known: known.join(", "),
-                });
-            }
+            check_process(current, process)?;
         }
 
         let old = self.old_instances();

@@ -1,7 +1,7 @@
 //! Deploys: rolling an environment from its current release to a new one. A deploy intent is
 //! recorded first; the orchestrator plans and carries it out step by step.
 
-use kiln_core::{DeployId, EnvId, InstanceId, ProcessName, ReleaseId};
+use kiln_core::{DeployId, EnvId, ProcessName, ReleaseId};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -61,8 +61,10 @@ pub struct Deploy {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum DeployTarget {
-    /// An existing release of the environment, by version (this is also how a rollback to
-    /// an older release is asked for).
+    /// An existing release of the environment, by version. The current release is deployed
+    /// again as it is. Any other version is a rollback: a new release is created with that
+    /// release's image digest, manifest and config vars (`rollback_of` names it), and the
+    /// environment's config vars are set back to that release's values.
     ReleaseVersion(u64),
     /// A new release, created and deployed atomically.
     NewRelease(Box<CreateRelease>),
@@ -90,45 +92,11 @@ pub struct CreatedDeploy {
     pub cursor: u64,
 }
 
-/// Body of `POST .../envs/{env}/plans`: preview what a deploy would do.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Body of `POST .../envs/{env}/restart`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CreatePlan {
-    /// What to deploy.
-    pub target: DeployTarget,
-    /// Strategy; absent uses the release's.
-    #[serde(default)]
-    pub strategy: Option<DeployStrategy>,
-}
-
-/// One step of a deploy plan.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "action", rename_all = "snake_case")]
-pub enum PlanStep {
-    /// Start a new instance of a process type on a host.
-    StartInstance {
-        /// Process type.
-        process: ProcessName,
-        /// Host chosen by the scheduler (by name).
-        host: String,
-    },
-    /// Wait until the new instances are healthy.
-    WaitHealthy,
-    /// Point the routes at the new instances.
-    ShiftRoutes,
-    /// Stop an old instance.
-    StopInstance {
-        /// The instance.
-        instance_id: InstanceId,
-    },
-}
-
-/// A deploy plan.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Plan {
-    /// Steps in order.
-    pub steps: Vec<PlanStep>,
-    /// Reasons the plan cannot be carried out (for example not enough memory on any host).
-    #[serde(default)]
-    pub problems: Vec<String>,
+pub struct RestartEnv {
+    /// The only process type to restart; absent restarts every process type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessName>,
 }

@@ -1,6 +1,6 @@
 //! `kiln apply PLAN_ID`: carry out exactly a plan made by `kiln plan`, and follow it.
 
-use kiln_api::{CreatedDeploy, routes};
+use kiln_api::{ApplyPlan, CreatedDeploy, PlanId, routes};
 
 use crate::commands::EnvTarget;
 use crate::commands::deploy::follow;
@@ -11,8 +11,9 @@ use crate::session::Session;
 /// Arguments of `kiln apply`.
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
-Fails with exit code 4 (conflict) when the environment changed since the plan was made;
-make a new plan then.
+Fails with exit code 4 (conflict) when the environment changed since the plan was made (a
+config or secret change, a scale, another deploy), when the plan was applied already, or when
+it expired; make a new plan then.
 
 Examples:
   kiln apply pln_0190f3c2... --env prod")]
@@ -27,36 +28,29 @@ pub(crate) struct Args {
 
 /// Applies the plan.
 pub(crate) async fn run(session: &mut Session, args: Args) -> CliResult {
-    if args.plan_id.is_empty()
-        || !args
-            .plan_id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-    {
-        return Err(
-            CliError::usage(format!("invalid plan id {:?}", args.plan_id))
-                .with_hint("copy the id printed by `kiln plan`"),
-        );
-    }
+    let plan: PlanId = args
+        .plan_id
+        .parse()
+        .map_err(|error: kiln_api::PlanIdError| {
+            CliError::usage(error.to_string()).with_hint("copy the id printed by `kiln plan`")
+        })?;
     let target = EnvTarget::from_session(session)?;
     let api = session.api()?;
-    // TODO(correctness): kiln_api::routes has no apply route yet; this path is what the CLI
-    // expects the deploy orchestrator to serve, and it is untested against a server.
-    let path = format!("{}/{}/apply", target.route(routes::PLANS), args.plan_id);
+    let path = target.route_with(routes::PLAN_APPLY, &[("plan", &plan.to_string())]);
 
-    let created: CreatedDeploy =
-        api.post(&path, &serde_json::json!({}))
-            .await
-            .map_err(|error| {
-                if error.kind() == ExitKind::Conflict {
-                    error.with_hint(format!(
+    let created: CreatedDeploy = api
+        .post(&path, &ApplyPlan::default())
+        .await
+        .map_err(|error| {
+            if error.kind() == ExitKind::Conflict {
+                error.with_hint(format!(
                     "the environment changed since the plan; make a new one: kiln plan --env {}",
                     target.env
                 ))
-                } else {
-                    error
-                }
-            })?;
+            } else {
+                error
+            }
+        })?;
 
     follow::after_create(session, &api, &target, &created, args.detach).await
 }

@@ -1,27 +1,37 @@
-//! `kiln plan`: ask the control plane what a deploy of the current kiln.toml and image would
-//! do, without doing it.
+//! `kiln plan`: ask the control plane what a deploy of the current kiln.toml and image (or a
+//! rollback to an earlier release) would do, without doing it. The control plane stores the
+//! plan; `kiln apply PLAN_ID` carries it out exactly.
 
 use std::path::PathBuf;
 
-use kiln_api::{CreatePlan, DeployTarget, Plan, PlanStep, routes};
+use kiln_api::{
+    CreatePlan, CreateRelease, DeployStrategy, DeployTarget, Plan, PlanAction, PlanRelease, routes,
+};
 
-use crate::commands::EnvTarget;
-use crate::commands::deploy::{Strategy, manifest};
-use crate::error::{CliError, CliResult};
+use crate::commands::deploy::{Strategy, current_image, manifest, resolve_image};
+use crate::commands::{EnvTarget, format_time};
+use crate::error::CliResult;
 use crate::output::{Style, Table};
-use crate::registry::{self, ImageRef};
 use crate::session::{MANIFEST_FILE, Session};
 
 /// Arguments of `kiln plan`.
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
+Without --image, the new release keeps the image digest of the current release. With
+--release, the plan is a rollback to that release (or a redeploy of the current one).
+
 Examples:
   kiln plan --env prod --image registry.example.com/web:1.5
+  kiln plan --env prod --release 3
   kiln apply PLAN_ID --env prod")]
 pub(crate) struct Args {
-    /// Image to plan for; a tag is resolved to its digest
-    #[arg(long, value_name = "REF")]
-    image: String,
+    /// Image to plan for; a tag is resolved to its digest [default: the current release's]
+    #[arg(long, value_name = "REF", conflicts_with = "release")]
+    image: Option<String>,
+
+    /// Plan a rollback to this release version (see `kiln releases`) instead of a new release
+    #[arg(long, value_name = "VERSION")]
+    release: Option<String>,
 
     /// Path of the manifest
     #[arg(long, value_name = "PATH", default_value = MANIFEST_FILE)]
@@ -32,12 +42,48 @@ pub(crate) struct Args {
     strategy: Option<Strategy>,
 
     /// Description stored with the release if the plan is applied
-    #[arg(long, short = 'm', value_name = "TEXT", default_value = "")]
+    #[arg(
+        long,
+        short = 'm',
+        value_name = "TEXT",
+        default_value = "",
+        conflicts_with = "release"
+    )]
     message: String,
 }
 
-/// Requests the plan and prints its steps.
+/// Requests the plan and prints it.
 pub(crate) async fn run(session: &mut Session, args: Args) -> CliResult {
+    let (target, request) = match &args.release {
+        Some(version) => {
+            let version = crate::commands::rollback::parse_version(version)?;
+            let target = EnvTarget::from_session(session)?;
+            let request = CreatePlan {
+                target: DeployTarget::ReleaseVersion(version),
+                strategy: args.strategy.map(DeployStrategy::from),
+            };
+            (target, request)
+        }
+        None => new_release_plan(session, &args).await?,
+    };
+    let api = session.api()?;
+    let plan: Plan = api.post(&target.route(routes::PLANS), &request).await?;
+
+    if session.out.is_json() {
+        return session.out.json(&plan);
+    }
+    print_plan(session, &target, &plan)?;
+    session.out.note(&format!(
+        "Apply it with: kiln apply {} --env {} (before {})",
+        plan.id,
+        target.env,
+        format_time(plan.expires_at)
+    ));
+    Ok(())
+}
+
+/// The target and request of a plan for a new release from the manifest.
+async fn new_release_plan(session: &Session, args: &Args) -> CliResult<(EnvTarget, CreatePlan)> {
     let env = session.env()?;
     let loaded = manifest::load(&args.config, &env)?;
     let target = EnvTarget {
@@ -46,56 +92,181 @@ pub(crate) async fn run(session: &mut Session, args: Args) -> CliResult {
         env,
     };
     let api = session.api()?;
-    let image = ImageRef::parse(&args.image).map_err(|error| {
-        CliError::usage(format!("invalid --image {:?}", args.image)).with_source(error)
-    })?;
-    let pinned = registry::resolve(api.client(), &image).await?;
-    let digest = pinned
-        .rsplit_once('@')
-        .map(|(_, d)| d.to_owned())
-        .unwrap_or_default();
-
-    let plan: Plan = api
-        .post(
-            &target.route(routes::PLANS),
-            &CreatePlan {
-                target: DeployTarget::NewRelease(Box::new(kiln_api::CreateRelease {
-                    image: kiln_api::ImageRef {
-                        reference: args.image.clone(),
-                        digest,
-                    },
-                    spec: loaded.spec,
-                    description: args.message,
-                })),
-                strategy: args.strategy.map(Into::into),
-            },
-        )
-        .await?;
-
-    if session.out.is_json() {
-        return session.out.json(&plan);
-    }
-    print_plan(session, &plan)
+    let image = match &args.image {
+        Some(reference) => resolve_image(session, &api, reference).await?,
+        None => current_image(&api, &target).await?,
+    };
+    let request = CreatePlan {
+        target: DeployTarget::NewRelease(Box::new(CreateRelease {
+            image,
+            spec: loaded.spec,
+            description: args.message.clone(),
+        })),
+        strategy: args.strategy.map(DeployStrategy::from),
+    };
+    Ok((target, request))
 }
 
-/// Prints the steps and problems of a plan.
-pub(crate) fn print_plan(session: &Session, plan: &Plan) -> CliResult {
+/// Prints the release change and the steps of a plan.
+pub(crate) fn print_plan(session: &Session, target: &EnvTarget, plan: &Plan) -> CliResult {
+    let out = &session.out;
+    let change = &plan.release;
+    out.line(&format!(
+        "Plan {} for {} (event stream version {})",
+        out.paint(Style::Bold, &plan.id.to_string()),
+        target.label(),
+        plan.base_version
+    ))?;
+
+    let to = release_label(&change.to, change.creates_release);
+    let from = change
+        .from
+        .as_ref()
+        .map_or("no release".to_owned(), |from| format!("v{}", from.version));
+    out.line(&format!("Release  {from} -> {to}"))?;
+    out.line(&format!(
+        "Image    {} {}{}",
+        change.to.image.reference,
+        short_digest(&change.to.image.digest),
+        if change.image_changed {
+            ""
+        } else {
+            " (unchanged)"
+        }
+    ))?;
+    out.line(&format!(
+        "Config   v{}{}",
+        change.to.config_version,
+        config_detail(&change.config_set, &change.config_unset)
+    ))?;
+    out.line(&format!(
+        "Secrets  v{}{}",
+        change.to.secrets_version,
+        if change.secrets_changed {
+            ""
+        } else {
+            " (unchanged)"
+        }
+    ))?;
+    out.line("")?;
+
     let mut table = Table::new(&["STEP", "ACTION", "DETAIL"]);
-    for (i, step) in plan.steps.iter().enumerate() {
-        let (action, detail) = match step {
-            PlanStep::StartInstance { process, host } => ("start", format!("{process} on {host}")),
-            PlanStep::WaitHealthy => ("wait", "until new instances are healthy".to_owned()),
-            PlanStep::ShiftRoutes => ("routes", "move routes to new instances".to_owned()),
-            PlanStep::StopInstance { instance_id } => ("stop", instance_id.to_string()),
-        };
-        table.row([(i + 1).to_string(), action.to_owned(), detail]);
+    for step in &plan.steps {
+        for (position, action) in step.actions.iter().enumerate() {
+            let name = if position == 0 {
+                step.name.clone()
+            } else {
+                String::new()
+            };
+            let (verb, detail) = describe(action);
+            table.row([name, verb.to_owned(), detail]);
+        }
     }
-    session.out.table(&table)?;
-    for problem in &plan.problems {
-        session.out.line(&format!(
-            "{} {problem}",
-            session.out.paint(Style::Bad, "problem:")
-        ))?;
+    out.table(&table)
+}
+
+fn release_label(release: &PlanRelease, created: bool) -> String {
+    match (created, release.rollback_of) {
+        (true, Some(_)) => format!("v{} (new, a rollback)", release.version),
+        (true, None) => format!("v{} (new)", release.version),
+        (false, _) => format!("v{} (again)", release.version),
     }
-    Ok(())
+}
+
+fn short_digest(digest: &str) -> String {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    format!("sha256:{}", hex.get(..12).unwrap_or(hex))
+}
+
+fn config_detail(set: &[String], unset: &[String]) -> String {
+    let mut parts = Vec::new();
+    if !set.is_empty() {
+        parts.push(format!("set {}", set.join(", ")));
+    }
+    if !unset.is_empty() {
+        parts.push(format!("unset {}", unset.join(", ")));
+    }
+    if parts.is_empty() {
+        return " (unchanged)".to_owned();
+    }
+    format!(" ({})", parts.join("; "))
+}
+
+fn describe(action: &PlanAction) -> (&'static str, String) {
+    match action {
+        PlanAction::RunReleaseCommand {
+            instance_id,
+            host,
+            timeout_secs,
+        } => (
+            "release-command",
+            format!("{instance_id} on {host}, exit 0 within {timeout_secs}s"),
+        ),
+        PlanAction::StartInstance {
+            instance_id,
+            process,
+            host,
+            ..
+        } => ("start", format!("{process} {instance_id} on {host}")),
+        PlanAction::WaitHealthy {
+            instances,
+            deadline_secs,
+        } => (
+            "wait",
+            format!(
+                "{} instance(s) healthy within {deadline_secs}s",
+                instances.len()
+            ),
+        ),
+        PlanAction::UpdateRoutes {
+            process,
+            add,
+            remove,
+        } => (
+            "routes",
+            format!("{process}: add {}, remove {}", add.len(), remove.len()),
+        ),
+        PlanAction::StopInstance {
+            instance_id,
+            host,
+            grace_secs,
+        } => (
+            "stop",
+            format!("{instance_id} on {host}, {grace_secs}s grace"),
+        ),
+        PlanAction::SetRelease { release_id } => (
+            "release",
+            release_id.map_or("none".to_owned(), |id| id.to_string()),
+        ),
+        PlanAction::SetScale { counts } => (
+            "scale",
+            counts
+                .iter()
+                .map(|(process, count)| format!("{process}={count}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_detail_lists_names() {
+        assert_eq!(config_detail(&[], &[]), " (unchanged)");
+        assert_eq!(
+            config_detail(&["A".to_owned(), "B".to_owned()], &["C".to_owned()]),
+            " (set A, B; unset C)"
+        );
+    }
+
+    #[test]
+    fn short_digest_keeps_twelve() {
+        assert_eq!(
+            short_digest(&format!("sha256:{}", "ab".repeat(32))),
+            "sha256:abababababab"
+        );
+    }
 }

@@ -1,18 +1,12 @@
 //! `kiln restart [PROCESS]`: replace the running instances with fresh ones of the same release.
 
-use kiln_api::{CreatedDeploy, routes};
+use kiln_api::{CreatedDeploy, RestartEnv, routes};
 use kiln_core::ProcessName;
-use serde::Serialize;
 
 use crate::commands::EnvTarget;
 use crate::commands::deploy::follow;
 use crate::error::{CliError, CliResult};
 use crate::session::Session;
-
-/// Path of the restart endpoint under an environment.
-// TODO(correctness): kiln_api::routes has no restart route yet; this path is what the CLI
-// expects the deploy orchestrator to serve, and it is untested against a server.
-const RESTART_SUFFIX: &str = "/restart";
 
 /// Arguments of `kiln restart`.
 #[derive(Debug, clap::Args)]
@@ -28,13 +22,6 @@ pub(crate) struct Args {
     detach: bool,
 }
 
-/// Body of the restart request.
-#[derive(Debug, Serialize)]
-struct RestartRequest {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    process: Option<ProcessName>,
-}
-
 /// Requests a rolling restart and follows it like a deploy.
 pub(crate) async fn run(session: &mut Session, args: Args) -> CliResult {
     let process = args
@@ -44,9 +31,9 @@ pub(crate) async fn run(session: &mut Session, args: Args) -> CliResult {
         .map_err(|error| CliError::usage(error.to_string()))?;
     let target = EnvTarget::from_session(session)?;
     let api = session.api()?;
-    let path = format!("{}{RESTART_SUFFIX}", target.route(routes::ENV));
+    let path = target.route(routes::ENV_RESTART);
 
-    let created: CreatedDeploy = api.post(&path, &RestartRequest { process }).await?;
+    let created: CreatedDeploy = api.post(&path, &RestartEnv { process }).await?;
 
     follow::after_create(session, &api, &target, &created, args.detach).await
 }

@@ -58,14 +58,16 @@ pub(crate) async fn run(session: &mut Session, args: Args) -> CliResult {
         .await?;
 
     if !session.out.is_json() && !args.detach {
-        session
-            .out
-            .note(&format!("Rolling {} back to v{version}", target.label()));
+        session.out.note(&format!(
+            "Rolling {} back to v{version} as the new release v{}",
+            target.label(),
+            created.release.version
+        ));
     }
     follow::after_create(session, &api, &target, &created, args.detach).await
 }
 
-fn parse_version(text: &str) -> CliResult<u64> {
+pub(crate) fn parse_version(text: &str) -> CliResult<u64> {
     text.strip_prefix('v')
         .unwrap_or(text)
         .parse::<u64>()

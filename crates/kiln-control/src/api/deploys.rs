@@ -1,21 +1,19 @@
 //! Deploy intents: create, list, show. Creating a deploy records `DeployRequested` (and, for a
-//! new release, `ReleaseCreated`) and points the environment at the release; carrying the
-//! rollout out is the orchestrator's job, which reads these events.
+//! new or rollback release, `ReleaseCreated`) and points the environment at the release;
+//! carrying the rollout out is the orchestrator's job, which reads these events.
 
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use kiln_api::types::{
-    CreateDeploy, CreatePlan, CreatedDeploy, Deploy, DeployState, DeployTarget, List, Plan, Release,
-};
-use kiln_api::{ErrorCode, Event};
+use kiln_api::Event;
+use kiln_api::types::{CreateDeploy, CreatedDeploy, Deploy, DeployState, DeployTarget, List};
 use kiln_core::{DeployId, EnvId, ReleaseId};
 use sqlx::Row;
 
 use super::error::ApiError;
 use super::extract::JsonBody;
-use super::releases::{by_version, next_release, validate_release};
-use super::{AppState, retry_on_conflict, scope};
+use super::releases::validate_release;
+use super::{AppState, retry_on_conflict, scope, targets};
 use crate::auth::Caller;
 use crate::store::{ExpectedVersion, NewEvent, streams};
 
@@ -74,21 +72,15 @@ pub async fn create(
         let stream_version = state.store.stream_version(&stream).await?;
         let previous = current_release(state.store.pool(), env.id).await?;
 
-        let mut events = Vec::new();
-        let release: Release = match &request.target {
-            DeployTarget::ReleaseVersion(version) => {
-                by_version(state.store.pool(), env.id, *version)
-                    .await?
-                    .ok_or_else(|| ApiError::not_found("release", format!("v{version}")))?
-            }
-            DeployTarget::NewRelease(new) => {
-                let release = next_release(state.store.pool(), env.id, new).await?;
-                events.push(Event::ReleaseCreated {
-                    release: Box::new(release.clone()),
-                });
-                release
-            }
-        };
+        let prepared = targets::prepare(
+            state.store.pool(),
+            env.id,
+            &request.target,
+            ReleaseId::new(),
+        )
+        .await?;
+        let release = prepared.release;
+        let mut events = prepared.events;
 
         let deploy_id = DeployId::new();
         let strategy = request.strategy.unwrap_or(release.spec.strategy);
@@ -134,22 +126,8 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(created)))
 }
 
-/// `POST .../plans`: not implemented by this server; placement belongs to the scheduler.
-pub async fn plan(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path((org, app, env)): Path<(String, String, String)>,
-    JsonBody(_request): JsonBody<CreatePlan>,
-) -> Result<Json<Plan>, ApiError> {
-    scope::env(state.store.pool(), &caller, &org, &app, &env).await?;
-    // TODO(correctness): deploy plans need the scheduler's placement, which this server does not run yet.
-    Err(ApiError::new(
-        ErrorCode::NotImplemented,
-        "deploy plans are not available on this server yet; create the deploy and follow its events",
-    ))
-}
-
-async fn current_release(
+/// The current release of an environment.
+pub async fn current_release(
     pool: &sqlx::PgPool,
     env_id: EnvId,
 ) -> Result<Option<ReleaseId>, ApiError> {

@@ -16,10 +16,12 @@ pub mod ingress;
 pub mod logs;
 pub mod openapi;
 pub mod orgs;
+pub mod plans;
 pub mod read;
 pub mod releases;
 pub mod scope;
 pub mod secrets;
+pub mod targets;
 pub mod tokens;
 
 use std::net::Ipv6Addr;
@@ -93,7 +95,10 @@ pub fn router(state: AppState) -> Router {
         .route(r::RELEASE, get(releases::show))
         .route(r::DEPLOYS, get(deploys::list).post(deploys::create))
         .route(r::DEPLOY, get(deploys::show))
-        .route(r::PLANS, post(deploys::plan))
+        .route(r::PLANS, post(plans::create))
+        .route(r::PLAN, get(plans::show))
+        .route(r::PLAN_APPLY, post(plans::apply))
+        .route(r::ENV_RESTART, post(plans::restart))
         .route(r::INSTANCES, get(read::instances))
         .route(r::ENV_ROUTES, get(read::routes))
         .route(r::ADDRESSES, get(read::addresses))

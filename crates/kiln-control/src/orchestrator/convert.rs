@@ -5,8 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use kiln_api::{DeployStrategy, HostState as ApiHostState, InstanceState, PlanStep};
-use kiln_core::{HostId, ProcessName, ReleaseId};
+use kiln_api::{DeployStrategy, HostState as ApiHostState, InstanceState, PlanAction, PlanStep};
+use kiln_core::{HostId, InstanceId, ProcessName, ReleaseId};
 use kiln_scheduler::plan::{Action, Plan, ProcessSpec, ReleaseCommandSpec, ReleaseSpec, Strategy};
 use kiln_scheduler::progress::Observed;
 use kiln_scheduler::{Host, HostState, Resources};
@@ -102,49 +102,93 @@ pub fn observed(state: InstanceState, exit_code: Option<i32>, detail: Option<Str
     }
 }
 
-/// The API's summary of a plan: one entry per instance started or stopped, per wait and per
-/// route change, in order. `host_names` turns host ids into the names operators know.
-pub fn api_plan(plan: &Plan, host_names: &BTreeMap<HostId, String>) -> kiln_api::Plan {
+/// The API's form of a plan's steps, with hosts by name. `host_names` turns host ids into the
+/// names operators know (an unknown host is shown by id), and `old_hosts` gives the host of
+/// each instance that ran before the plan.
+pub fn api_steps(
+    plan: &Plan,
+    host_names: &BTreeMap<HostId, String>,
+    old_hosts: &BTreeMap<InstanceId, HostId>,
+) -> Vec<PlanStep> {
     let host_name = |host: &HostId| {
         host_names
             .get(host)
             .cloned()
             .unwrap_or_else(|| host.to_string())
     };
+    let instance_hosts: BTreeMap<InstanceId, HostId> = plan
+        .started_instances()
+        .map(|instance| (instance.id, instance.host))
+        .collect();
 
-    let mut steps = Vec::new();
-    for action in plan.steps.iter().flat_map(|step| &step.actions) {
-        match action {
-            Action::RunReleaseCommand { instance, .. } => steps.push(PlanStep::StartInstance {
-                process: instance.process.clone(),
-                host: host_name(&instance.host),
-            }),
-            Action::StartInstances { instances } => {
-                for instance in instances {
-                    steps.push(PlanStep::StartInstance {
+    let mut steps = Vec::with_capacity(plan.steps.len());
+    for step in &plan.steps {
+        let mut actions = Vec::new();
+        for action in &step.actions {
+            match action {
+                Action::RunReleaseCommand {
+                    instance,
+                    timeout_secs,
+                } => actions.push(PlanAction::RunReleaseCommand {
+                    instance_id: instance.id,
+                    host: host_name(&instance.host),
+                    timeout_secs: *timeout_secs,
+                }),
+                Action::StartInstances { instances } => {
+                    actions.extend(instances.iter().map(|instance| PlanAction::StartInstance {
+                        instance_id: instance.id,
                         process: instance.process.clone(),
+                        release_id: instance.release,
                         host: host_name(&instance.host),
-                    });
+                    }));
                 }
-            }
-            Action::WaitHealthy { .. } => steps.push(PlanStep::WaitHealthy),
-            Action::UpdateRoutes { add, .. } if !add.is_empty() => {
-                steps.push(PlanStep::ShiftRoutes);
-            }
-            Action::StopInstances { instances, .. } => {
-                for instance in instances {
-                    steps.push(PlanStep::StopInstance {
-                        instance_id: *instance,
-                    });
+                Action::WaitHealthy {
+                    instances,
+                    deadline_secs,
+                } => actions.push(PlanAction::WaitHealthy {
+                    instances: instances.clone(),
+                    deadline_secs: *deadline_secs,
+                }),
+                Action::UpdateRoutes {
+                    process,
+                    add,
+                    remove,
+                } => actions.push(PlanAction::UpdateRoutes {
+                    process: process.clone(),
+                    add: add.clone(),
+                    remove: remove.clone(),
+                }),
+                Action::StopInstances {
+                    instances,
+                    grace_secs,
+                } => {
+                    actions.extend(instances.iter().map(|instance| {
+                        let host = old_hosts
+                            .get(instance)
+                            .or_else(|| instance_hosts.get(instance))
+                            .copied();
+                        PlanAction::StopInstance {
+                            instance_id: *instance,
+                            host: host
+                                .map_or_else(|| "unknown".to_owned(), |host| host_name(&host)),
+                            grace_secs: *grace_secs,
+                        }
+                    }));
                 }
+                Action::SetRelease { release } => actions.push(PlanAction::SetRelease {
+                    release_id: *release,
+                }),
+                Action::SetScale { counts } => actions.push(PlanAction::SetScale {
+                    counts: counts.clone(),
+                }),
             }
-            _ => {}
         }
+        steps.push(PlanStep {
+            name: step.name.clone(),
+            actions,
+        });
     }
-    kiln_api::Plan {
-        steps,
-        problems: Vec::new(),
-    }
+    steps
 }
 
 #[cfg(test)]

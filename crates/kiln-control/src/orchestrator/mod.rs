@@ -5,3 +5,4 @@
 pub mod convert;
 pub mod engine;
 pub mod pg;
+pub mod preview;

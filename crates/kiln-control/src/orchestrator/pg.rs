@@ -78,10 +78,10 @@ fn corrupt(what: &'static str, value: impl ToString) -> OrchestratorError {
 /// The orchestrator of one control plane replica.
 #[derive(Debug, Clone)]
 pub struct Orchestrator {
-    store: Store,
+    pub(super) store: Store,
     ipam: Ipam,
-    config: SchedulerConfig,
-    timeouts: Timeouts,
+    pub(super) config: SchedulerConfig,
+    pub(super) timeouts: Timeouts,
 }
 
 impl Orchestrator {
@@ -452,7 +452,10 @@ impl Orchestrator {
         serde_json::from_value(spec).map_err(|error| corrupt("releases.spec", error))
     }
 
-    async fn env_scale(&self, env: EnvId) -> Result<BTreeMap<ProcessName, u32>, OrchestratorError> {
+    pub(super) async fn env_scale(
+        &self,
+        env: EnvId,
+    ) -> Result<BTreeMap<ProcessName, u32>, OrchestratorError> {
         let scale: serde_json::Value = sqlx::query_scalar("SELECT scale FROM envs WHERE id = $1")
             .bind(env.as_uuid())
             .fetch_one(self.store.pool())
@@ -471,7 +474,7 @@ impl Orchestrator {
     }
 
     /// Reads the cluster and the env as the planner needs them.
-    async fn snapshot(
+    pub(super) async fn snapshot(
         &self,
         env: EnvId,
         previous: Option<Option<ReleaseId>>,

@@ -522,7 +522,7 @@ fn scale_unknown_process_rejected() {
     assert_eq!(
         error.to_string(),
         format!(
-            "release {} has no process type cron; scale one of: web",
+            "release {} has no process type cron; use one of: web",
             release_id(1)
         )
     );
@@ -543,13 +543,19 @@ fn scale_without_release_rejected() {
 
 #[test]
 fn restart_replaces_every_instance() {
-    let current = release(1, 2, 1);
+    let mut current = release(1, 2, 1);
+    current.release_command = Some(kiln_scheduler::plan::ReleaseCommandSpec {
+        resources: resources(256, 1),
+        timeout_secs: 60,
+    });
     let (cluster, env) = running_env(&current, 2, 8192);
     let intent = Intent::Restart {
         strategy: Strategy::default(),
+        process: None,
     };
     let plan = plan(&cluster, SchedulerConfig::default(), &env, &request(intent)).unwrap();
     assert!(!step_names(&plan).contains(&"activate"));
+    assert!(!step_names(&plan).contains(&"release-command"));
 
     let mut model = Model::from_env(&env);
     run(&plan, &mut model);
@@ -557,6 +563,58 @@ fn restart_replaces_every_instance() {
     assert!(model.running.keys().all(|id| !old.contains(id)));
     assert_eq!(model.running.len(), 3);
     model.assert_routes_match(&routed());
+}
+
+#[test]
+fn restart_of_one_process_keeps_others() {
+    let current = release(1, 2, 1);
+    let (cluster, env) = running_env(&current, 2, 8192);
+    let worker = ProcessName::new("worker").unwrap();
+    let intent = Intent::Restart {
+        strategy: Strategy::default(),
+        process: Some(worker.clone()),
+    };
+    let plan = plan(&cluster, SchedulerConfig::default(), &env, &request(intent)).unwrap();
+    assert_eq!(plan.kind, PlanKind::Restart);
+    assert!(plan.started_instances().all(|i| i.process == worker));
+
+    let mut model = Model::from_env(&env);
+    run(&plan, &mut model);
+    let old_web: BTreeSet<InstanceId> = env
+        .instances
+        .iter()
+        .filter(|i| i.process.as_str() == "web")
+        .map(|i| i.id)
+        .collect();
+    let old_worker: BTreeSet<InstanceId> = env
+        .instances
+        .iter()
+        .filter(|i| i.process == worker)
+        .map(|i| i.id)
+        .collect();
+    assert!(old_web.iter().all(|id| model.running.contains_key(id)));
+    assert!(old_worker.iter().all(|id| !model.running.contains_key(id)));
+    assert_eq!(model.running.len(), 3);
+    model.assert_routes_match(&routed());
+}
+
+#[test]
+fn restart_of_unknown_process_rejected() {
+    let current = release(1, 2, 1);
+    let (cluster, env) = running_env(&current, 2, 8192);
+    let intent = Intent::Restart {
+        strategy: Strategy::default(),
+        process: Some(ProcessName::new("cron").unwrap()),
+    };
+    let error = plan(&cluster, SchedulerConfig::default(), &env, &request(intent)).unwrap_err();
+    assert!(
+        matches!(&error, PlanError::UnknownProcess { process, .. } if process.as_str() == "cron"),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains("use one of: web, worker"),
+        "{error}"
+    );
 }
 
 #[test]

@@ -123,7 +123,11 @@ pub(crate) async fn run(session: &mut Session, args: Args) -> CliResult {
 }
 
 /// Resolves `reference` to a digest, through its registry unless it names one.
-async fn resolve_image(session: &Session, api: &Http, reference: &str) -> CliResult<ApiImageRef> {
+pub(crate) async fn resolve_image(
+    session: &Session,
+    api: &Http,
+    reference: &str,
+) -> CliResult<ApiImageRef> {
     let image = ImageRef::parse(reference).map_err(|error| {
         CliError::usage(format!("invalid --image {reference:?}"))
             .with_source(error)
@@ -144,7 +148,7 @@ async fn resolve_image(session: &Session, api: &Http, reference: &str) -> CliRes
 }
 
 /// The image of the environment's current release, for a deploy without `--image`.
-async fn current_image(api: &Http, target: &EnvTarget) -> CliResult<ApiImageRef> {
+pub(crate) async fn current_image(api: &Http, target: &EnvTarget) -> CliResult<ApiImageRef> {
     let env: Env = api.get(&target.route(routes::ENV)).await?;
     let no_image = || {
         CliError::usage(format!(

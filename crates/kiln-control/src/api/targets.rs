@@ -1,0 +1,188 @@
+//! What a deploy rolls out, resolved before anything is appended: a new release, the current
+//! release again, or a rollback.
+//!
+//! A rollback is a new release: it repeats an older release's image digest and manifest,
+//! names that release in `rollback_of`, and sets the environment's config vars back to the
+//! values they had at that release's config version. The config history is read from the
+//! `ConfigChanged` events of the environment's stream, so no extra table is needed.
+
+use std::collections::BTreeMap;
+
+use kiln_api::Event;
+use kiln_api::types::{DeployTarget, Release};
+use kiln_core::{EnvId, ReleaseId};
+use sqlx::Row;
+
+use super::error::ApiError;
+use super::releases::{by_version, next_release};
+use crate::store::streams;
+
+/// A deploy target resolved against the environment's current state.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The release the deploy rolls out.
+    pub release: Release,
+    /// Whether the deploy creates `release` (a new release or a rollback release).
+    pub creates_release: bool,
+    /// Events to append before `DeployRequested`: a config restore for a rollback, then
+    /// `ReleaseCreated` when the deploy creates its release.
+    pub events: Vec<Event>,
+}
+
+/// Resolves `target` for `env`. A release the deploy creates gets the id `new_release`.
+pub async fn prepare(
+    pool: &sqlx::PgPool,
+    env: EnvId,
+    target: &DeployTarget,
+    new_release: ReleaseId,
+) -> Result<Prepared, ApiError> {
+    let old = match target {
+        DeployTarget::NewRelease(request) => {
+            let release = Release {
+                id: new_release,
+                ..next_release(pool, env, request).await?
+            };
+            return Ok(Prepared {
+                events: vec![Event::ReleaseCreated {
+                    release: Box::new(release.clone()),
+                }],
+                release,
+                creates_release: true,
+            });
+        }
+        DeployTarget::ReleaseVersion(version) => by_version(pool, env, *version)
+            .await?
+            .ok_or_else(|| ApiError::not_found("release", format!("v{version}")))?,
+    };
+
+    let current: Option<Option<uuid::Uuid>> =
+        sqlx::query_scalar("SELECT current_release_id FROM envs WHERE id = $1")
+            .bind(env.as_uuid())
+            .fetch_optional(pool)
+            .await
+            .map_err(ApiError::database("read current release"))?;
+    let current = current.ok_or_else(|| ApiError::not_found("environment", env))?;
+    if current == Some(old.id.as_uuid()) {
+        return Ok(Prepared {
+            release: old,
+            creates_release: false,
+            events: Vec::new(),
+        });
+    }
+
+    rollback(pool, env, old, new_release).await
+}
+
+/// Builds the rollback release of `old` and the config change that restores its config vars.
+async fn rollback(
+    pool: &sqlx::PgPool,
+    env: EnvId,
+    old: Release,
+    id: ReleaseId,
+) -> Result<Prepared, ApiError> {
+    let wanted = config_at(pool, env, old.config_version).await?;
+    let now = super::config::load(pool, env).await?;
+
+    let set: BTreeMap<String, String> = wanted
+        .iter()
+        .filter(|(name, value)| now.vars.get(*name) != Some(*value))
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
+    let unset: Vec<String> = now
+        .vars
+        .keys()
+        .filter(|name| !wanted.contains_key(*name))
+        .cloned()
+        .collect();
+
+    let mut events = Vec::new();
+    let mut config_version = now.version;
+    if !set.is_empty() || !unset.is_empty() {
+        config_version += 1;
+        events.push(Event::ConfigChanged {
+            env_id: env,
+            version: config_version,
+            set,
+            unset,
+        });
+    }
+
+    let count: i64 = sqlx::query_scalar("SELECT release_count FROM envs WHERE id = $1")
+        .bind(env.as_uuid())
+        .fetch_one(pool)
+        .await
+        .map_err(ApiError::database("read release count"))?;
+    let release = Release {
+        id,
+        env_id: env,
+        version: count as u64 + 1,
+        description: format!("Rollback to v{}", old.version),
+        image: old.image,
+        spec: old.spec,
+        config_version,
+        rollback_of: Some(old.id),
+        created_at: crate::store::now(),
+    };
+    events.push(Event::ReleaseCreated {
+        release: Box::new(release.clone()),
+    });
+    Ok(Prepared {
+        release,
+        creates_release: true,
+        events,
+    })
+}
+
+/// The config vars of `env` at config version `version`, replayed from its `ConfigChanged`
+/// events (version 0 has none).
+pub async fn config_at(
+    pool: &sqlx::PgPool,
+    env: EnvId,
+    version: u64,
+) -> Result<BTreeMap<String, String>, ApiError> {
+    let rows = sqlx::query(
+        "SELECT payload FROM events
+         WHERE stream = $1 AND type = 'ConfigChanged'
+           AND (payload->'data'->>'version')::bigint <= $2
+         ORDER BY seq",
+    )
+    .bind(streams::env(env))
+    .bind(i64::try_from(version).unwrap_or(i64::MAX))
+    .fetch_all(pool)
+    .await
+    .map_err(ApiError::database("read config history"))?;
+
+    let mut vars = BTreeMap::new();
+    for row in rows {
+        let payload: serde_json::Value = row.get("payload");
+        let Ok(Event::ConfigChanged { set, unset, .. }) = serde_json::from_value(payload) else {
+            return Err(ApiError::internal("stored ConfigChanged event is invalid"));
+        };
+        for name in unset {
+            vars.remove(&name);
+        }
+        vars.extend(set);
+    }
+    Ok(vars)
+}
+
+/// The version of the environment's secret set when `release` was created (0 when no secret
+/// was set before it).
+pub async fn secrets_version_at(
+    pool: &sqlx::PgPool,
+    env: EnvId,
+    release: ReleaseId,
+) -> Result<u64, ApiError> {
+    let version: Option<i64> = sqlx::query_scalar(
+        "SELECT max((payload->'data'->>'secrets_version')::bigint) FROM events
+         WHERE stream = $1 AND type IN ('SecretSet', 'SecretUnset')
+           AND seq < (SELECT min(seq) FROM events WHERE stream = $1 AND type = 'ReleaseCreated'
+                      AND payload->'data'->'release'->>'id' = $2)",
+    )
+    .bind(streams::env(env))
+    .bind(release.to_string())
+    .fetch_one(pool)
+    .await
+    .map_err(ApiError::database("read secrets history"))?;
+    Ok(version.map_or(0, |version| version as u64))
+}
