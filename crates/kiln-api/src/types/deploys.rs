@@ -9,6 +9,7 @@ use super::releases::{CreateRelease, DeployStrategy};
 
 /// State of a deploy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum DeployState {
     /// Recorded, not yet picked up by the orchestrator.
@@ -32,6 +33,7 @@ impl DeployState {
 
 /// A deploy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Deploy {
     /// Id of the deploy.
     pub id: DeployId,
@@ -51,14 +53,17 @@ pub struct Deploy {
     pub failure: Option<String>,
     /// When the deploy was requested.
     #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::schema::timestamp"))]
     pub created_at: OffsetDateTime,
     /// When the deploy reached its current state.
     #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::schema::timestamp"))]
     pub updated_at: OffsetDateTime,
 }
 
 /// What a deploy rolls out: an existing release, or a new one created in the same call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum DeployTarget {
     /// An existing release of the environment, by version (this is also how a rollback to
@@ -70,6 +75,7 @@ pub enum DeployTarget {
 
 /// Body of `POST .../envs/{env}/deploys`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateDeploy {
     /// What to deploy.
@@ -81,6 +87,7 @@ pub struct CreateDeploy {
 
 /// Result of `POST .../envs/{env}/deploys`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CreatedDeploy {
     /// The deploy.
     pub deploy: Deploy,
@@ -92,6 +99,7 @@ pub struct CreatedDeploy {
 
 /// Body of `POST .../envs/{env}/plans`: preview what a deploy would do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreatePlan {
     /// What to deploy.
@@ -103,6 +111,7 @@ pub struct CreatePlan {
 
 /// One step of a deploy plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum PlanStep {
     /// Start a new instance of a process type on a host.
@@ -125,6 +134,7 @@ pub enum PlanStep {
 
 /// A deploy plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Plan {
     /// Steps in order.
     pub steps: Vec<PlanStep>,
