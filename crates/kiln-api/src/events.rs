@@ -18,6 +18,7 @@ use crate::types::{
 
 /// Lifecycle state of an instance as the agent reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum InstanceState {
     /// Placed by the scheduler; the agent has not reported yet.
@@ -49,6 +50,7 @@ impl InstanceState {
 
 /// One change. Serialized as `{"type": "...", "data": {...}}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "type", content = "data")]
 pub enum Event {
     /// An org was created.
@@ -72,6 +74,10 @@ pub enum Event {
         name: String,
         /// Expiry.
         #[serde(with = "time::serde::rfc3339::option")]
+        #[cfg_attr(
+            feature = "schema",
+            schemars(schema_with = "crate::schema::optional_timestamp")
+        )]
         expires_at: Option<OffsetDateTime>,
     },
     /// A token was revoked.
@@ -388,6 +394,7 @@ impl Event {
 
 /// An event as stored in the log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct EventEnvelope {
     /// Global position in the log, from 1, gap-free in commit order as served.
     pub seq: u64,
@@ -402,6 +409,7 @@ pub struct EventEnvelope {
     pub actor: String,
     /// When it was appended.
     #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::schema::timestamp"))]
     pub time: OffsetDateTime,
     /// The change.
     #[serde(flatten)]
@@ -410,6 +418,7 @@ pub struct EventEnvelope {
 
 /// Result of the events endpoints.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct EventPage {
     /// Events after the requested cursor, oldest first.
     pub events: Vec<EventEnvelope>,
@@ -419,6 +428,7 @@ pub struct EventPage {
 
 /// Query of `GET /v1/orgs/{org}/events`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct EventQuery {
     /// Events after this cursor.

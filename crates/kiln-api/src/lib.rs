@@ -14,6 +14,8 @@ pub mod client;
 pub mod error;
 pub mod events;
 pub mod routes;
+#[cfg(feature = "schema")]
+pub mod schema;
 pub mod types;
 
 pub use client::{Client, ClientError};

@@ -6,10 +6,13 @@
 //! projection work per append is one `config_vars` upsert and one `envs` update. The anchor
 //! is a `pgbench` custom script inserting one row per transaction into an indexed table.
 //!
-//! Settings come from the environment: `BENCH_CLIENTS` (default 4) and `BENCH_SECONDS` per
-//! phase (default 10).
+//! Settings come from the environment: `BENCH_CLIENTS` (default 4), `BENCH_SECONDS` per phase
+//! (default 10) and `BENCH_ROUNDS` (default 3). Each round runs the three phases in turn, and
+//! the printed rates are the means over the rounds.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,14 +40,38 @@ fn setting(name: &str, default: u64) -> anyhow::Result<u64> {
 async fn main() -> anyhow::Result<()> {
     let clients = setting("BENCH_CLIENTS", 4)? as usize;
     let seconds = setting("BENCH_SECONDS", 10)?;
+    let rounds = setting("BENCH_ROUNDS", 3)?.max(1);
     let duration = Duration::from_secs(seconds);
     let cluster = PgCluster::shared()?;
 
-    let pgbench_tps = run_pgbench(cluster, clients, seconds)?;
-    let store_rate = run_store(cluster, clients, duration).await?;
-    let api_rate = run_api(cluster, clients, duration).await?;
+    let pgbench = Pgbench::prepare(cluster, clients, seconds)?;
+    let (store, envs, _) = prepare(cluster, clients).await?;
+    let api = ApiTarget::start(cluster, clients).await?;
 
-    println!("clients: {clients}, seconds per phase: {seconds}");
+    // The phases alternate round by round, so a change in machine load hits all three paths
+    // alike instead of one whole phase.
+    let load_before = load_average();
+    let (mut pgbench_sum, mut store_sum, mut api_sum) = (0.0, 0.0, 0.0);
+    for round in 1..=rounds {
+        let pgbench_tps = pgbench.run()?;
+        let store_rate = run_store(&store, &envs, duration).await?;
+        let api_rate = api.run(duration).await?;
+        println!(
+            "round {round}: pgbench {pgbench_tps:.0}/s, store {store_rate:.0}/s (ratio {:.2}), API {api_rate:.0}/s (ratio {:.2})",
+            store_rate / pgbench_tps,
+            api_rate / pgbench_tps
+        );
+        pgbench_sum += pgbench_tps;
+        store_sum += store_rate;
+        api_sum += api_rate;
+    }
+    let load_after = load_average();
+    let count = rounds as f64;
+    let (pgbench_tps, store_rate, api_rate) =
+        (pgbench_sum / count, store_sum / count, api_sum / count);
+
+    println!("clients: {clients}, seconds per phase: {seconds}, rounds: {rounds}");
+    println!("load average (1 min) before and after: {load_before} / {load_after}");
     println!("pgbench single-row inserts: {pgbench_tps:.0} per second");
     println!(
         "store appends:              {store_rate:.0} per second (ratio {:.2}, target 0.50)",
@@ -57,30 +84,48 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_pgbench(cluster: &PgCluster, clients: usize, seconds: u64) -> anyhow::Result<f64> {
-    let database = cluster.create_database("kiln_bench_pgbench")?;
-    let psql = Command::new(cluster.bin_dir().join("psql"))
-        .arg("-h")
-        .arg(cluster.socket_dir())
-        .args(["-p", &cluster.port().to_string(), "-U", "postgres", "-q", "-c"])
-        .arg("CREATE TABLE bench_rows (id bigserial PRIMARY KEY, stream text NOT NULL, payload jsonb NOT NULL, time timestamptz NOT NULL DEFAULT now())")
-        .arg(&database.name)
-        .output()
-        .context("failed to run psql")?;
-    if !psql.status.success() {
-        bail!("psql failed: {}", String::from_utf8_lossy(&psql.stderr));
-    }
+/// Returns the 1-minute load average from `/proc/loadavg`, or `unknown`.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
 
-    let script = tempfile::NamedTempFile::new()?;
-    std::fs::write(
-        script.path(),
-        "INSERT INTO bench_rows (stream, payload) VALUES ('s', '{\"k\": \"v\"}');\n",
-    )?;
-    let pgbench = Command::new(cluster.bin_dir().join("pgbench"))
-        .arg("-h")
-        .arg(cluster.socket_dir())
-        .args(["-p", &cluster.port().to_string(), "-U", "postgres", "-n"])
-        .args([
+/// The `pgbench` anchor: a table with a `jsonb` column and a script inserting one row.
+struct Pgbench {
+    command: PathBuf,
+    args: Vec<OsString>,
+    _script: tempfile::NamedTempFile,
+}
+
+impl Pgbench {
+    fn prepare(cluster: &PgCluster, clients: usize, seconds: u64) -> anyhow::Result<Self> {
+        let database = cluster.create_database("kiln_bench_pgbench")?;
+        let psql = Command::new(cluster.bin_dir().join("psql"))
+            .arg("-h")
+            .arg(cluster.socket_dir())
+            .args(["-p", &cluster.port().to_string(), "-U", "postgres", "-q", "-c"])
+            .arg("CREATE TABLE bench_rows (id bigserial PRIMARY KEY, stream text NOT NULL, payload jsonb NOT NULL, time timestamptz NOT NULL DEFAULT now())")
+            .arg(&database.name)
+            .output()
+            .context("failed to run psql")?;
+        if !psql.status.success() {
+            bail!("psql failed: {}", String::from_utf8_lossy(&psql.stderr));
+        }
+
+        let script = tempfile::NamedTempFile::new()?;
+        std::fs::write(
+            script.path(),
+            "INSERT INTO bench_rows (stream, payload) VALUES ('s', '{\"k\": \"v\"}');\n",
+        )?;
+        let mut args: Vec<OsString> = vec!["-h".into(), cluster.socket_dir().into()];
+        for arg in [
+            "-p",
+            &cluster.port().to_string(),
+            "-U",
+            "postgres",
+            "-n",
             "-c",
             &clients.to_string(),
             "-j",
@@ -88,26 +133,40 @@ fn run_pgbench(cluster: &PgCluster, clients: usize, seconds: u64) -> anyhow::Res
             "-T",
             &seconds.to_string(),
             "-f",
-        ])
-        .arg(script.path())
-        .arg(&database.name)
-        .output()
-        .context("failed to run pgbench")?;
-    let output = String::from_utf8_lossy(&pgbench.stdout);
-    if !pgbench.status.success() {
-        bail!(
-            "pgbench failed: {}",
-            String::from_utf8_lossy(&pgbench.stderr)
-        );
-    }
-    output
-        .lines()
-        .find_map(|line| {
-            line.strip_prefix("tps = ")
-                .and_then(|rest| rest.split_whitespace().next())
-                .and_then(|tps| tps.parse().ok())
+        ] {
+            args.push(arg.into());
+        }
+        args.push(script.path().into());
+        args.push(database.name.clone().into());
+        Ok(Self {
+            command: cluster.bin_dir().join("pgbench"),
+            args,
+            _script: script,
         })
-        .with_context(|| format!("no tps line in pgbench output:\n{output}"))
+    }
+
+    /// Runs one phase and returns transactions per second.
+    fn run(&self) -> anyhow::Result<f64> {
+        let pgbench = Command::new(&self.command)
+            .args(&self.args)
+            .output()
+            .context("failed to run pgbench")?;
+        let output = String::from_utf8_lossy(&pgbench.stdout);
+        if !pgbench.status.success() {
+            bail!(
+                "pgbench failed: {}",
+                String::from_utf8_lossy(&pgbench.stderr)
+            );
+        }
+        output
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix("tps = ")
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .and_then(|tps| tps.parse().ok())
+            })
+            .with_context(|| format!("no tps line in pgbench output:\n{output}"))
+    }
 }
 
 /// Creates a bootstrapped database with one environment per client.
@@ -164,14 +223,13 @@ async fn prepare(
     Ok((store, envs, output.org_token.secret))
 }
 
-async fn run_store(cluster: &PgCluster, clients: usize, duration: Duration) -> anyhow::Result<f64> {
-    let (store, envs, _) = prepare(cluster, clients).await?;
+async fn run_store(store: &Store, envs: &[EnvId], duration: Duration) -> anyhow::Result<f64> {
     let count = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + duration;
     let org_id = kiln_core::OrgId::new();
 
     let mut tasks = Vec::new();
-    for env_id in envs {
+    for &env_id in envs {
         let store = store.clone();
         let count = count.clone();
         tasks.push(tokio::spawn(async move {
@@ -206,57 +264,75 @@ async fn run_store(cluster: &PgCluster, clients: usize, duration: Duration) -> a
     Ok(count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
 }
 
-async fn run_api(cluster: &PgCluster, clients: usize, duration: Duration) -> anyhow::Result<f64> {
-    let (store, envs, token) = prepare(cluster, clients).await?;
-    let key_dir = tempfile::tempdir()?;
-    let key_file = key_dir.path().join("master.key");
-    Keyring::generate_key(&key_file)?;
-    let settings = kiln_control::bootstrap::load_settings(&store)
-        .await?
-        .context("settings missing after bootstrap")?;
-    let state = AppState {
-        store: store.clone(),
-        keyring: Arc::new(Keyring::load(&key_file)?),
-        notifier: Notifier::start(&store).await?,
-        settings: Arc::new(settings),
-        limits: Arc::new(ApiLimits {
-            host_lease: Duration::from_secs(30),
-            log_window_lines: 1000,
-        }),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?;
-    tokio::spawn(async move { axum::serve(listener, kiln_control::api::router(state)).await });
+/// A control-plane HTTP server on loopback with one environment per client.
+struct ApiTarget {
+    client: kiln_api::Client,
+    clients: usize,
+    _key_dir: tempfile::TempDir,
+}
 
-    let client = kiln_api::Client::new(&format!("http://{address}"), token)?;
-    let count = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + duration;
-    let mut tasks = Vec::new();
-    for index in 0..envs.len() {
-        let client = client.clone();
-        let count = count.clone();
-        let path = kiln_api::client::EnvPath::new(
-            OrgName::new("bench")?,
-            AppName::new("bench")?,
-            EnvName::new(format!("e{index}"))?,
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut version = 0u64;
-            while Instant::now() < deadline {
-                version += 1;
-                let mut update = kiln_api::types::UpdateConfig::default();
-                update
-                    .set
-                    .insert(format!("VAR{}", version % 16), format!("value {version}"));
-                client.update_config(&path, &update).await?;
-                count.fetch_add(1, Ordering::Relaxed);
-            }
-            anyhow::Ok(())
-        }));
+impl ApiTarget {
+    async fn start(cluster: &PgCluster, clients: usize) -> anyhow::Result<Self> {
+        let (store, _, token) = prepare(cluster, clients).await?;
+        let key_dir = tempfile::tempdir()?;
+        let key_file = key_dir.path().join("master.key");
+        Keyring::generate_key(&key_file)?;
+        let settings = kiln_control::bootstrap::load_settings(&store)
+            .await?
+            .context("settings missing after bootstrap")?;
+        let state = AppState {
+            store: store.clone(),
+            keyring: Arc::new(Keyring::load(&key_file)?),
+            notifier: Notifier::start(&store).await?,
+            settings: Arc::new(settings),
+            limits: Arc::new(ApiLimits {
+                host_lease: Duration::from_secs(30),
+                log_window_lines: 1000,
+            }),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        tokio::spawn(async move { axum::serve(listener, kiln_control::api::router(state)).await });
+
+        let client = kiln_api::Client::new(&format!("http://{address}"), token)?;
+        Ok(Self {
+            client,
+            clients,
+            _key_dir: key_dir,
+        })
     }
-    let started = Instant::now();
-    for task in tasks {
-        task.await??;
+
+    /// Runs one phase and returns appends per second.
+    async fn run(&self, duration: Duration) -> anyhow::Result<f64> {
+        let count = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + duration;
+        let mut tasks = Vec::new();
+        for index in 0..self.clients {
+            let client = self.client.clone();
+            let count = count.clone();
+            let path = kiln_api::client::EnvPath::new(
+                OrgName::new("bench")?,
+                AppName::new("bench")?,
+                EnvName::new(format!("e{index}"))?,
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut version = 0u64;
+                while Instant::now() < deadline {
+                    version += 1;
+                    let mut update = kiln_api::types::UpdateConfig::default();
+                    update
+                        .set
+                        .insert(format!("VAR{}", version % 16), format!("value {version}"));
+                    client.update_config(&path, &update).await?;
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+                anyhow::Ok(())
+            }));
+        }
+        let started = Instant::now();
+        for task in tasks {
+            task.await??;
+        }
+        Ok(count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
     }
-    Ok(count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
 }

@@ -7,6 +7,8 @@
 pub mod ids;
 pub mod manifest;
 pub mod names;
+#[cfg(feature = "schema")]
+mod schema;
 
 pub use ids::{AppId, DeployId, EnvId, HostId, InstanceId, OrgId, ReleaseId, TokenId};
 pub use names::{AppName, EnvName, Hostname, NameError, OrgName, ProcessName};

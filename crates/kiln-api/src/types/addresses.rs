@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// What an address is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum AddressKind {
     /// The environment's dedicated public IPv6 address for TCP services.
@@ -19,6 +20,7 @@ pub enum AddressKind {
 
 /// An allocated address.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Address {
     /// The environment that owns it.
     pub env_id: EnvId,

@@ -6,6 +6,7 @@ use time::OffsetDateTime;
 
 /// An app.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct App {
     /// Id of the app.
     pub id: AppId,
@@ -15,11 +16,13 @@ pub struct App {
     pub name: AppName,
     /// When the app was created.
     #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::schema::timestamp"))]
     pub created_at: OffsetDateTime,
 }
 
 /// Body of `POST /v1/orgs/{org}/apps`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateApp {
     /// Name of the new app.

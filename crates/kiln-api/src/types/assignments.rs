@@ -13,6 +13,7 @@ use super::releases::{HealthCheck, ImageRef, ServiceProtocol, VolumeSpec};
 
 /// A port a process listens on, with its health check.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ServicePort {
     /// Service name.
     pub service: String,
@@ -27,6 +28,7 @@ pub struct ServicePort {
 
 /// Network identity of an instance, decided by the control plane.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct InstanceNetwork {
     /// The instance's /128 inside the host's /64.
     pub ipv6: Ipv6Addr,
@@ -38,6 +40,7 @@ pub struct InstanceNetwork {
 
 /// One instance a host must run (or stop), with everything the agent needs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Assignment {
     /// The instance.
     pub instance_id: InstanceId,
@@ -93,6 +96,7 @@ pub struct Assignment {
 
 /// Result of `GET /v1/host/assignments`: the host's complete desired set at a cursor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct HostAssignments {
     /// The host.
     pub host_id: HostId,

@@ -9,6 +9,7 @@ use super::releases::{CreateRelease, DeployStrategy};
 
 /// State of a deploy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum DeployState {
     /// Recorded, not yet picked up by the orchestrator.
@@ -32,6 +33,7 @@ impl DeployState {
 
 /// A deploy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Deploy {
     /// Id of the deploy.
     pub id: DeployId,
@@ -51,14 +53,17 @@ pub struct Deploy {
     pub failure: Option<String>,
     /// When the deploy was requested.
     #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::schema::timestamp"))]
     pub created_at: OffsetDateTime,
     /// When the deploy reached its current state.
     #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::schema::timestamp"))]
     pub updated_at: OffsetDateTime,
 }
 
 /// What a deploy rolls out: an existing release, or a new one created in the same call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum DeployTarget {
     /// An existing release of the environment, by version. The current release is deployed
@@ -72,6 +77,7 @@ pub enum DeployTarget {
 
 /// Body of `POST .../envs/{env}/deploys`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateDeploy {
     /// What to deploy.
@@ -83,6 +89,7 @@ pub struct CreateDeploy {
 
 /// Result of `POST .../envs/{env}/deploys`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CreatedDeploy {
     /// The deploy.
     pub deploy: Deploy,
@@ -94,6 +101,7 @@ pub struct CreatedDeploy {
 
 /// Body of `POST .../envs/{env}/restart`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RestartEnv {
     /// The only process type to restart; absent restarts every process type.

@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 
 /// An environment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Env {
     /// Id of the environment.
     pub id: EnvId,
@@ -31,11 +32,13 @@ pub struct Env {
     pub scale: BTreeMap<ProcessName, u32>,
     /// When the environment was created.
     #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::schema::timestamp"))]
     pub created_at: OffsetDateTime,
 }
 
 /// Body of `POST /v1/orgs/{org}/apps/{app}/envs`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateEnv {
     /// Name of the new environment.
@@ -44,6 +47,7 @@ pub struct CreateEnv {
 
 /// Body of `PUT .../envs/{env}/scale`: instance counts per process type.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ScaleEnv {
     /// New instance count for each named process type; unnamed ones keep their count.

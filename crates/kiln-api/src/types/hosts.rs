@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 
 /// The VMM driver a host runs microVMs with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum VmmDriver {
     /// Firecracker, the production driver.
@@ -20,6 +21,7 @@ pub enum VmmDriver {
 
 /// Capacity of a host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HostCapacity {
     /// Physical CPUs offered to microVMs.
@@ -30,6 +32,7 @@ pub struct HostCapacity {
 
 /// State of a host as the scheduler sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum HostState {
     /// Created by an operator, agent not yet registered.
@@ -46,6 +49,7 @@ pub enum HostState {
 
 /// A host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Host {
     /// Id of the host.
     pub id: HostId,
@@ -70,14 +74,20 @@ pub struct Host {
     pub ipv6_prefix: Option<String>,
     /// When the current lease ends; `null` before registration.
     #[serde(default, with = "time::serde::rfc3339::option")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(schema_with = "crate::schema::optional_timestamp")
+    )]
     pub lease_expires_at: Option<OffsetDateTime>,
     /// When the host was created.
     #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::schema::timestamp"))]
     pub created_at: OffsetDateTime,
 }
 
 /// Body of `POST /v1/hosts` (operator).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateHost {
     /// Unique name, a DNS label.
@@ -86,6 +96,7 @@ pub struct CreateHost {
 
 /// Result of `POST /v1/hosts`: the host and its token, shown once.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CreatedHost {
     /// The host.
     pub host: Host,
@@ -95,6 +106,7 @@ pub struct CreatedHost {
 
 /// Body of `POST /v1/host/register` (host token).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RegisterHost {
     /// Capacity offered to microVMs.
@@ -109,6 +121,7 @@ pub struct RegisterHost {
 
 /// Result of registration and heartbeats.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct HostLease {
     /// The host, with its assigned prefix.
     pub host: Host,
@@ -122,6 +135,7 @@ pub struct HostLease {
 
 /// Another host as a WireGuard peer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct OverlayPeer {
     /// The peer host.
     pub host_id: HostId,
@@ -135,6 +149,7 @@ pub struct OverlayPeer {
 
 /// Body of `POST /v1/host/heartbeat`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Heartbeat {
     /// Number of microVMs the agent runs, for operators.

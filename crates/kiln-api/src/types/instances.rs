@@ -10,6 +10,7 @@ pub use crate::events::InstanceState;
 
 /// What the control plane wants an instance to be doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum DesiredState {
     /// Run it (and restart it with backoff when it exits).
@@ -20,6 +21,7 @@ pub enum DesiredState {
 
 /// An instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Instance {
     /// Id of the instance.
     pub id: InstanceId,
@@ -44,14 +46,17 @@ pub struct Instance {
     pub detail: Option<String>,
     /// When the instance was placed.
     #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::schema::timestamp"))]
     pub created_at: OffsetDateTime,
     /// When the state last changed.
     #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::schema::timestamp"))]
     pub updated_at: OffsetDateTime,
 }
 
 /// Body of `POST /v1/host/instances/{instance}/state`: an agent's state report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ReportInstanceState {
     /// The new state.

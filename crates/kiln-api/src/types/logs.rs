@@ -7,6 +7,7 @@ use time::OffsetDateTime;
 
 /// Where a log line came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum LogStream {
     /// The workload's standard output.
@@ -21,6 +22,7 @@ pub enum LogStream {
 
 /// One log line as shipped by an agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct LogLine {
     /// The instance.
@@ -29,6 +31,7 @@ pub struct LogLine {
     pub stream: LogStream,
     /// When the agent read it.
     #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::schema::timestamp"))]
     pub time: OffsetDateTime,
     /// The text, without the trailing newline; at most 16 KiB.
     pub line: String,
@@ -36,6 +39,7 @@ pub struct LogLine {
 
 /// Body of `POST /v1/host/logs`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct LogBatch {
     /// Lines, oldest first; every instance must be placed on the calling host.
@@ -44,6 +48,7 @@ pub struct LogBatch {
 
 /// A log line as `kiln logs` returns it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct LogEntry {
     /// Position in the environment's window; pass as `after` for the next page.
     pub id: u64,
@@ -55,6 +60,7 @@ pub struct LogEntry {
     pub stream: LogStream,
     /// When the agent read it.
     #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::schema::timestamp"))]
     pub time: OffsetDateTime,
     /// The text.
     pub line: String,
@@ -62,6 +68,7 @@ pub struct LogEntry {
 
 /// Query of `GET .../envs/{env}/logs`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct LogQuery {
     /// Only this process type.
@@ -72,6 +79,10 @@ pub struct LogQuery {
     pub instance: Option<InstanceId>,
     /// Only lines at or after this time (RFC 3339).
     #[serde(default, with = "time::serde::rfc3339::option")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(schema_with = "crate::schema::optional_timestamp")
+    )]
     pub since: Option<OffsetDateTime>,
     /// Only lines after this entry id (for following).
     #[serde(default)]
@@ -86,6 +97,7 @@ pub struct LogQuery {
 
 /// Result of `GET .../envs/{env}/logs`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct LogPage {
     /// Lines, oldest first.
     pub entries: Vec<LogEntry>,

@@ -34,6 +34,8 @@ pub use tokens::*;
 
 /// A list of items, the shape of every list response.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(rename = "List_{T}"))]
 pub struct List<T> {
     /// The items, in the order the endpoint documents.
     pub items: Vec<T>,
@@ -41,6 +43,7 @@ pub struct List<T> {
 
 /// Query of the long-polling watch endpoints.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct WatchQuery {
     /// Return changes after this cursor (an event `seq`); 0 or absent starts from the

@@ -13,6 +13,7 @@ use time::OffsetDateTime;
 
 /// An OCI image pinned by digest.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ImageRef {
     /// Reference the user gave, such as `registry.example/app:1.2` (for display and pulls).
@@ -23,6 +24,7 @@ pub struct ImageRef {
 
 /// One process type of a release.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ProcessSpec {
     /// Argv to run; empty runs the image's entrypoint and cmd.
@@ -38,6 +40,7 @@ pub struct ProcessSpec {
 
 /// Transport of a service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ServiceProtocol {
     /// TLS routed by SNI on the shared ingress addresses; the tenant terminates TLS.
@@ -48,6 +51,7 @@ pub enum ServiceProtocol {
 
 /// Health check of a service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
     /// How to probe.
@@ -62,6 +66,7 @@ pub struct HealthCheck {
 
 /// How a health check probes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum HealthCheckKind {
     /// A TCP connect to the service port succeeds.
@@ -75,6 +80,7 @@ pub enum HealthCheckKind {
 
 /// A service: a port of a process type that the ingress exposes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
     /// Name of the service, unique within the release.
@@ -98,6 +104,7 @@ pub struct ServiceSpec {
 
 /// A volume mounted into instances.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct VolumeSpec {
     /// Name of the volume.
@@ -110,6 +117,7 @@ pub struct VolumeSpec {
 
 /// How a deploy replaces instances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum DeployStrategy {
     /// Start new instances, wait until healthy, shift routes, drain old ones.
@@ -121,6 +129,7 @@ pub enum DeployStrategy {
 
 /// The resolved manifest of one environment, as a release records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ReleaseSpec {
     /// Process types by name.
@@ -194,6 +203,7 @@ fn default_kill_timeout() -> u32 {
 
 /// A release.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Release {
     /// Id of the release.
     pub id: ReleaseId,
@@ -215,11 +225,13 @@ pub struct Release {
     pub description: String,
     /// When the release was created.
     #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::schema::timestamp"))]
     pub created_at: OffsetDateTime,
 }
 
 /// Body of `POST .../envs/{env}/releases`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateRelease {
     /// The image, pinned by digest.

@@ -10,6 +10,7 @@ use super::releases::ServiceProtocol;
 
 /// One backend of a route: a healthy instance on the overlay.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct RouteBackend {
     /// The instance.
     pub instance_id: InstanceId,
@@ -21,6 +22,7 @@ pub struct RouteBackend {
 
 /// What a route listens for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum RouteMatch {
     /// TLS connections whose SNI is this hostname, on the shared ingress addresses, port 443.
@@ -39,6 +41,7 @@ pub enum RouteMatch {
 
 /// A route.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Route {
     /// The environment served.
     pub env_id: EnvId,
@@ -56,6 +59,7 @@ pub struct Route {
 
 /// Result of `GET /v1/ingress/routes`: the whole route table at a cursor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct RouteTable {
     /// Pass as `after` to wait for the next change.
     pub cursor: u64,

@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 
 /// Metadata of one secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct SecretMeta {
     /// Name, `[A-Za-z_][A-Za-z0-9_]*`; the guest finds it at `/run/kiln/secrets/NAME`.
     pub name: String,
@@ -20,11 +21,13 @@ pub struct SecretMeta {
     pub digest: String,
     /// When this version was set.
     #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::schema::timestamp"))]
     pub updated_at: OffsetDateTime,
 }
 
 /// Body of `PUT .../envs/{env}/secrets/{name}`.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SetSecret {
     /// The secret value, at most 64 KiB of UTF-8.
@@ -41,6 +44,7 @@ impl std::fmt::Debug for SetSecret {
 
 /// Secret values delivered to a host for one instance placed on it.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct InstanceSecrets {
     /// The instance the secrets are for.
     pub instance_id: InstanceId,

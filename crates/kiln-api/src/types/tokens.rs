@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 
 /// What a token may reach.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum TokenKind {
     /// A user API token scoped to one org.
@@ -38,6 +39,7 @@ impl TokenKind {
 
 /// Metadata of a token; never the secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Token {
     /// Id of the token.
     pub id: TokenId,
@@ -53,17 +55,27 @@ pub struct Token {
     pub name: String,
     /// When the token was created.
     #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::schema::timestamp"))]
     pub created_at: OffsetDateTime,
     /// When the token stops working; `null` for never.
     #[serde(default, with = "time::serde::rfc3339::option")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(schema_with = "crate::schema::optional_timestamp")
+    )]
     pub expires_at: Option<OffsetDateTime>,
     /// When the token was revoked; `null` while it is active.
     #[serde(default, with = "time::serde::rfc3339::option")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(schema_with = "crate::schema::optional_timestamp")
+    )]
     pub revoked_at: Option<OffsetDateTime>,
 }
 
 /// Body of `POST /v1/orgs/{org}/tokens`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
     /// Label for the token, 1 to 100 printable characters.
@@ -75,6 +87,7 @@ pub struct CreateToken {
 
 /// Body of `POST /v1/ingress-tokens`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateIngressToken {
     /// Label for the token, such as the ingress host's name.
@@ -83,6 +96,7 @@ pub struct CreateIngressToken {
 
 /// A newly created token with its secret, returned exactly once.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CreatedToken {
     /// The token's metadata.
     pub token: Token,
@@ -101,6 +115,7 @@ impl std::fmt::Debug for CreatedToken {
 
 /// The caller's own identity, returned by `GET /v1/whoami`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct WhoAmI {
     /// The token used for the call.
     pub token: Token,

@@ -130,8 +130,11 @@ pub struct Store {
 impl Store {
     /// Connects to `url` with at most `max_connections` connections.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        // No ping before handing out a connection, because it costs a round trip per
+        // transaction. A broken connection then fails the caller's first query instead.
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
+            .test_before_acquire(false)
             .connect(url)
             .await
             .map_err(StoreError::database("connect"))?;
@@ -206,11 +209,9 @@ impl Store {
             projections::apply(tx, envelope).await?;
         }
 
-        // The first insert takes the append lock before it draws a seq; from there to commit,
+        // The insert takes the append lock before it draws a seq; from there to commit,
         // appends are serialized, so seq order is commit order.
-        for (index, envelope) in envelopes.iter_mut().enumerate() {
-            envelope.seq = insert_event(tx, envelope, index == 0).await?;
-        }
+        insert_events(tx, &mut envelopes).await?;
         Ok(envelopes)
     }
 
@@ -364,45 +365,72 @@ async fn bump_stream(
     })
 }
 
-/// Inserts one event. With `take_lock`, the same statement first takes the append lock and
-/// queues the notification: the row comes from the lock's CTE, so the lock is held before
-/// the `seq` default is evaluated.
-async fn insert_event(
+/// Inserts the events of one append in one statement and sets their `seq`. The statement
+/// first takes the append lock and queues the notification: the rows come from a join with the
+/// lock's CTE, so the lock is held before any `seq` default is evaluated. Rows are inserted in
+/// stream-version order, so their `seq` values ascend in the same order.
+async fn insert_events(
     tx: &mut Transaction<'static, Postgres>,
-    envelope: &EventEnvelope,
-    take_lock: bool,
-) -> Result<u64, StoreError> {
-    let payload = serde_json::to_value(&envelope.event)
-        .map_err(|source| StoreError::Codec { seq: 0, source })?;
-    let sql = if take_lock {
-        "WITH appending AS (SELECT pg_advisory_xact_lock($10), pg_notify($11, ''))
+    envelopes: &mut [EventEnvelope],
+) -> Result<(), StoreError> {
+    let Some(first) = envelopes.first() else {
+        return Ok(());
+    };
+    let (stream, actor, time) = (first.stream.clone(), first.actor.clone(), first.time);
+
+    let mut versions = Vec::with_capacity(envelopes.len());
+    let mut org_ids = Vec::with_capacity(envelopes.len());
+    let mut env_ids = Vec::with_capacity(envelopes.len());
+    let mut host_ids = Vec::with_capacity(envelopes.len());
+    let mut types = Vec::with_capacity(envelopes.len());
+    let mut payloads = Vec::with_capacity(envelopes.len());
+    for envelope in envelopes.iter() {
+        versions.push(envelope.stream_version as i64);
+        org_ids.push(envelope.org_id.map(|id| id.as_uuid()));
+        env_ids.push(envelope.event.env_id().map(|id| id.as_uuid()));
+        host_ids.push(envelope.event.host_id().map(|id| id.as_uuid()));
+        types.push(envelope.event.type_name());
+        payloads.push(
+            serde_json::to_value(&envelope.event)
+                .map_err(|source| StoreError::Codec { seq: 0, source })?,
+        );
+    }
+
+    let rows: Vec<(i64, i64)> = sqlx::query_as(
+        "WITH appending AS (SELECT pg_advisory_xact_lock($1), pg_notify($2, ''))
          INSERT INTO events
              (stream, stream_version, org_id, env_id, host_id, type, payload, actor, time)
-         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 FROM appending
-         RETURNING seq"
-    } else {
-        "INSERT INTO events
-             (stream, stream_version, org_id, env_id, host_id, type, payload, actor, time)
-         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE $10::bigint IS NOT NULL
-                AND $11::text IS NOT NULL
-         RETURNING seq"
-    };
-    let seq: i64 = sqlx::query_scalar(sql)
-        .bind(&envelope.stream)
-        .bind(envelope.stream_version as i64)
-        .bind(envelope.org_id.map(|id| id.as_uuid()))
-        .bind(envelope.event.env_id().map(|id| id.as_uuid()))
-        .bind(envelope.event.host_id().map(|id| id.as_uuid()))
-        .bind(envelope.event.type_name())
-        .bind(payload)
-        .bind(&envelope.actor)
-        .bind(envelope.time)
-        .bind(APPEND_LOCK_KEY)
-        .bind(NOTIFY_CHANNEL)
-        .fetch_one(&mut **tx)
-        .await
-        .map_err(StoreError::database("insert event"))?;
-    Ok(seq as u64)
+         SELECT $3, e.stream_version, e.org_id, e.env_id, e.host_id, e.type, e.payload, $4, $5
+         FROM appending,
+              unnest($6::bigint[], $7::uuid[], $8::uuid[], $9::uuid[], $10::text[],
+                     $11::jsonb[]) AS e(stream_version, org_id, env_id, host_id, type, payload)
+         ORDER BY e.stream_version
+         RETURNING seq, stream_version",
+    )
+    .bind(APPEND_LOCK_KEY)
+    .bind(NOTIFY_CHANNEL)
+    .bind(&stream)
+    .bind(&actor)
+    .bind(time)
+    .bind(&versions)
+    .bind(&org_ids)
+    .bind(&env_ids)
+    .bind(&host_ids)
+    .bind(&types)
+    .bind(&payloads)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(StoreError::database("insert events"))?;
+
+    for (seq, stream_version) in rows {
+        if let Some(envelope) = envelopes
+            .iter_mut()
+            .find(|envelope| envelope.stream_version as i64 == stream_version)
+        {
+            envelope.seq = seq as u64;
+        }
+    }
+    Ok(())
 }
 
 /// Decodes one row of the `events` table.

@@ -163,32 +163,29 @@ pub async fn apply(
             set,
             unset,
         } => {
-            for name in unset {
-                sqlx::query("DELETE FROM config_vars WHERE env_id = $1 AND name = $2")
-                    .bind(env_id.as_uuid())
-                    .bind(name)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(db("project ConfigChanged"))?;
-            }
-            for (name, value) in set {
-                sqlx::query(
-                    "INSERT INTO config_vars (env_id, name, value) VALUES ($1, $2, $3)
-                     ON CONFLICT (env_id, name) DO UPDATE SET value = EXCLUDED.value",
-                )
-                .bind(env_id.as_uuid())
-                .bind(name)
-                .bind(value)
-                .execute(&mut *conn)
-                .await
-                .map_err(db("project ConfigChanged"))?;
-            }
-            sqlx::query("UPDATE envs SET config_version = $2 WHERE id = $1")
-                .bind(env_id.as_uuid())
-                .bind(*version as i64)
-                .execute(conn)
-                .await
-                .map_err(db("project ConfigChanged"))?;
+            // One statement for the whole change, because an append's round trips are most of
+            // its cost. A name in both `set` and `unset` ends up set, as if `unset` ran first.
+            let names: Vec<&str> = set.keys().map(String::as_str).collect();
+            let values: Vec<&str> = set.values().map(String::as_str).collect();
+            sqlx::query(
+                "WITH unset AS (
+                     DELETE FROM config_vars
+                     WHERE env_id = $1 AND name = ANY($2) AND NOT name = ANY($3)
+                 ), set AS (
+                     INSERT INTO config_vars (env_id, name, value)
+                     SELECT $1, name, value FROM unnest($3::text[], $4::text[]) AS v(name, value)
+                     ON CONFLICT (env_id, name) DO UPDATE SET value = EXCLUDED.value
+                 )
+                 UPDATE envs SET config_version = $5 WHERE id = $1",
+            )
+            .bind(env_id.as_uuid())
+            .bind(unset)
+            .bind(&names)
+            .bind(&values)
+            .bind(*version as i64)
+            .execute(conn)
+            .await
+            .map_err(db("project ConfigChanged"))?;
         }
         Event::SecretSet {
             env_id,

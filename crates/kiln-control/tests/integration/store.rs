@@ -668,3 +668,113 @@ async fn verify_reports_tampered_projection() {
         .unwrap();
     assert_eq!(name, "a");
 }
+
+#[tokio::test]
+async fn multi_event_append_orders_seq() {
+    let (store, _db) = harness::store().await;
+    let org_id = OrgId::new();
+    let mut events = vec![NewEvent::org(
+        org_id,
+        Event::OrgCreated {
+            org_id,
+            name: OrgName::new("many").unwrap(),
+        },
+    )];
+    for index in 0..5 {
+        events.push(NewEvent::org(
+            org_id,
+            Event::AppCreated {
+                app_id: AppId::new(),
+                org_id,
+                name: AppName::new(format!("app{index}")).unwrap(),
+            },
+        ));
+    }
+    let expected: Vec<Event> = events.iter().map(|new| new.event.clone()).collect();
+
+    let appended = store
+        .append(
+            &streams::org(org_id),
+            ExpectedVersion::NoStream,
+            events,
+            "system:test",
+        )
+        .await
+        .unwrap();
+
+    let versions: Vec<u64> = appended.iter().map(|event| event.stream_version).collect();
+    assert_eq!(versions, vec![1, 2, 3, 4, 5, 6]);
+    for pair in appended.windows(2) {
+        assert!(pair[0].seq < pair[1].seq, "{appended:?}");
+    }
+    let (read, _) = store
+        .read_page(0, 100, &kiln_control::store::EventFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(read, appended);
+    let read_events: Vec<Event> = read.into_iter().map(|envelope| envelope.event).collect();
+    assert_eq!(read_events, expected);
+}
+
+#[tokio::test]
+async fn config_change_sets_and_unsets_together() {
+    let (store, _db) = harness::store().await;
+    let org_id = OrgId::new();
+    let app_id = AppId::new();
+    let env_id = EnvId::new();
+    append(
+        &store,
+        &streams::env(env_id),
+        Some(org_id),
+        Event::EnvCreated {
+            env_id,
+            app_id,
+            org_id,
+            name: EnvName::new("prod").unwrap(),
+            hostname: Hostname::new("prod.apps.test").unwrap(),
+            ipv6_address: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1),
+        },
+    )
+    .await;
+    let change = |version: u64, set: &[(&str, &str)], unset: &[&str]| Event::ConfigChanged {
+        env_id,
+        version,
+        set: set
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect(),
+        unset: unset.iter().map(|name| name.to_string()).collect(),
+    };
+    let stream = streams::env(env_id);
+    append(
+        &store,
+        &stream,
+        Some(org_id),
+        change(1, &[("A", "1"), ("B", "2"), ("C", "3")], &[]),
+    )
+    .await;
+    // B is unset; C is in both lists and ends up set, as if `unset` applied first.
+    append(
+        &store,
+        &stream,
+        Some(org_id),
+        change(2, &[("A", "10"), ("C", "30")], &["B", "C"]),
+    )
+    .await;
+
+    let vars: Vec<(String, String)> =
+        sqlx::query_as("SELECT name, value FROM config_vars WHERE env_id = $1 ORDER BY name")
+            .bind(env_id.as_uuid())
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    let expected =
+        [("A", "10"), ("C", "30")].map(|(name, value)| (name.to_owned(), value.to_owned()));
+    assert_eq!(vars, expected);
+    let version: i64 = sqlx::query_scalar("SELECT config_version FROM envs WHERE id = $1")
+        .bind(env_id.as_uuid())
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(version, 2);
+}
