@@ -53,8 +53,9 @@ pub struct IngressConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DataPath {
-    /// splice(2) through a pipe per direction, so payload bytes never enter user space. If a
-    /// pipe cannot be created (such as at the descriptor limit), the connection uses `copy`.
+    /// A 16 KiB user-space buffer per direction until one read fills it, then splice(2)
+    /// through a pipe, so the payload of bulk transfers never enters user space. A direction
+    /// whose pipe cannot be created (such as at the descriptor limit) keeps copying.
     Splice,
     /// read(2) into a user-space buffer and write(2) from it.
     Copy,

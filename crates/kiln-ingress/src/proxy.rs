@@ -628,19 +628,12 @@ async fn forward(
     route: &RouteTarget,
 ) -> CopyEnd {
     let idle_timeout = shared.config.idle_timeout();
-    let (client, backend) = match shared.config.data_path {
-        DataPath::Copy => (client, backend),
+    match shared.config.data_path {
         DataPath::Splice => {
-            match splice_bidirectional(client, backend, idle_timeout, &route.metrics).await {
-                Ok(end) => return end,
-                Err((error, client, backend)) => {
-                    tracing::warn!(%error, route = %route.name, "pipe creation failed, copying instead of splicing");
-                    (client, backend)
-                }
-            }
+            splice_bidirectional(client, backend, idle_timeout, &route.metrics).await
         }
-    };
-    copy_bidirectional(client, backend, idle_timeout, &route.metrics).await
+        DataPath::Copy => copy_bidirectional(client, backend, idle_timeout, &route.metrics).await,
+    }
 }
 
 struct RouteActiveGuard(Arc<RouteTarget>);

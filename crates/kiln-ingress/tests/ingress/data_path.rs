@@ -72,8 +72,8 @@ async fn read_to_end(stream: &mut TcpStream) -> Vec<u8> {
 
 #[tokio::test]
 async fn large_transfer_both_ways() {
-    const UP: usize = 24 * 1024 * 1024 + 7;
-    const DOWN: usize = 32 * 1024 * 1024 + 13;
+    const UP: usize = 6 * 1024 * 1024 + 7;
+    const DOWN: usize = 8 * 1024 * 1024 + 13;
 
     for data_path in PATHS {
         let (backend_addr, backend) = one_connection_backend().await;
