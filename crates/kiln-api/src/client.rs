@@ -4,6 +4,7 @@
 //! caller that retries a call after a network failure uses [`Client::with_idempotency_key`]
 //! so the server recognizes the retry and returns the first result instead of acting twice.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use kiln_core::{AppName, DeployId, EnvName, InstanceId, OrgName, TokenId};
@@ -495,6 +496,28 @@ impl Client {
     /// `GET .../addresses`.
     pub async fn list_addresses(&self, env: &EnvPath) -> Result<List<Address>, ClientError> {
         self.get(&env.fill(routes::ADDRESSES, &[])).await
+    }
+
+    /// `GET .../ips`.
+    pub async fn list_ips(&self, env: &EnvPath) -> Result<List<DedicatedIp>, ClientError> {
+        self.get(&env.fill(routes::IPS, &[])).await
+    }
+
+    /// `POST .../ips`.
+    pub async fn allocate_ip(
+        &self,
+        env: &EnvPath,
+        request: &AllocateIp,
+    ) -> Result<DedicatedIp, ClientError> {
+        let path = env.fill(routes::IPS, &[]);
+        self.send(Method::POST, &path, Some(request)).await
+    }
+
+    /// `DELETE .../ips/{address}`.
+    pub async fn release_ip(&self, env: &EnvPath, address: IpAddr) -> Result<(), ClientError> {
+        let path = env.fill(routes::IP, &[&address.to_string()]);
+        self.send_no_content::<()>(Method::DELETE, &path, None)
+            .await
     }
 
     /// `GET .../logs`, long-polling up to `query.wait` seconds when `after` is set.

@@ -314,6 +314,26 @@ pub enum Event {
         /// The host.
         host_id: HostId,
     },
+    /// A dedicated IPv4 address was allocated to an environment. A billing event: the
+    /// address is billed from this event until its [`Event::Ipv4AddressReleased`].
+    Ipv4AddressAllocated {
+        /// The environment.
+        env_id: EnvId,
+        /// The address.
+        address: Ipv4Addr,
+        /// The pool prefix (CIDR) it came from.
+        pool: String,
+    },
+    /// A dedicated IPv4 address was released, on request or because its environment was
+    /// deleted. A billing event: billing of the address stops here.
+    Ipv4AddressReleased {
+        /// The environment.
+        env_id: EnvId,
+        /// The address.
+        address: Ipv4Addr,
+        /// The pool prefix (CIDR) it came from.
+        pool: String,
+    },
 }
 
 impl Event {
@@ -347,6 +367,8 @@ impl Event {
             Self::HostUncordoned { .. } => "HostUncordoned",
             Self::HostDrainRequested { .. } => "HostDrainRequested",
             Self::HostLost { .. } => "HostLost",
+            Self::Ipv4AddressAllocated { .. } => "Ipv4AddressAllocated",
+            Self::Ipv4AddressReleased { .. } => "Ipv4AddressReleased",
         }
     }
 
@@ -367,7 +389,9 @@ impl Event {
             | Self::InstanceStateChanged { env_id, .. }
             | Self::InstanceStopRequested { env_id, .. }
             | Self::InstanceRemoved { env_id, .. }
-            | Self::RoutesChanged { env_id, .. } => Some(*env_id),
+            | Self::RoutesChanged { env_id, .. }
+            | Self::Ipv4AddressAllocated { env_id, .. }
+            | Self::Ipv4AddressReleased { env_id, .. } => Some(*env_id),
             Self::ReleaseCreated { release } => Some(release.env_id),
             _ => None,
         }

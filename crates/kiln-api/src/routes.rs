@@ -55,6 +55,10 @@ pub const INSTANCES: &str = "/v1/orgs/{org}/apps/{app}/envs/{env}/instances";
 pub const ENV_ROUTES: &str = "/v1/orgs/{org}/apps/{app}/envs/{env}/routes";
 /// Addresses allocated to an environment.
 pub const ADDRESSES: &str = "/v1/orgs/{org}/apps/{app}/envs/{env}/addresses";
+/// Dedicated IP addresses of an environment: list, and allocate a billed IPv4 address.
+pub const IPS: &str = "/v1/orgs/{org}/apps/{app}/envs/{env}/ips";
+/// One dedicated IPv4 address of an environment (release with DELETE).
+pub const IP: &str = "/v1/orgs/{org}/apps/{app}/envs/{env}/ips/{address}";
 /// Recent logs of an environment.
 pub const LOGS: &str = "/v1/orgs/{org}/apps/{app}/envs/{env}/logs";
 /// Hosts (operator).
@@ -198,6 +202,9 @@ pub const ROUTES: &[Endpoint] = &[
     ep("GET", INSTANCES, "list_instances", "List instances", Org, None, Some("List<Instance>"), 200),
     ep("GET", ENV_ROUTES, "list_env_routes", "List routes", Org, None, Some("List<Route>"), 200),
     ep("GET", ADDRESSES, "list_addresses", "List allocated addresses", Org, None, Some("List<Address>"), 200),
+    ep("GET", IPS, "list_ips", "List dedicated IPv6 and IPv4 addresses", Org, None, Some("List<DedicatedIp>"), 200),
+    ep("POST", IPS, "allocate_ip", "Allocate a billed dedicated IPv4 address from the pool", Org, Some("AllocateIp"), Some("DedicatedIp"), 201),
+    ep("DELETE", IP, "release_ip", "Release a dedicated IPv4 address", Org, None, None, 204),
     with_query(ep("GET", LOGS, "get_logs", "Recent log lines", Org, None, Some("LogPage"), 200), "LogQuery"),
     ep("GET", HOSTS, "list_hosts", "List hosts", Operator, None, Some("List<Host>"), 200),
     ep("POST", HOSTS, "create_host", "Create a host and its token", Operator, Some("CreateHost"), Some("CreatedHost"), 201),

@@ -6,8 +6,8 @@
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::commands::{
-    apply, apps, completion, config, deploy, envs, events, hosts, init, login, logout, logs, plan,
-    releases, restart, rollback, scale, secrets, status, tokens, whoami,
+    apply, apps, completion, config, deploy, envs, events, hosts, init, ips, login, logout, logs,
+    plan, releases, restart, rollback, scale, secrets, status, tokens, whoami,
 };
 use crate::exit::ExitKind;
 
@@ -172,6 +172,12 @@ pub(crate) enum Command {
         after_help = "Examples:\n  kiln secrets set DATABASE_URL --env prod\n  kiln secrets list --env prod"
     )]
     Secrets(secrets::Command),
+    /// Allocate, list and release dedicated IP addresses of an environment
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  kiln ips allocate-v4 --env prod\n  kiln ips list --env prod\n  kiln ips release 203.0.113.7 --env prod"
+    )]
+    Ips(ips::Command),
     /// Show recent logs of an environment, or follow them
     Logs(logs::Args),
     /// Show the audit trail of an org, app or environment

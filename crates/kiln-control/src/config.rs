@@ -35,6 +35,12 @@ pub struct Config {
     /// Seconds between attempts to become leader, and between runs of the leader's
     /// periodic work. Default 2.
     pub leader_interval_secs: u64,
+    /// Public IPv4 prefixes (CIDR, such as `["203.0.113.0/28"]`) from which environments
+    /// are allocated dedicated IPv4 addresses, in order. The network and broadcast
+    /// addresses of prefixes shorter than /31 are never allocated. Written to the database
+    /// when the server starts, so every replica must list the same prefixes. Default empty,
+    /// which disables dedicated IPv4 addresses.
+    pub dedicated_ipv4_pool: Vec<ipnet::Ipv4Net>,
 }
 
 impl Default for Config {
@@ -49,6 +55,7 @@ impl Default for Config {
             host_lease_secs: 30,
             log_window_lines: 10_000,
             leader_interval_secs: 2,
+            dedicated_ipv4_pool: Vec::new(),
         }
     }
 }
@@ -106,6 +113,14 @@ pub enum ConfigError {
         env: &'static str,
         /// Command-line flag.
         flag: &'static str,
+    },
+    /// A prefix of `dedicated_ipv4_pool` has host bits set or overlaps another.
+    #[error("invalid dedicated_ipv4_pool entry {prefix}: {reason}")]
+    Ipv4Pool {
+        /// The prefix as written.
+        prefix: ipnet::Ipv4Net,
+        /// Reason it is invalid, with the fix.
+        reason: String,
     },
     /// A setting is out of range.
     #[error("invalid {key} {value}: {reason}")]
@@ -215,6 +230,7 @@ impl Config {
                 reason: "use 1 to 60 seconds",
             });
         }
+        validate_ipv4_pool(&self.dedicated_ipv4_pool)?;
         Ok(())
     }
 
@@ -222,6 +238,29 @@ impl Config {
     pub fn host_lease(&self) -> Duration {
         Duration::from_secs(self.host_lease_secs)
     }
+}
+
+/// Rejects prefixes with host bits set (a likely typo) and overlapping prefixes (which would
+/// list one address twice).
+fn validate_ipv4_pool(pool: &[ipnet::Ipv4Net]) -> Result<(), ConfigError> {
+    for (index, prefix) in pool.iter().enumerate() {
+        if prefix.addr() != prefix.network() {
+            return Err(ConfigError::Ipv4Pool {
+                prefix: *prefix,
+                reason: format!("host bits are set; write {}", prefix.trunc()),
+            });
+        }
+        if let Some(other) = pool[..index]
+            .iter()
+            .find(|other| other.contains(prefix) || prefix.contains(*other))
+        {
+            return Err(ConfigError::Ipv4Pool {
+                prefix: *prefix,
+                reason: format!("it overlaps {other}; list each address once"),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn env_var(name: &str) -> Option<String> {
@@ -237,6 +276,39 @@ mod tests {
         let error = toml::from_str::<Config>("listen = \"127.0.0.1:1\"\nlisten_adress = \"x\"\n")
             .unwrap_err();
         assert!(error.to_string().contains("listen_adress"), "{error}");
+    }
+
+    #[test]
+    fn ipv4_pool_parses_and_validates() {
+        let base = "database_url = \"postgres://x/y\"\nmaster_key_file = \"/k\"\n";
+        let config: Config = toml::from_str(&format!(
+            "{base}dedicated_ipv4_pool = [\"203.0.113.0/28\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(config.dedicated_ipv4_pool.len(), 1);
+        config.validate().unwrap();
+
+        let config: Config = toml::from_str(&format!(
+            "{base}dedicated_ipv4_pool = [\"203.0.113.5/28\"]\n"
+        ))
+        .unwrap();
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("203.0.113.5/28"), "{error}");
+        assert!(error.contains("203.0.113.0/28"), "{error}");
+
+        let config: Config = toml::from_str(&format!(
+            "{base}dedicated_ipv4_pool = [\"203.0.113.0/24\", \"203.0.113.16/28\"]\n"
+        ))
+        .unwrap();
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("overlaps 203.0.113.0/24"), "{error}");
+
+        let error = toml::from_str::<Config>(&format!(
+            "{base}dedicated_ipv4_pool = [\"2001:db8::/64\"]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("dedicated_ipv4_pool"), "{error}");
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let settings = crate::bootstrap::load_settings(&store)
         .await?
         .context("the cluster is not bootstrapped; run `kiln-control bootstrap` first")?;
+    api::ips::configure_pool(store.pool(), &config.dedicated_ipv4_pool)
+        .await
+        .context("failed to store the dedicated IPv4 pool")?;
     let notifier = Notifier::start(&store).await?;
 
     let interval = std::time::Duration::from_secs(config.leader_interval_secs);

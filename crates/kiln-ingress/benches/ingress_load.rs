@@ -35,6 +35,7 @@ struct Settings {
     rounds: u32,
     concurrency: usize,
     latency_samples: usize,
+    data_path: String,
 }
 
 fn settings() -> Settings {
@@ -55,6 +56,7 @@ fn settings() -> Settings {
         latency_samples: env("BENCH_LATENCY_SAMPLES", "2000")
             .parse()
             .expect("BENCH_LATENCY_SAMPLES is a count"),
+        data_path: env("BENCH_DATA_PATH", "splice"),
     }
 }
 
@@ -224,6 +226,8 @@ fn start_kiln(settings: &Settings, backends: &[SocketAddr]) -> ProxyProcess {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+    let config = dir.path().join("ingress.toml");
+    std::fs::write(&config, format!("data_path = \"{}\"\n", settings.data_path)).unwrap();
     let routes = dir.path().join("routes.toml");
     std::fs::write(
         &routes,
@@ -236,6 +240,8 @@ fn start_kiln(settings: &Settings, backends: &[SocketAddr]) -> ProxyProcess {
     let child = Command::new(&settings.kiln_binary)
         .args(["run", "--listen", &format!("127.0.0.1:{port}"), "--routes"])
         .arg(&routes)
+        .arg("--config")
+        .arg(&config)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -356,8 +362,12 @@ async fn main() {
     wait_ready(&connector, haproxy.addr).await;
 
     eprintln!(
-        "load: {} clients for {} s per workload, {} latency samples, {} rounds",
-        settings.concurrency, settings.seconds, settings.latency_samples, settings.rounds
+        "load: {} clients for {} s per workload, {} latency samples, {} rounds, kiln-ingress data path {}",
+        settings.concurrency,
+        settings.seconds,
+        settings.latency_samples,
+        settings.rounds,
+        settings.data_path
     );
     let direct = latencies(&connector, backends[0], settings.latency_samples).await;
     let (mut kiln_rounds, mut haproxy_rounds, mut direct_p99) =

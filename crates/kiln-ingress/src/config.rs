@@ -44,6 +44,21 @@ pub struct IngressConfig {
     pub backend_failure_cooldown_secs: u64,
     /// How a backend is chosen among a route's backends. Default: `least-connections`.
     pub balance: Balance,
+    /// Mechanism that moves bytes between client and backend after the ClientHello.
+    /// Default: `splice`.
+    pub data_path: DataPath,
+}
+
+/// Mechanism that moves an established connection's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataPath {
+    /// A 16 KiB user-space buffer per direction until one read fills it, then splice(2)
+    /// through a pipe, so the payload of bulk transfers never enters user space. A direction
+    /// whose pipe cannot be created (such as at the descriptor limit) keeps copying.
+    Splice,
+    /// read(2) into a user-space buffer and write(2) from it.
+    Copy,
 }
 
 /// Backend selection policy.
@@ -72,6 +87,7 @@ impl Default for IngressConfig {
             drain_timeout_secs: 30,
             backend_failure_cooldown_secs: 10,
             balance: Balance::LeastConnections,
+            data_path: DataPath::Splice,
         }
     }
 }
@@ -222,12 +238,14 @@ mod tests {
             metrics_listen = "127.0.0.1:9443"
             balance = "power-of-two-choices"
             idle_timeout_secs = 60
+            data_path = "copy"
             "#,
         )
         .unwrap();
         assert_eq!(config.listen.len(), 2);
         assert_eq!(config.balance, Balance::PowerOfTwoChoices);
         assert_eq!(config.idle_timeout_secs, 60);
+        assert_eq!(config.data_path, DataPath::Copy);
         assert_eq!(config.connect_attempts, 3);
         config.validate().unwrap();
     }

@@ -30,14 +30,22 @@ pub enum CopyEnd {
     IdleTimeout,
 }
 
-/// Time of the last byte moved, in milliseconds since `start`.
-struct Activity {
+/// Time of the last byte moved, in milliseconds since `start`; shared by both directions
+/// of a connection for its idle timeout.
+pub(crate) struct Activity {
     start: Instant,
     last_ms: AtomicU64,
 }
 
 impl Activity {
-    fn touch(&self) {
+    pub(crate) fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn touch(&self) {
         let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_ms.store(now, Ordering::Relaxed);
     }
@@ -45,6 +53,17 @@ impl Activity {
     fn idle_for(&self) -> Duration {
         let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
         self.start.elapsed().saturating_sub(last)
+    }
+
+    /// Completes once no byte has moved for `idle_timeout`.
+    pub(crate) async fn idle(&self, idle_timeout: Duration) {
+        loop {
+            let idle_for = self.idle_for();
+            if idle_for >= idle_timeout {
+                return;
+            }
+            tokio::time::sleep(idle_timeout - idle_for).await;
+        }
     }
 }
 
@@ -56,10 +75,7 @@ pub async fn copy_bidirectional(
     idle_timeout: Duration,
     metrics: &RouteMetrics,
 ) -> CopyEnd {
-    let activity = Activity {
-        start: Instant::now(),
-        last_ms: AtomicU64::new(0),
-    };
+    let activity = Activity::new();
     let (client_read, client_write) = client.into_split();
     let (backend_read, backend_write) = backend.into_split();
 
@@ -75,22 +91,12 @@ pub async fn copy_bidirectional(
         &metrics.bytes_to_client,
         &activity,
     );
-    let idle = async {
-        loop {
-            let idle_for = activity.idle_for();
-            if idle_for >= idle_timeout {
-                return;
-            }
-            tokio::time::sleep(idle_timeout - idle_for).await;
-        }
-    };
-
     tokio::select! {
         result = async { tokio::try_join!(upstream, downstream) } => match result {
             Ok(_) => CopyEnd::Closed,
             Err(_) => CopyEnd::Reset,
         },
-        () = idle => CopyEnd::IdleTimeout,
+        () = activity.idle(idle_timeout) => CopyEnd::IdleTimeout,
     }
 }
 

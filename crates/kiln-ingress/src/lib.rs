@@ -14,7 +14,8 @@ pub mod metrics;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod routes;
+pub mod splice;
 
-pub use config::{Balance, IngressConfig};
+pub use config::{Balance, DataPath, IngressConfig};
 pub use proxy::{ApplyError, DrainReport, Ingress, StartError};
 pub use routes::{Backends, Route, RouteSet, TcpService};

@@ -3,8 +3,9 @@
 //! Each accepted connection runs as one task through named steps: reserve a slot for the
 //! client address, read the ClientHello, look up the route, connect to a backend (trying
 //! another one when a connect fails, which is safe because no byte has been forwarded yet),
-//! send the optional PROXY v2 header together with the buffered ClientHello, then copy bytes
-//! both ways until both sides have closed. The route table sits behind an [`ArcSwap`], so a
+//! send the optional PROXY v2 header together with the buffered ClientHello, then move bytes
+//! both ways (splice(2) by default, a user-space copy otherwise) until both sides have
+//! closed. The route table sits behind an [`ArcSwap`], so a
 //! reload replaces it in one atomic store and open connections keep the route they chose.
 
 use std::collections::HashMap;
@@ -24,11 +25,12 @@ use tracing::Instrument;
 
 use crate::balance::{BackendLoad, candidate_order};
 use crate::client_hello::{self, HelloError, HelloScan};
-use crate::config::{ConfigError, IngressConfig};
+use crate::config::{ConfigError, DataPath, IngressConfig};
 use crate::copy::{CopyEnd, copy_bidirectional};
 use crate::metrics::{self, CloseReason, Metrics};
 use crate::proxy_protocol;
 use crate::routes::{BackendRegistry, RouteError, RouteSet, RouteTable, RouteTarget};
+use crate::splice::splice_bidirectional;
 
 /// Lifecycle phase, broadcast to listeners and connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -612,16 +614,25 @@ async fn proxy_connection(
         .bytes_from_client
         .fetch_add(hello.len() as u64, Ordering::Relaxed);
 
-    match copy_bidirectional(
-        client,
-        backend_stream,
-        shared.config.idle_timeout(),
-        &route.metrics,
-    )
-    .await
-    {
+    match forward(shared, client, backend_stream, &route).await {
         CopyEnd::Closed | CopyEnd::Reset => Ok(()),
         CopyEnd::IdleTimeout => Err(Closed::on(CloseReason::IdleTimeout, &route)),
+    }
+}
+
+/// Moves bytes both ways on the configured data path until the connection ends.
+async fn forward(
+    shared: &Shared,
+    client: TcpStream,
+    backend: TcpStream,
+    route: &RouteTarget,
+) -> CopyEnd {
+    let idle_timeout = shared.config.idle_timeout();
+    match shared.config.data_path {
+        DataPath::Splice => {
+            splice_bidirectional(client, backend, idle_timeout, &route.metrics).await
+        }
+        DataPath::Copy => copy_bidirectional(client, backend, idle_timeout, &route.metrics).await,
     }
 }
 

@@ -16,6 +16,8 @@ pub enum AddressKind {
     InstanceIpv6,
     /// An instance's private IPv4 address.
     InstanceIpv4,
+    /// A billed dedicated public IPv4 address for TCP services, from the operator's pool.
+    DedicatedIpv4,
 }
 
 /// An allocated address.

@@ -198,5 +198,9 @@ pub(crate) fn summarize(event: &Event) -> String {
         | Event::HostUncordoned { host_id }
         | Event::HostDrainRequested { host_id }
         | Event::HostLost { host_id } => format!("host {host_id}"),
+        Event::Ipv4AddressAllocated { address, pool, .. } => {
+            format!("IPv4 {address} allocated from {pool} (billed)")
+        }
+        Event::Ipv4AddressReleased { address, .. } => format!("IPv4 {address} released"),
     }
 }

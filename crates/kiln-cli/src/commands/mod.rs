@@ -12,6 +12,7 @@ pub(crate) mod envs;
 pub(crate) mod events;
 pub(crate) mod hosts;
 pub(crate) mod init;
+pub(crate) mod ips;
 pub(crate) mod login;
 pub(crate) mod logout;
 pub(crate) mod logs;
@@ -52,6 +53,7 @@ pub(crate) async fn run(session: &mut Session, command: Command) -> CliResult {
         Command::Restart(args) => restart::run(session, args).await,
         Command::Config(command) => config::run(session, command).await,
         Command::Secrets(command) => secrets::run(session, command).await,
+        Command::Ips(command) => ips::run(session, command).await,
         Command::Logs(args) => logs::run(session, args).await,
         Command::Events(args) => events::run(session, args).await,
         Command::Tokens(command) => tokens::run(session, command).await,

@@ -8,6 +8,7 @@ mod commands;
 mod deploys;
 mod docs;
 mod harness;
+mod ips;
 mod local;
 mod registry;
 mod resolve;

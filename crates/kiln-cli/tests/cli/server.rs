@@ -19,6 +19,10 @@ const SERVE_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// The org `kiln-control bootstrap` creates.
 pub(crate) const ORG: &str = "acme";
 
+/// The dedicated IPv4 pool of every test server: a /30 of TEST-NET-1, so two addresses
+/// (192.0.2.1 and 192.0.2.2) can be allocated before the pool is exhausted.
+pub(crate) const IPV4_POOL: &str = "192.0.2.0/30";
+
 /// A running kiln-control with its database and tokens.
 pub(crate) struct Control {
     pub(crate) url: String,
@@ -108,6 +112,12 @@ impl Control {
             .tempdir()
             .unwrap();
         let key_file = dir.path().join("master.key");
+        let config_file = dir.path().join("control.toml");
+        std::fs::write(
+            &config_file,
+            format!("dedicated_ipv4_pool = [\"{IPV4_POOL}\"]\n"),
+        )
+        .unwrap();
         let bin = control_bin();
 
         let output = Command::new(bin)
@@ -150,6 +160,8 @@ impl Control {
             ])
             .arg("--master-key-file")
             .arg(&key_file)
+            .arg("--config")
+            .arg(&config_file)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

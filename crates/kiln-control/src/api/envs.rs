@@ -135,6 +135,7 @@ pub async fn remove(
         )
         .await?;
     }
+    super::ips::release_all_in(&mut tx, org_id, env.id, &actor).await?;
     let event = Event::EnvDeleted { env_id: env.id };
     Store::append_in(
         &mut tx,

@@ -33,7 +33,8 @@ pub async fn routes(
                 }
                 let relevant: bool = sqlx::query_scalar(
                     "SELECT EXISTS (SELECT 1 FROM events WHERE seq > $1 AND seq <= $2
-                                    AND type IN ('RoutesChanged', 'EnvDeleted'))",
+                                    AND type IN ('RoutesChanged', 'EnvDeleted',
+                                                 'Ipv4AddressAllocated', 'Ipv4AddressReleased'))",
                 )
                 .bind(after as i64)
                 .bind(head as i64)
@@ -50,5 +51,6 @@ pub async fn routes(
     };
 
     let routes = super::read::load_routes(state.store.pool(), None).await?;
+    let routes = super::ips::add_ipv4_routes(state.store.pool(), routes).await?;
     Ok(Json(RouteTable { cursor, routes }))
 }

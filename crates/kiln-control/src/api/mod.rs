@@ -13,6 +13,7 @@ pub mod host_agent;
 pub mod hosts;
 pub mod idempotency;
 pub mod ingress;
+pub mod ips;
 pub mod logs;
 pub mod openapi;
 pub mod orgs;
@@ -102,6 +103,8 @@ pub fn router(state: AppState) -> Router {
         .route(r::INSTANCES, get(read::instances))
         .route(r::ENV_ROUTES, get(read::routes))
         .route(r::ADDRESSES, get(read::addresses))
+        .route(r::IPS, get(ips::list).post(ips::allocate))
+        .route(r::IP, delete(ips::release))
         .route(r::LOGS, get(logs::query))
         .route(r::HOSTS, get(hosts::list).post(hosts::create))
         .route(r::HOST, get(hosts::show))

@@ -42,6 +42,7 @@ pub async fn routes(
 ) -> Result<Json<List<Route>>, ApiError> {
     let env = scope::env(state.store.pool(), &caller, &org, &app, &env).await?;
     let items = load_routes(state.store.pool(), Some(env.id)).await?;
+    let items = super::ips::add_ipv4_routes(state.store.pool(), items).await?;
     Ok(Json(List { items }))
 }
 

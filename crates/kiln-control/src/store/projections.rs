@@ -486,6 +486,30 @@ pub async fn apply(
         Event::HostLost { host_id } => {
             set_host_state(conn, host_id.as_uuid(), HostState::Lost).await?
         }
+        Event::Ipv4AddressAllocated {
+            env_id,
+            address,
+            pool,
+        } => {
+            sqlx::query(
+                "INSERT INTO addresses (address, env_id, kind, instance_id, pool)
+                 VALUES ($1, $2, $3, NULL, $4)",
+            )
+            .bind(address.to_string())
+            .bind(env_id.as_uuid())
+            .bind(enum_text(&AddressKind::DedicatedIpv4, envelope.seq)?)
+            .bind(pool)
+            .execute(conn)
+            .await
+            .map_err(db("project Ipv4AddressAllocated"))?;
+        }
+        Event::Ipv4AddressReleased { address, .. } => {
+            sqlx::query("DELETE FROM addresses WHERE address = $1 AND kind = 'dedicated_ipv4'")
+                .bind(address.to_string())
+                .execute(conn)
+                .await
+                .map_err(db("project Ipv4AddressReleased"))?;
+        }
     }
     Ok(())
 }

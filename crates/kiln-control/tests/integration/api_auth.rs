@@ -25,6 +25,7 @@ fn body_for(operation: &str, digest: &str) -> Option<String> {
         "create_ingress_token" => r#"{"name": "intruder"}"#.to_owned(),
         "register_host" => r#"{"capacity": {"vcpus": 1, "memory_mib": 1024}, "driver": "qemu", "overlay_public_key": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", "overlay_endpoint": "127.0.0.1:1"}"#.to_owned(),
         "heartbeat" => "{}".to_owned(),
+        "allocate_ip" => r#"{"version": "ipv4"}"#.to_owned(),
         "report_instance_state" => r#"{"state": "healthy"}"#.to_owned(),
         "ship_logs" => r#"{"lines": []}"#.to_owned(),
         _ => return None,
@@ -139,6 +140,7 @@ async fn fixture() -> Fixture {
         ("deploy", deploy.deploy.id.to_string()),
         ("host", created.host.name.clone()),
         ("instance", instance.to_string()),
+        ("address", "192.0.2.1".to_owned()),
     ];
     let ghost_values = vec![
         ("org", "ghost".to_owned()),
@@ -150,6 +152,7 @@ async fn fixture() -> Fixture {
         ("deploy", kiln_core::DeployId::new().to_string()),
         ("host", "no-such-host".to_owned()),
         ("instance", kiln_core::InstanceId::new().to_string()),
+        ("address", "192.0.2.1".to_owned()),
     ];
     Fixture {
         server,

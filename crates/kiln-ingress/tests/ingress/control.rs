@@ -226,3 +226,114 @@ fn control_table_maps_to_route_set() {
     assert_eq!(set.tcp_services[0].listen, SocketAddr::new(dedicated, 5432));
     assert!(set.tcp_services[0].proxy_protocol);
 }
+
+/// A TCP route as kiln-control publishes it for a dedicated address of an env.
+fn api_tcp_route(env_id: EnvId, address: IpAddr, port: u16, backend: SocketAddr) -> ApiRoute {
+    let IpAddr::V6(backend_address) = backend.ip() else {
+        panic!("overlay backends are IPv6")
+    };
+    ApiRoute {
+        env_id,
+        service: "db".into(),
+        matcher: RouteMatch::Tcp { address, port },
+        protocol: ServiceProtocol::Tcp,
+        proxy_protocol: false,
+        backends: vec![RouteBackend {
+            instance_id: InstanceId::new(),
+            address: backend_address,
+            port: backend.port(),
+        }],
+    }
+}
+
+/// Echoes every connection's bytes back.
+async fn start_tcp_echo() -> SocketAddr {
+    let listener = TcpListener::bind("[::1]:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut read, mut write) = stream.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn echo_once(addr: SocketAddr) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(b"dedicated").await?;
+    let mut answer = vec![0u8; 9];
+    tokio::time::timeout(WAIT, stream.read_exact(&mut answer))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    Ok(answer)
+}
+
+#[tokio::test]
+async fn control_dedicated_ipv4_followed() {
+    let backend = start_tcp_echo().await;
+    let env_id = EnvId::new();
+    let port = closed_port().await.port();
+    let ipv6 = SocketAddr::new("::1".parse().unwrap(), port);
+    // A loopback address other than 127.0.0.1 stands in for the allocated public address.
+    let ipv4 = SocketAddr::new("127.0.0.9".parse().unwrap(), port);
+    let only_ipv6 = vec![api_tcp_route(env_id, ipv6.ip(), port, backend)];
+    let (tables, receiver) = watch::channel(RouteTable {
+        cursor: 4,
+        routes: only_ipv6.clone(),
+    });
+    let url = start_route_server(receiver).await;
+    let client = kiln_api::Client::new(&url, TOKEN).unwrap();
+    let initial = control::fetch_initial_routes(&client).await.unwrap();
+    let ingress = Arc::new(
+        Ingress::start(
+            kiln_ingress::IngressConfig {
+                listen: vec!["127.0.0.1:0".parse().unwrap()],
+                ..Default::default()
+            },
+            &control::route_set_from_table(&initial),
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(echo_once(ipv6).await.unwrap(), b"dedicated");
+    assert!(ingress.tcp_service_addr(ipv4).is_none());
+    let follower = {
+        let ingress = Arc::clone(&ingress);
+        tokio::spawn(async move { control::follow_routes(&client, &ingress, initial.cursor).await })
+    };
+
+    // Allocating the IPv4 address adds the same TCP route on it.
+    let mut both = only_ipv6.clone();
+    both.push(api_tcp_route(env_id, ipv4.ip(), port, backend));
+    tables.send_replace(RouteTable {
+        cursor: 6,
+        routes: both,
+    });
+    wait_until("IPv4 listener opened", || {
+        ingress.tcp_service_addr(ipv4).is_some()
+    })
+    .await;
+    assert_eq!(echo_once(ipv4).await.unwrap(), b"dedicated");
+    assert_eq!(echo_once(ipv6).await.unwrap(), b"dedicated");
+
+    // Releasing it closes that listener only.
+    tables.send_replace(RouteTable {
+        cursor: 8,
+        routes: only_ipv6,
+    });
+    wait_until("IPv4 listener closed", || {
+        ingress.tcp_service_addr(ipv4).is_none()
+    })
+    .await;
+    wait_until_async("IPv4 address refused", || async {
+        tokio::net::TcpStream::connect(ipv4).await.is_err()
+    })
+    .await;
+    assert_eq!(echo_once(ipv6).await.unwrap(), b"dedicated");
+    follower.abort();
+}

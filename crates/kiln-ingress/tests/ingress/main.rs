@@ -6,6 +6,7 @@
 
 mod binary;
 mod control;
+mod data_path;
 mod support;
 
 use std::net::SocketAddr;
