@@ -278,13 +278,24 @@ where
     }
 
     /// Returns how long the loop may sleep before something tracked is due, at most `tick`.
+    ///
+    /// Only deadlines the next pass acts on count: a restart of an instance that should run,
+    /// and a kill deadline still ahead (a failed kill is retried at the pace of `tick`).
     fn next_pass_in(&self, now: Instant, tick: Duration) -> Duration {
+        let wants_running = |id: &InstanceId| {
+            self.desired
+                .as_ref()
+                .and_then(|desired| desired.get(id))
+                .is_some_and(|assignment| assignment.desired == DesiredState::Running)
+        };
         let due = self
             .tracked
-            .values()
-            .filter_map(|tracked| match tracked.phase {
-                Phase::Stopping { deadline } => Some(deadline),
-                Phase::Exited { .. } | Phase::Failed { .. } => tracked.next_start_at,
+            .iter()
+            .filter_map(|(id, tracked)| match tracked.phase {
+                Phase::Stopping { deadline } => Some(deadline).filter(|at| *at > now),
+                Phase::Exited { .. } | Phase::Failed { .. } => {
+                    tracked.next_start_at.filter(|_| wants_running(id))
+                }
                 Phase::Running | Phase::Healthy | Phase::Unhealthy => tracked.next_probe_at,
             });
         due.map(|at| at.saturating_duration_since(now))
@@ -513,17 +524,16 @@ where
         let restarts = self.tracked.get(&id).map_or(0, |t| t.restarts);
         // The record exists before the VM does: a restarted agent then finds the VM through
         // its run directory and never boots a second one.
-        let (saved, elapsed) = timed(async {
-            self.state.save_record(&InstanceRecord {
+        let began = Instant::now();
+        self.state
+            .save_record(&InstanceRecord {
                 assignment: assignment.clone(),
                 vm: None,
                 restarts,
                 finished: None,
             })
-        })
-        .await;
-        saved.map_err(|error| format!("saving the instance record: {}", error_chain(&error)))?;
-        steps.record("record", elapsed);
+            .map_err(|error| format!("saving the instance record: {}", error_chain(&error)))?;
+        steps.record("record", began.elapsed());
 
         let disk = run_dir.join("disk.ext4");
         let requests = self.network_requests();

@@ -265,6 +265,42 @@ async fn first_check_retried_within_interval() {
 }
 
 #[tokio::test]
+async fn run_loop_wakes_for_due_check() {
+    let root = tempfile::tempdir().unwrap();
+    let service = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
+    let a = assignment(service.local_addr().unwrap().port());
+    let Harness {
+        mut agent,
+        mut outbox,
+        ..
+    } = Harness::new(root.path(), FakeVms::new(), FakeNetwork::default());
+    agent.set_desired(assignments(1, std::slice::from_ref(&a)));
+    let (_sender, receiver) = tokio::sync::watch::channel(None);
+
+    // With a tick of an hour, only the due health check can wake the loop for the pass that
+    // makes the booted instance healthy.
+    let run = agent.run(
+        receiver,
+        std::future::pending::<()>(),
+        Duration::from_secs(3600),
+    );
+    let healthy = async {
+        while let Some((_, report)) = outbox.recv().await {
+            if report.state == InstanceState::Healthy {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        () = run => panic!("the loop ended"),
+        () = healthy => {}
+        () = tokio::time::sleep(DELIVERY_TIMEOUT) => {
+            panic!("not healthy within {DELIVERY_TIMEOUT:?}")
+        }
+    }
+}
+
+#[tokio::test]
 async fn crash_restarts_with_backoff_then_crash_loop() {
     let root = tempfile::tempdir().unwrap();
     let a = assignment(1);
