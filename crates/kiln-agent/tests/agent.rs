@@ -970,7 +970,7 @@ fn real_vm_release_command_runs_once() {
     kiln_testkit::guest::RootfsBuilder::new()
         .build(&rootfs)
         .unwrap();
-    let images = BusyboxImages { rootfs };
+    let images = BusyboxImages { rootfs, uid: 0 };
 
     let success = release_command_assignment(
         5,

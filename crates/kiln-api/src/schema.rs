@@ -77,7 +77,9 @@ macro_rules! api_types {
 
 api_types! {
     "Address" => Address,
+    "AllocateIp" => AllocateIp,
     "App" => App,
+    "ApplyPlan" => ApplyPlan,
     "ConfigVars" => ConfigVars,
     "CreateApp" => CreateApp,
     "CreateDeploy" => CreateDeploy,
@@ -91,6 +93,7 @@ api_types! {
     "CreatedDeploy" => CreatedDeploy,
     "CreatedHost" => CreatedHost,
     "CreatedToken" => CreatedToken,
+    "DedicatedIp" => DedicatedIp,
     "Deploy" => Deploy,
     "Env" => Env,
     "EventPage" => EventPage,
@@ -103,6 +106,7 @@ api_types! {
     "InstanceSecrets" => InstanceSecrets,
     "List<Address>" => List<Address>,
     "List<App>" => List<App>,
+    "List<DedicatedIp>" => List<DedicatedIp>,
     "List<Deploy>" => List<Deploy>,
     "List<Env>" => List<Env>,
     "List<Host>" => List<Host>,
@@ -121,6 +125,7 @@ api_types! {
     "RegisterHost" => RegisterHost,
     "Release" => Release,
     "ReportInstanceState" => ReportInstanceState,
+    "RestartEnv" => RestartEnv,
     "RouteTable" => RouteTable,
     "ScaleEnv" => ScaleEnv,
     "SecretMeta" => SecretMeta,

@@ -207,6 +207,7 @@ fn release(web: u32, worker: u32, tag: &str) -> CreateRelease {
             kill_timeout_secs: 5,
             startup_scripts: Vec::new(),
             release_command: None,
+            release_command_limits: None,
         },
         description: format!("release {tag}"),
     }

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 /// IP version of a dedicated address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum IpVersion {
     /// IPv4.
@@ -22,6 +23,7 @@ pub enum IpVersion {
 
 /// A dedicated address of an environment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct DedicatedIp {
     /// The environment that owns it.
     pub env_id: EnvId,
@@ -38,6 +40,7 @@ pub struct DedicatedIp {
 
 /// Body of `POST .../ips`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AllocateIp {
     /// IP version to allocate. Only `ipv4` is accepted: the dedicated IPv6 address exists

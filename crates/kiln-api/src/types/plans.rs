@@ -49,6 +49,21 @@ impl fmt::Debug for PlanId {
     }
 }
 
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for PlanId {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        std::borrow::Cow::Borrowed("PlanId")
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "`pln_` and a UUID in simple form, as `kiln plan` prints it.",
+            "examples": ["pln_0193a1b2c3d47e8f9a0b1c2d3e4f5a6b"],
+        })
+    }
+}
+
 /// A plan id that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid plan id {value:?}: expected `pln_` followed by a UUID, as `kiln plan` prints it")]
@@ -84,6 +99,7 @@ impl<'de> Deserialize<'de> for PlanId {
 /// Body of `POST .../envs/{env}/plans`: what the deploy would roll out, as for
 /// `POST .../deploys`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreatePlan {
     /// What to deploy.
@@ -95,11 +111,13 @@ pub struct CreatePlan {
 
 /// Body of `POST .../envs/{env}/plans/{plan}/apply`; it has no fields.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ApplyPlan {}
 
 /// A release as a plan shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct PlanRelease {
     /// Id of the release (for a new release, the id it gets when the plan is applied).
     pub id: ReleaseId,
@@ -119,6 +137,7 @@ pub struct PlanRelease {
 
 /// What changes between the environment's current release and the planned one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ReleaseChange {
     /// The release the environment runs now; `null` before its first deploy.
     #[serde(default)]
@@ -140,6 +159,7 @@ pub struct ReleaseChange {
 
 /// One action of a plan step, with hosts by name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum PlanAction {
     /// Run the release command in a one-off microVM; a non-zero exit or the timeout fails
@@ -202,6 +222,7 @@ pub enum PlanAction {
 
 /// A named step of a plan; a failed step rolls back it and every earlier step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct PlanStep {
     /// Name, unique within the plan, such as `web/1/start`.
     pub name: String,
@@ -211,6 +232,7 @@ pub struct PlanStep {
 
 /// A stored deploy plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Plan {
     /// Id of the plan; pass it to `POST .../plans/{plan}/apply`.
     pub id: PlanId,
@@ -228,9 +250,11 @@ pub struct Plan {
     pub steps: Vec<PlanStep>,
     /// When the plan was made.
     #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::schema::timestamp"))]
     pub created_at: OffsetDateTime,
     /// After this time the plan can no longer be applied.
     #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::schema::timestamp"))]
     pub expires_at: OffsetDateTime,
 }
 

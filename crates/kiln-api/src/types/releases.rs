@@ -169,6 +169,7 @@ pub struct ReleaseSpec {
 
 /// Timeout and size of the microVM that runs a release command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ReleaseCommandLimits {
     /// Time the command gets to exit 0, in seconds. Default 600.

@@ -326,6 +326,7 @@ fn restart_skips_release_command() {
     let (cluster, env) = running_env(&current, 2, 4096);
     let intent = Intent::Restart {
         strategy: Strategy::default(),
+        process: None,
     };
     let plan = plan(&cluster, SchedulerConfig::default(), &env, &request(intent)).unwrap();
     assert!(
