@@ -152,7 +152,7 @@ impl Kiln {
 pub(crate) fn redact(text: &str) -> String {
     let rules = [
         (
-            r"\b(org|app|env|rel|dep|inst|host|tok)_[0-9a-f]{32}\b",
+            r"\b(org|app|env|rel|dep|inst|host|tok|pln)_[0-9a-f]{32}\b",
             "[${1}_id]",
         ),
         (

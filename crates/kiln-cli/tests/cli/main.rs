@@ -9,6 +9,7 @@ mod deploys;
 mod docs;
 mod harness;
 mod local;
+mod plans;
 mod registry;
 mod resolve;
 mod secrets;
