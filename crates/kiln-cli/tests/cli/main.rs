@@ -10,6 +10,7 @@ mod docs;
 mod harness;
 mod local;
 mod plans;
+mod pty;
 mod registry;
 mod resolve;
 mod secrets;
