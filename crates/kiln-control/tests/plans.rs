@@ -1,7 +1,7 @@
 //! Deploy plans, restarts and rollbacks end to end: `kiln-control` runs as a child process over
 //! a private PostgreSQL database, and simulated agents speak the real host API in place of
-//! hosts. The fixtures repeat those of the orchestration tests, so each test binary stands
-//! alone.
+//! hosts. The fixtures repeat those of the orchestration tests, so each test binary builds
+//! on its own.
 
 #![allow(clippy::unwrap_used)] // Fixtures in this file panic on setup failure, like the tests that call them.
 
@@ -278,7 +278,7 @@ fn plan_request(release: CreateRelease) -> CreatePlan {
     }
 }
 
-/// The instances a plan starts, by id.
+/// Returns the instances a plan starts.
 fn started(plan: &Plan) -> BTreeSet<InstanceId> {
     plan.steps
         .iter()
@@ -290,7 +290,7 @@ fn started(plan: &Plan) -> BTreeSet<InstanceId> {
         .collect()
 }
 
-/// The instances a plan stops, by id.
+/// Returns the instances a plan stops.
 fn stopped(plan: &Plan) -> BTreeSet<InstanceId> {
     plan.steps
         .iter()
@@ -302,7 +302,7 @@ fn stopped(plan: &Plan) -> BTreeSet<InstanceId> {
         .collect()
 }
 
-/// The error code of a failed call.
+/// Returns the error code of a failed call.
 fn code(error: &ClientError) -> ErrorCode {
     match error {
         ClientError::Api { body, .. } => body.code,
@@ -310,7 +310,7 @@ fn code(error: &ClientError) -> ErrorCode {
     }
 }
 
-/// A cluster with two hosts and an env that runs `release(web, worker, "a")`.
+/// Starts two hosts and deploys an env that runs `release(web, worker, "a")`.
 async fn deployed(
     cluster: &Cluster,
     control: &Control,
@@ -440,7 +440,7 @@ async fn config_change_conflicts_plan() {
     assert_eq!(current.current_release_id, Some(first.release_id));
     assert_eq!(client.list_releases(&env).await.unwrap().items.len(), 1);
 
-    // A new plan sees the config change and applies.
+    // A new plan includes the config change and applies.
     let plan = client
         .create_plan(&env, &plan_request(release(1, 0, "b")))
         .await
