@@ -10,13 +10,13 @@ use crate::registry::{Registry, unique_repository};
 use crate::server::Control;
 
 /// A runtime that keeps simulated agents running, and the agents.
-struct Hosts {
+pub(crate) struct Hosts {
     _agents: Vec<SimAgent>,
     _runtime: tokio::runtime::Runtime,
 }
 
 /// Starts one simulated agent per name, registered with `control`.
-fn start_hosts(control: &Control, names: &[&str]) -> Hosts {
+pub(crate) fn start_hosts(control: &Control, names: &[&str]) -> Hosts {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let agents = runtime.block_on(async {
         let operator = Client::new(&control.url, &control.operator_token).unwrap();
@@ -45,7 +45,7 @@ fn start_hosts(control: &Control, names: &[&str]) -> Hosts {
     }
 }
 
-fn project(control: &Control) -> Kiln {
+pub(crate) fn project(control: &Control) -> Kiln {
     let mut kiln = control.kiln();
     kiln.run(&["init", "--name", "web"]).ok();
     kiln.run(&["apps", "create", "web"]).ok();
