@@ -782,3 +782,37 @@ async fn redeploy_of_current_release_keeps_it() {
     assert_eq!(done.state, DeployState::Succeeded, "{:?}", done.failure);
     assert_eq!(client.list_releases(&env).await.unwrap().items.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cordoned_host_conflicts_plan() {
+    let cluster = bootstrap();
+    let control = start_control(&cluster);
+    let (_agents, client, env, _) = deployed(&cluster, &control, 2, 0).await;
+
+    let plan = client
+        .create_plan(&env, &plan_request(release(2, 0, "b")))
+        .await
+        .unwrap();
+    let hosts: BTreeSet<String> = plan
+        .steps
+        .iter()
+        .flat_map(|step| &step.actions)
+        .filter_map(|action| match action {
+            PlanAction::StartInstance { host, .. } => Some(host.clone()),
+            _ => None,
+        })
+        .collect();
+    let cordoned = hosts.iter().next().unwrap().clone();
+
+    // A cordon changes the host, not the env, so only the host check catches it.
+    let operator = Client::new(&control.url, &cluster.operator_token).unwrap();
+    operator.cordon_host(&cordoned).await.unwrap();
+    let error = client.apply_plan(&env, plan.id).await.unwrap_err();
+    assert_eq!(code(&error), ErrorCode::PlanConflict, "{error}");
+    assert!(error.to_string().contains(&cordoned), "{error}");
+
+    operator.uncordon_host(&cordoned).await.unwrap();
+    let created = client.apply_plan(&env, plan.id).await.unwrap();
+    let done = wait_deploy(&client, &env, &created.deploy).await;
+    assert_eq!(done.state, DeployState::Succeeded, "{:?}", done.failure);
+}
