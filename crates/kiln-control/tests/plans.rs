@@ -1,7 +1,7 @@
 //! Deploy plans, restarts and rollbacks end to end: `kiln-control` runs as a child process over
 //! a private PostgreSQL database, and simulated agents speak the real host API in place of
-//! hosts. The fixtures repeat those of the orchestration tests, so each test binary stands
-//! alone.
+//! hosts. The fixtures repeat those of the orchestration tests, so each test binary builds
+//! on its own.
 
 #![allow(clippy::unwrap_used)] // Fixtures in this file panic on setup failure, like the tests that call them.
 
@@ -279,7 +279,7 @@ fn plan_request(release: CreateRelease) -> CreatePlan {
     }
 }
 
-/// The instances a plan starts, by id.
+/// Returns the instances a plan starts.
 fn started(plan: &Plan) -> BTreeSet<InstanceId> {
     plan.steps
         .iter()
@@ -291,7 +291,7 @@ fn started(plan: &Plan) -> BTreeSet<InstanceId> {
         .collect()
 }
 
-/// The instances a plan stops, by id.
+/// Returns the instances a plan stops.
 fn stopped(plan: &Plan) -> BTreeSet<InstanceId> {
     plan.steps
         .iter()
@@ -303,7 +303,7 @@ fn stopped(plan: &Plan) -> BTreeSet<InstanceId> {
         .collect()
 }
 
-/// The error code of a failed call.
+/// Returns the error code of a failed call.
 fn code(error: &ClientError) -> ErrorCode {
     match error {
         ClientError::Api { body, .. } => body.code,
@@ -311,7 +311,7 @@ fn code(error: &ClientError) -> ErrorCode {
     }
 }
 
-/// A cluster with two hosts and an env that runs `release(web, worker, "a")`.
+/// Starts two hosts and deploys an env that runs `release(web, worker, "a")`.
 async fn deployed(
     cluster: &Cluster,
     control: &Control,
@@ -441,7 +441,7 @@ async fn config_change_conflicts_plan() {
     assert_eq!(current.current_release_id, Some(first.release_id));
     assert_eq!(client.list_releases(&env).await.unwrap().items.len(), 1);
 
-    // A new plan sees the config change and applies.
+    // A new plan includes the config change and applies.
     let plan = client
         .create_plan(&env, &plan_request(release(1, 0, "b")))
         .await
@@ -782,4 +782,38 @@ async fn redeploy_of_current_release_keeps_it() {
     let done = wait_deploy(&client, &env, &created.deploy).await;
     assert_eq!(done.state, DeployState::Succeeded, "{:?}", done.failure);
     assert_eq!(client.list_releases(&env).await.unwrap().items.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cordoned_host_conflicts_plan() {
+    let cluster = bootstrap();
+    let control = start_control(&cluster);
+    let (_agents, client, env, _) = deployed(&cluster, &control, 2, 0).await;
+
+    let plan = client
+        .create_plan(&env, &plan_request(release(2, 0, "b")))
+        .await
+        .unwrap();
+    let hosts: BTreeSet<String> = plan
+        .steps
+        .iter()
+        .flat_map(|step| &step.actions)
+        .filter_map(|action| match action {
+            PlanAction::StartInstance { host, .. } => Some(host.clone()),
+            _ => None,
+        })
+        .collect();
+    let cordoned = hosts.iter().next().unwrap().clone();
+
+    // A cordon changes the host, not the env, so only the host check catches it.
+    let operator = Client::new(&control.url, &cluster.operator_token).unwrap();
+    operator.cordon_host(&cordoned).await.unwrap();
+    let error = client.apply_plan(&env, plan.id).await.unwrap_err();
+    assert_eq!(code(&error), ErrorCode::PlanConflict, "{error}");
+    assert!(error.to_string().contains(&cordoned), "{error}");
+
+    operator.uncordon_host(&cordoned).await.unwrap();
+    let created = client.apply_plan(&env, plan.id).await.unwrap();
+    let done = wait_deploy(&client, &env, &created.deploy).await;
+    assert_eq!(done.state, DeployState::Succeeded, "{:?}", done.failure);
 }

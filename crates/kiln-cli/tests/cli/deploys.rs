@@ -235,21 +235,17 @@ fn scale_logs_plan_after_deploy() {
     logs_json.ok();
     assert_eq!(logs_json.json()["entries"], serde_json::json!([]));
 
-    // The server answers plans with not_implemented until the deploy orchestrator lands;
-    // the CLI must report that plainly rather than fail to decode.
+    // No host runs here, so the plan cannot place anything (or the first deploy has not
+    // finished yet); either way the control plane rejects it as a state conflict.
     let plan = kiln.run(&["plan", "--image", &image, "--json"]);
-    if plan.code != 0 {
-        plan.expect_code(1);
-        assert!(
-            plan.stderr
-                .contains("POST /v1/orgs/acme/apps/web/envs/prod/plans failed"),
-            "{}",
-            plan.stderr
-        );
-        assert!(plan.stdout.is_empty(), "{}", plan.stdout);
-    } else {
-        assert!(plan.json()["steps"].is_array(), "{}", plan.stdout);
-    }
+    plan.expect_code(4);
+    assert!(
+        plan.stderr
+            .contains("POST /v1/orgs/acme/apps/web/envs/prod/plans failed"),
+        "{}",
+        plan.stderr
+    );
+    assert!(plan.stdout.is_empty(), "{}", plan.stdout);
 
     let status = kiln.run(&["status", "--json"]);
     status.ok();

@@ -102,6 +102,32 @@ impl Kiln {
         self.command(args, false).spawn().expect("spawn kiln")
     }
 
+    /// Builds `kiln ARGS` run by `script(1)` on a new pseudo-terminal, so stdin, stdout and
+    /// stderr of `kiln` are a terminal. The returned command's own stdin and stdout are pipes
+    /// to that terminal. Arguments are single-quoted for the shell `script` starts.
+    pub(crate) fn terminal_command(&self, args: &[&str]) -> Command {
+        let mut line = shell_quote(env!("CARGO_BIN_EXE_kiln"));
+        for arg in args {
+            line.push(' ');
+            line.push_str(&shell_quote(arg));
+        }
+        let command = self.command(&[], true);
+        let mut script = Command::new("script");
+        script
+            .args(["--quiet", "--return", "--command", &line, "/dev/null"])
+            .current_dir(&self.workdir)
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (key, value) in command.get_envs() {
+            if let Some(value) = value {
+                script.env(key, value);
+            }
+        }
+        script
+    }
+
     fn command(&self, args: &[&str], piped_stdin: bool) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
         command
@@ -147,12 +173,17 @@ impl Kiln {
     }
 }
 
+/// Quotes `text` for a POSIX shell.
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
+}
+
 /// Replaces what changes between runs (ids, times, ports, temp paths, digests) with fixed
 /// placeholders, so output can be compared to a snapshot.
 pub(crate) fn redact(text: &str) -> String {
     let rules = [
         (
-            r"\b(org|app|env|rel|dep|inst|host|tok)_[0-9a-f]{32}\b",
+            r"\b(org|app|env|rel|dep|inst|host|tok|pln)_[0-9a-f]{32}\b",
             "[${1}_id]",
         ),
         (

@@ -10,6 +10,8 @@ mod docs;
 mod harness;
 mod ips;
 mod local;
+mod plans;
+mod pty;
 mod registry;
 mod resolve;
 mod secrets;

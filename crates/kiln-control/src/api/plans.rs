@@ -317,6 +317,12 @@ async fn store_plan(
     scheduled: &SchedulerPlan,
     events: &[Event],
 ) -> Result<Plan, ApiError> {
+    // Plans are not events, so old ones can go: a day after expiry nobody can apply them.
+    sqlx::query("DELETE FROM plans WHERE expires_at < now() - interval '1 day'")
+        .execute(pool)
+        .await
+        .map_err(ApiError::database("prune plans"))?;
+
     let encode = |_| ApiError::internal("plan does not serialize");
     let row = sqlx::query(
         "INSERT INTO plans (id, env_id, deploy_id, base_version, events, release_id, strategy,

@@ -74,16 +74,18 @@ pub async fn prepare(
 }
 
 /// Builds the rollback release of `old` and the config change that restores its config vars.
+// TODO(correctness): secret values are not versioned, so a rollback keeps the current secrets,
+// and a failed rollback deploy keeps the restored config vars.
 async fn rollback(
     pool: &sqlx::PgPool,
     env: EnvId,
     old: Release,
     id: ReleaseId,
 ) -> Result<Prepared, ApiError> {
-    let wanted = config_at(pool, env, old.config_version).await?;
+    let restored = config_at(pool, env, old.config_version).await?;
     let now = super::config::load(pool, env).await?;
 
-    let set: BTreeMap<String, String> = wanted
+    let set: BTreeMap<String, String> = restored
         .iter()
         .filter(|(name, value)| now.vars.get(*name) != Some(*value))
         .map(|(name, value)| (name.clone(), value.clone()))
@@ -91,7 +93,7 @@ async fn rollback(
     let unset: Vec<String> = now
         .vars
         .keys()
-        .filter(|name| !wanted.contains_key(*name))
+        .filter(|name| !restored.contains_key(*name))
         .cloned()
         .collect();
 

@@ -21,6 +21,7 @@ fn body_for(operation: &str, digest: &str) -> Option<String> {
         "set_secret" => r#"{"value": "v"}"#.to_owned(),
         "create_release" => release,
         "create_deploy" | "create_plan" => r#"{"target": {"release_version": 1}}"#.to_owned(),
+        "apply_plan" | "restart_env" => "{}".to_owned(),
         "create_host" => r#"{"name": "intruder"}"#.to_owned(),
         "create_ingress_token" => r#"{"name": "intruder"}"#.to_owned(),
         "register_host" => r#"{"capacity": {"vcpus": 1, "memory_mib": 1024}, "driver": "qemu", "overlay_public_key": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", "overlay_endpoint": "127.0.0.1:1"}"#.to_owned(),
@@ -138,6 +139,11 @@ async fn fixture() -> Fixture {
         ("name", "SECRET".to_owned()),
         ("version", release.version.to_string()),
         ("deploy", deploy.deploy.id.to_string()),
+        // No host runs here, so no plan can be made; a well-formed id is enough to check access.
+        (
+            "plan",
+            kiln_api::PlanId::from_uuid(uuid::Uuid::now_v7()).to_string(),
+        ),
         ("host", created.host.name.clone()),
         ("instance", instance.to_string()),
         ("address", "192.0.2.1".to_owned()),
@@ -150,6 +156,10 @@ async fn fixture() -> Fixture {
         ("name", "MISSING".to_owned()),
         ("version", "99".to_owned()),
         ("deploy", kiln_core::DeployId::new().to_string()),
+        (
+            "plan",
+            kiln_api::PlanId::from_uuid(uuid::Uuid::now_v7()).to_string(),
+        ),
         ("host", "no-such-host".to_owned()),
         ("instance", kiln_core::InstanceId::new().to_string()),
         ("address", "192.0.2.1".to_owned()),

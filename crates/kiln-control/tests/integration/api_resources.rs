@@ -187,9 +187,13 @@ async fn environment_lifecycle() {
         rollback.deploy.previous_release_id,
         Some(created.release.id)
     );
+    // A rollback is a new release that repeats v1's image and names it.
+    assert_eq!(rollback.release.version, 3);
+    assert_eq!(rollback.release.rollback_of, Some(release.id));
+    assert_eq!(rollback.release.image, release.image);
     assert_eq!(
         client.get_env(&path).await.unwrap().current_release_id,
-        Some(release.id)
+        Some(rollback.release.id)
     );
     assert_eq!(client.list_deploys(&path).await.unwrap().items.len(), 2);
     assert_eq!(
@@ -211,7 +215,8 @@ async fn environment_lifecycle() {
         )
         .await
         .unwrap_err();
-    assert_eq!(plan.code(), Some(kiln_api::ErrorCode::NotImplemented));
+    // The rollback deploy has not finished (no orchestrator runs here), so no plan is made.
+    assert_eq!(plan.code(), Some(kiln_api::ErrorCode::FailedPrecondition));
 
     let mut counts = std::collections::BTreeMap::new();
     counts.insert(ProcessName::new("web").unwrap(), 3);
