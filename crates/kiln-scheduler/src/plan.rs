@@ -381,13 +381,12 @@ pub fn plan(
 
     let (kind, to_release) = match &request.intent {
         Intent::Deploy { release, strategy } => {
-            planner.plan_rollout(release, *strategy, true)?;
+            planner.plan_rollout(release, *strategy)?;
             (PlanKind::Deploy, release.id)
         }
         Intent::Restart { strategy } => {
-            // A restart replaces instances of a release whose command already ran.
             let current = current_release(env)?;
-            planner.plan_rollout(current, *strategy, false)?;
+            planner.plan_rollout(current, *strategy)?;
             (PlanKind::Restart, current.id)
         }
         Intent::Scale { counts } => {
@@ -575,14 +574,7 @@ impl Planner<'_> {
         Ok(())
     }
 
-    /// Plans the replacement of every instance with one of `target`, running the release
-    /// command first when `release_command` is set and the release has one.
-    fn plan_rollout(
-        &mut self,
-        target: &ReleaseSpec,
-        strategy: Strategy,
-        release_command: bool,
-    ) -> Result<(), PlanError> {
+    fn plan_rollout(&mut self, target: &ReleaseSpec, strategy: Strategy) -> Result<(), PlanError> {
         if target.processes.is_empty() {
             return Err(PlanError::NoProcesses { release: target.id });
         }
@@ -590,9 +582,7 @@ impl Planner<'_> {
             return Err(PlanError::ZeroMaxSurge);
         }
 
-        if release_command {
-            self.plan_release_command(target)?;
-        }
+        self.plan_release_command(target)?;
 
         let old = self.old_instances();
         let processes: BTreeSet<ProcessName> =

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use kiln_core::{DeployId, HostId, InstanceId, ProcessName, ReleaseId};
 use kiln_scheduler::plan::{
     Action, EnvInstance, EnvState, Intent, Plan, PlanError, PlanKind, PlanRequest, ProcessSpec,
-    RELEASE_COMMAND_PROCESS, ReleaseCommandSpec, ReleaseSpec, Strategy, Timeouts, plan,
+    ReleaseCommandSpec, ReleaseSpec, Strategy, Timeouts, plan,
 };
 use kiln_scheduler::{ClusterSnapshot, HostState, PlacedInstance, SchedulerConfig};
 use proptest::prelude::*;
@@ -314,25 +314,6 @@ fn release_command_runs_first() {
             "the release command runs twice: {plan:?}"
         );
     }
-}
-
-#[test]
-fn restart_skips_release_command() {
-    let mut current = release(1, 2, 0);
-    current.release_command = Some(ReleaseCommandSpec {
-        resources: resources(256, 1),
-        timeout_secs: 600,
-    });
-    let (cluster, env) = running_env(&current, 2, 4096);
-    let intent = Intent::Restart {
-        strategy: Strategy::default(),
-    };
-    let plan = plan(&cluster, SchedulerConfig::default(), &env, &request(intent)).unwrap();
-    assert!(
-        plan.started_instances()
-            .all(|instance| instance.process.as_str() != RELEASE_COMMAND_PROCESS),
-        "{plan:?}"
-    );
 }
 
 #[test]
