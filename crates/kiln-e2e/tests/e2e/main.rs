@@ -425,9 +425,20 @@ fn release_command_gates_deploy() {
 
     let current = current_release(&stack, "staging");
     assert_eq!(current["version"], 1, "current release: {current}");
-    let instances = stack.instances("staging");
-    let ids: Vec<&Value> = instances.iter().map(|instance| &instance["id"]).collect();
-    assert_eq!(ids, [&web[0]["id"]], "instances: {instances:?}");
+    // The failed command's instance is removed soon after the deploy ends; the web instance
+    // is never touched.
+    wait::until("only the v1 web instance", TEARDOWN_TIMEOUT, || {
+        let instances = stack.instances("staging");
+        let ids: Vec<&Value> = instances.iter().map(|instance| &instance["id"]).collect();
+        let web_running = instances
+            .iter()
+            .any(|instance| instance["id"] == web[0]["id"] && instance["state"] == "healthy");
+        if ids == [&web[0]["id"]] && web_running {
+            Ok(())
+        } else {
+            Err(format!("instances: {instances:?}"))
+        }
+    });
 
     // Both one-off microVMs are gone, with their TAP devices: only the web instance's remain.
     wait::until(

@@ -164,6 +164,12 @@ impl View {
                     format!("{line}: {reason}")
                 })
             }
+            Event::InstanceStopRequested { instance_id, .. }
+            | Event::InstanceRemoved { instance_id, .. }
+                if self.release_command == Some(*instance_id) =>
+            {
+                None
+            }
             Event::InstanceStopRequested {
                 instance_id,
                 reason,
@@ -191,8 +197,9 @@ impl View {
                 ..
             } if *deploy_id == created.deploy.id => {
                 let mut text = format!("{step}: {detail}");
-                if step.ends_with(RELEASE_COMMAND_STEP) {
-                    let failed = step.starts_with("failed:");
+                let outcome = step.split_once(':');
+                if let Some((outcome @ ("completed" | "failed"), RELEASE_COMMAND_STEP)) = outcome {
+                    let failed = outcome == "failed";
                     self.release_command_result = Some((failed, output.clone()));
                     text = if failed {
                         format!("release command failed: {detail}")
@@ -249,7 +256,7 @@ impl View {
     }
 }
 
-/// The API's name of an instance state, such as `exited`.
+/// Returns the API's name of an instance state, such as `exited`.
 fn state_name(state: InstanceState) -> String {
     serde_json::to_value(state)
         .ok()
@@ -479,4 +486,111 @@ async fn failure(
         "see more with: kiln logs --env {} --instance {instance}",
         target.env
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use kiln_api::{DeployStrategy, ImageRef, Release, ReleaseSpec};
+    use kiln_core::{DeployId, EnvId, HostId, ReleaseId};
+    use time::OffsetDateTime;
+
+    use super::*;
+
+    fn created() -> CreatedDeploy {
+        let env_id = EnvId::new();
+        let release = Release {
+            id: ReleaseId::new(),
+            env_id,
+            version: 2,
+            image: ImageRef {
+                reference: "registry.test/app:2".to_owned(),
+                digest: format!("sha256:{}", "a".repeat(64)),
+            },
+            spec: ReleaseSpec {
+                processes: BTreeMap::new(),
+                services: Vec::new(),
+                env: BTreeMap::new(),
+                volumes: Vec::new(),
+                strategy: DeployStrategy::Rolling,
+                max_surge: 1,
+                kill_signal: "SIGTERM".to_owned(),
+                kill_timeout_secs: 30,
+                startup_scripts: Vec::new(),
+                release_command: Some(vec!["/app/migrate".to_owned()]),
+                release_command_limits: None,
+            },
+            config_version: 1,
+            rollback_of: None,
+            description: String::new(),
+            created_at: OffsetDateTime::UNIX_EPOCH,
+        };
+        CreatedDeploy {
+            deploy: Deploy {
+                id: DeployId::new(),
+                env_id,
+                release_id: release.id,
+                previous_release_id: None,
+                strategy: DeployStrategy::Rolling,
+                state: DeployState::InProgress,
+                failure: None,
+                created_at: OffsetDateTime::UNIX_EPOCH,
+                updated_at: OffsetDateTime::UNIX_EPOCH,
+            },
+            release,
+            cursor: 0,
+        }
+    }
+
+    fn step(created: &CreatedDeploy, step: &str, output: &[&str]) -> Event {
+        Event::DeployStepCompleted {
+            deploy_id: created.deploy.id,
+            env_id: created.deploy.env_id,
+            step: step.to_owned(),
+            detail: "release command in instance x failed (exited with code 3)".to_owned(),
+            output: output.iter().map(|line| (*line).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn release_command_failure_kept_after_undo() {
+        let created = created();
+        let mut view = View::default();
+        let instance = InstanceId::new();
+        let placed = Event::InstancePlaced {
+            instance_id: instance,
+            env_id: created.deploy.env_id,
+            release_id: created.release.id,
+            process: ProcessName::new(RELEASE_COMMAND_PROCESS).unwrap(),
+            host_id: HostId::new(),
+            ipv6: "fd00::2".parse().unwrap(),
+            ipv4: "100.64.0.2".parse().unwrap(),
+        };
+        let line = view.apply(&created, &placed).unwrap();
+        assert!(line.starts_with("running the release command"), "{line}");
+        assert_eq!(view.summary(), "running the release command");
+
+        let failed = step(
+            &created,
+            "failed:release-command",
+            &["schema v7 is missing"],
+        );
+        let line = view.apply(&created, &failed).unwrap();
+        assert!(line.starts_with("release command failed"), "{line}");
+        assert!(line.ends_with("| schema v7 is missing"), "{line}");
+
+        let stop = Event::InstanceStopRequested {
+            instance_id: instance,
+            env_id: created.deploy.env_id,
+            host_id: HostId::new(),
+            reason: "deploy".to_owned(),
+        };
+        assert_eq!(view.apply(&created, &stop), None);
+        view.apply(&created, &step(&created, "undone:release-command", &[]));
+
+        assert_eq!(
+            view.release_command_result,
+            Some((true, vec!["schema v7 is missing".to_owned()]))
+        );
+        assert!(view.new_instances.is_empty());
+    }
 }
