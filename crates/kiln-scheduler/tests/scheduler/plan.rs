@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use kiln_core::{DeployId, HostId, InstanceId, ProcessName, ReleaseId};
 use kiln_scheduler::plan::{
     Action, EnvInstance, EnvState, Intent, Plan, PlanError, PlanKind, PlanRequest, ProcessSpec,
-    ReleaseCommandSpec, ReleaseSpec, Strategy, Timeouts, plan,
+    RELEASE_COMMAND_PROCESS, ReleaseCommandSpec, ReleaseSpec, Strategy, Timeouts, plan,
 };
 use kiln_scheduler::{ClusterSnapshot, HostState, PlacedInstance, SchedulerConfig};
 use proptest::prelude::*;
