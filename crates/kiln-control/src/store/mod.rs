@@ -165,6 +165,10 @@ impl Store {
     }
 
     /// Appends `events` to `stream` in one transaction, updating the projections.
+    ///
+    /// Unlike [`Store::append_in`], the events are inserted at commit by a deferred trigger
+    /// (migration `append_at_commit`), so the append lock is held only inside the server while
+    /// the commit runs. Their `seq` values are read back after the commit.
     pub async fn append(
         &self,
         stream: &str,
@@ -172,9 +176,36 @@ impl Store {
         events: Vec<NewEvent>,
         actor: &str,
     ) -> Result<Vec<EventEnvelope>, StoreError> {
+        let count = events.len() as u64;
+        let time = now();
+        let staged = staged_events(stream, &events, actor, time)?;
+
         let mut tx = self.begin().await?;
-        let envelopes = Self::append_in(&mut tx, stream, expected, events, actor).await?;
+        let first_version = bump_stream(&mut tx, stream, expected, count, Some(&staged)).await? + 1;
+        let mut envelopes = envelopes(stream, first_version, events, actor, time);
+        for envelope in &envelopes {
+            projections::apply(&mut tx, envelope).await?;
+        }
         tx.commit().await.map_err(StoreError::database("commit"))?;
+
+        let seqs: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT seq, stream_version FROM events
+             WHERE stream = $1 AND stream_version >= $2 AND stream_version < $2 + $3",
+        )
+        .bind(stream)
+        .bind(first_version as i64)
+        .bind(count as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::database("read appended seq"))?;
+        for (seq, stream_version) in seqs {
+            if let Some(envelope) = envelopes
+                .iter_mut()
+                .find(|envelope| envelope.stream_version as i64 == stream_version)
+            {
+                envelope.seq = seq as u64;
+            }
+        }
         Ok(envelopes)
     }
 
@@ -189,21 +220,8 @@ impl Store {
         actor: &str,
     ) -> Result<Vec<EventEnvelope>, StoreError> {
         let count = events.len() as u64;
-        let first_version = bump_stream(tx, stream, expected, count).await? + 1;
-        let time = now();
-
-        let mut envelopes = Vec::with_capacity(events.len());
-        for (offset, new) in events.into_iter().enumerate() {
-            envelopes.push(EventEnvelope {
-                seq: 0,
-                stream: stream.to_owned(),
-                stream_version: first_version + offset as u64,
-                org_id: new.org_id,
-                actor: actor.to_owned(),
-                time,
-                event: new.event,
-            });
-        }
+        let first_version = bump_stream(tx, stream, expected, count, None).await? + 1;
+        let mut envelopes = envelopes(stream, first_version, events, actor, now());
 
         for envelope in &envelopes {
             projections::apply(tx, envelope).await?;
@@ -313,28 +331,94 @@ pub fn now() -> OffsetDateTime {
         .unwrap_or(now)
 }
 
+/// Builds the envelopes of one append, without `seq`.
+fn envelopes(
+    stream: &str,
+    first_version: u64,
+    events: Vec<NewEvent>,
+    actor: &str,
+    time: OffsetDateTime,
+) -> Vec<EventEnvelope> {
+    events
+        .into_iter()
+        .enumerate()
+        .map(|(offset, new)| EventEnvelope {
+            seq: 0,
+            stream: stream.to_owned(),
+            stream_version: first_version + offset as u64,
+            org_id: new.org_id,
+            actor: actor.to_owned(),
+            time,
+            event: new.event,
+        })
+        .collect()
+}
+
+/// Encodes the events of one [`Store::append`] as the JSON the `append_at_commit` trigger
+/// reads from `kiln.pending_events`.
+fn staged_events(
+    stream: &str,
+    events: &[NewEvent],
+    actor: &str,
+    time: OffsetDateTime,
+) -> Result<String, StoreError> {
+    let codec = |source| StoreError::Codec { seq: 0, source };
+    let mut rows = Vec::with_capacity(events.len());
+    for new in events {
+        rows.push(serde_json::json!({
+            "org_id": new.org_id.map(|id| id.as_uuid()),
+            "env_id": new.event.env_id().map(|id| id.as_uuid()),
+            "host_id": new.event.host_id().map(|id| id.as_uuid()),
+            "type": new.event.type_name(),
+            "payload": serde_json::to_value(&new.event).map_err(codec)?,
+        }));
+    }
+    let time = time
+        .format(&time::format_description::well_known::Rfc3339)
+        .map_err(|error| StoreError::Codec {
+            seq: 0,
+            source: serde::ser::Error::custom(error),
+        })?;
+    serde_json::to_string(&serde_json::json!({
+        "stream": stream,
+        "actor": actor,
+        "time": time,
+        "events": rows,
+    }))
+    .map_err(codec)
+}
+
+/// Locks the stream row, checks the expected version and bumps it, returning the version
+/// before the bump. With `staged`, the same statement stores the events for the commit-time
+/// insert (see [`Store::append`]); without, it clears any staged events.
 async fn bump_stream(
     tx: &mut Transaction<'static, Postgres>,
     stream: &str,
     expected: ExpectedVersion,
     count: u64,
+    staged: Option<&str>,
 ) -> Result<u64, StoreError> {
-    // One statement locks the stream row, checks the expected version and bumps it. No row
-    // comes back when the check fails (or, for `NoStream`, when the stream exists).
+    // No row comes back when the check fails (or, for `NoStream`, when the stream exists).
+    // The `staged` CTE is read by the main query, because PostgreSQL skips a SELECT CTE that
+    // nothing reads.
     let sql = match expected {
         ExpectedVersion::Any => {
-            "INSERT INTO streams (id, version) VALUES ($1, $2)
+            "WITH staged AS (SELECT set_config('kiln.pending_events', coalesce($4, ''), true))
+             INSERT INTO streams (id, version) SELECT $1, $2 FROM staged
              ON CONFLICT (id) DO UPDATE SET version = streams.version + $2
              WHERE $3::bigint = 0
              RETURNING version"
         }
         ExpectedVersion::NoStream | ExpectedVersion::Exact(0) => {
-            "INSERT INTO streams (id, version) SELECT $1, $2 WHERE $3::bigint = 0
+            "WITH staged AS (SELECT set_config('kiln.pending_events', coalesce($4, ''), true))
+             INSERT INTO streams (id, version) SELECT $1, $2 FROM staged WHERE $3::bigint = 0
              ON CONFLICT (id) DO NOTHING
              RETURNING version"
         }
         ExpectedVersion::Exact(_) => {
-            "UPDATE streams SET version = version + $2 WHERE id = $1 AND version = $3
+            "WITH staged AS (SELECT set_config('kiln.pending_events', coalesce($4, ''), true))
+             UPDATE streams SET version = version + $2 FROM staged
+             WHERE id = $1 AND version = $3
              RETURNING version"
         }
     };
@@ -346,6 +430,7 @@ async fn bump_stream(
         .bind(stream)
         .bind(count as i64)
         .bind(expected_version)
+        .bind(staged)
         .fetch_optional(&mut **tx)
         .await
         .map_err(StoreError::database("bump stream"))?;

@@ -778,3 +778,20 @@ async fn config_change_sets_and_unsets_together() {
         .unwrap();
     assert_eq!(version, 2);
 }
+
+#[tokio::test]
+async fn commit_trigger_uses_store_constants() {
+    let (store, _db) = harness::store().await;
+    let definition: String =
+        sqlx::query_scalar("SELECT pg_get_functiondef('kiln_insert_pending_events'::regproc)")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    let lock = format!(
+        "pg_advisory_xact_lock({})",
+        kiln_control::store::APPEND_LOCK_KEY
+    );
+    assert!(definition.contains(&lock), "{definition}");
+    let notify = format!("pg_notify('{}'", kiln_control::store::NOTIFY_CHANNEL);
+    assert!(definition.contains(&notify), "{definition}");
+}

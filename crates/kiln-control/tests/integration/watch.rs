@@ -117,10 +117,25 @@ async fn concurrent_appenders_and_watchers_agree() {
                     org_id,
                     name: AppName::new(format!("w{writer}-{index}")).unwrap(),
                 };
+                let stream = format!("writer:{writer}");
+                // Even writers use `append`, which inserts at commit; odd writers use
+                // `append_in`, which inserts before commit and holds the lock until then.
+                if writer % 2 == 0 {
+                    store
+                        .append(
+                            &stream,
+                            ExpectedVersion::Any,
+                            vec![NewEvent::org(org_id, event)],
+                            "t",
+                        )
+                        .await
+                        .unwrap();
+                    continue;
+                }
                 let mut tx = store.begin().await.unwrap();
                 Store::append_in(
                     &mut tx,
-                    &format!("writer:{writer}"),
+                    &stream,
                     ExpectedVersion::Any,
                     vec![NewEvent::org(org_id, event)],
                     "t",
