@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use kiln_api::{LogEntry, LogPage, routes};
+use kiln_api::{LogEntry, LogPage, LogStream, routes};
 use kiln_core::{InstanceId, ProcessName};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -122,7 +122,14 @@ fn print_entries(session: &Session, entries: &[LogEntry]) -> CliResult {
 
 /// One human line: time, process and instance, then the text.
 pub(crate) fn format_entry(session: &Session, entry: &LogEntry) -> String {
-    let source = format!("{}[{}]", entry.process, short_instance(entry.instance_id));
+    // The workload's own output is the common case and stays unmarked; lines from the guest's
+    // console and from the agent name their source, so they are not mistaken for the app's.
+    let mut source = format!("{}[{}]", entry.process, short_instance(entry.instance_id));
+    match entry.stream {
+        LogStream::Stdout | LogStream::Stderr => {}
+        LogStream::Console => source.push_str(" console"),
+        LogStream::Agent => source.push_str(" agent"),
+    }
     format!(
         "{} {} {}",
         session.out.paint(Style::Dim, &format_time(entry.time)),
