@@ -36,6 +36,7 @@ struct Settings {
     concurrency: usize,
     latency_samples: usize,
     data_path: String,
+    threads: usize,
 }
 
 fn settings() -> Settings {
@@ -57,6 +58,9 @@ fn settings() -> Settings {
             .parse()
             .expect("BENCH_LATENCY_SAMPLES is a count"),
         data_path: env("BENCH_DATA_PATH", "splice"),
+        threads: env("BENCH_THREADS", "2")
+            .parse()
+            .expect("BENCH_THREADS is a count"),
     }
 }
 
@@ -227,7 +231,14 @@ fn start_kiln(settings: &Settings, backends: &[SocketAddr]) -> ProxyProcess {
     let port = free_port();
     let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
     let config = dir.path().join("ingress.toml");
-    std::fs::write(&config, format!("data_path = \"{}\"\n", settings.data_path)).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "data_path = \"{}\"\nworker_threads = {}\n",
+            settings.data_path, settings.threads
+        ),
+    )
+    .unwrap();
     let routes = dir.path().join("routes.toml");
     std::fs::write(
         &routes,
@@ -261,15 +272,16 @@ fn start_haproxy(settings: &Settings, backends: &[SocketAddr]) -> ProxyProcess {
         .enumerate()
         .map(|(i, b)| format!("    server b{i} {b}\n"))
         .collect();
-    // Two threads, as kiln-ingress's runtime has on this two-core machine; no health checks,
-    // as kiln-ingress does none in static mode.
+    // As many threads as kiln-ingress's worker_threads; no health checks, as kiln-ingress
+    // does none in static mode.
     let config = format!(
-        "global\n    maxconn 8000\n    nbthread 2\n\
+        "global\n    maxconn 8000\n    nbthread {}\n\
          defaults\n    mode tcp\n    timeout connect 3s\n    timeout client 600s\n    timeout server 600s\n\
          frontend tls\n    bind 127.0.0.1:{port}\n    tcp-request inspect-delay 5s\n\
          \x20   tcp-request content accept if {{ req.ssl_hello_type 1 }}\n\
          \x20   use_backend app if {{ req.ssl_sni -i {HOSTNAME} }}\n\
-         backend app\n    balance leastconn\n{servers}"
+         backend app\n    balance leastconn\n{servers}",
+        settings.threads
     );
     let path = dir.path().join("haproxy.cfg");
     std::fs::write(&path, config).unwrap();
@@ -362,12 +374,13 @@ async fn main() {
     wait_ready(&connector, haproxy.addr).await;
 
     eprintln!(
-        "load: {} clients for {} s per workload, {} latency samples, {} rounds, kiln-ingress data path {}",
+        "load: {} clients for {} s per workload, {} latency samples, {} rounds, kiln-ingress data path {}, {} threads per proxy",
         settings.concurrency,
         settings.seconds,
         settings.latency_samples,
         settings.rounds,
-        settings.data_path
+        settings.data_path,
+        settings.threads
     );
     let direct = latencies(&connector, backends[0], settings.latency_samples).await;
     let (mut kiln_rounds, mut haproxy_rounds, mut direct_p99) =
