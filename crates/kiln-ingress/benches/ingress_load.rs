@@ -5,7 +5,8 @@
 //! front of them, and drives the same three workloads through each: new TLS connections
 //! per second, throughput of 1 MiB responses, and the latency of a fresh connection
 //! (handshake plus one request), whose p99 is compared with connecting to a backend
-//! directly. Rounds alternate between the proxies so drift on a shared machine hits both.
+//! directly. It also reads each proxy's CPU time during the first two workloads. Rounds
+//! alternate between the proxies so drift on a shared machine hits both.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -309,6 +310,19 @@ async fn wait_ready(connector: &TlsConnector, addr: SocketAddr) {
     }
 }
 
+/// CPU time (user plus system) a process has used, in milliseconds, from `/proc/PID/stat`.
+fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks * 1000.0 / per_second
+}
+
 #[derive(Default, Clone, Copy)]
 struct Figures {
     connections_per_sec: f64,
@@ -316,11 +330,18 @@ struct Figures {
     p50_us: u64,
     p99_us: u64,
     failures: u64,
+    cpu_ms_per_1000_connections: f64,
+    cpu_ms_per_gib: f64,
 }
 
-async fn measure(connector: &TlsConnector, addr: SocketAddr, settings: &Settings) -> Figures {
+async fn measure(connector: &TlsConnector, proxy: &ProxyProcess, settings: &Settings) -> Figures {
+    let (addr, pid) = (proxy.addr, proxy.child.id());
+    let cpu_start = cpu_ms(pid);
     let (connections, failed_c, _) = drive(connector, addr, settings, b"ping\n", false).await;
+    let cpu_connections = cpu_ms(pid) - cpu_start;
+    let cpu_start = cpu_ms(pid);
     let (_, failed_t, bytes) = drive(connector, addr, settings, b"get 1048576\n", true).await;
+    let cpu_transfer = cpu_ms(pid) - cpu_start;
     let sorted = latencies(connector, addr, settings.latency_samples).await;
     Figures {
         connections_per_sec: connections as f64 / settings.seconds as f64,
@@ -328,6 +349,8 @@ async fn measure(connector: &TlsConnector, addr: SocketAddr, settings: &Settings
         p50_us: percentile(&sorted, 0.50),
         p99_us: percentile(&sorted, 0.99),
         failures: failed_c + failed_t,
+        cpu_ms_per_1000_connections: cpu_connections * 1000.0 / connections.max(1) as f64,
+        cpu_ms_per_gib: cpu_transfer * 1024.0 / (bytes.max(1) as f64 / MIB as f64),
     }
 }
 
@@ -339,6 +362,12 @@ fn average(rounds: &[Figures]) -> Figures {
         p50_us: (rounds.iter().map(|f| f.p50_us as f64).sum::<f64>() / n) as u64,
         p99_us: (rounds.iter().map(|f| f.p99_us as f64).sum::<f64>() / n) as u64,
         failures: rounds.iter().map(|f| f.failures).sum(),
+        cpu_ms_per_1000_connections: rounds
+            .iter()
+            .map(|f| f.cpu_ms_per_1000_connections)
+            .sum::<f64>()
+            / n,
+        cpu_ms_per_gib: rounds.iter().map(|f| f.cpu_ms_per_gib).sum::<f64>() / n,
     }
 }
 
@@ -393,7 +422,7 @@ async fn main() {
             [&haproxy, &kiln]
         };
         for proxy in order {
-            let figures = measure(&connector, proxy.addr, &settings).await;
+            let figures = measure(&connector, proxy, &settings).await;
             if std::ptr::eq(proxy, &kiln) {
                 kiln_rounds.push(figures);
             } else {
@@ -431,6 +460,18 @@ async fn main() {
     println!(
         "| p50 / p99 latency through the proxy (us) | {} / {} | {} / {} | |",
         kiln_figures.p50_us, kiln_figures.p99_us, haproxy_figures.p50_us, haproxy_figures.p99_us
+    );
+    println!(
+        "| proxy CPU time per 1000 new connections (ms) | {:.0} | {:.0} | {:.2}x |",
+        kiln_figures.cpu_ms_per_1000_connections,
+        haproxy_figures.cpu_ms_per_1000_connections,
+        haproxy_figures.cpu_ms_per_1000_connections / kiln_figures.cpu_ms_per_1000_connections
+    );
+    println!(
+        "| proxy CPU time per GiB of 1 MiB responses (ms) | {:.0} | {:.0} | {:.2}x |",
+        kiln_figures.cpu_ms_per_gib,
+        haproxy_figures.cpu_ms_per_gib,
+        haproxy_figures.cpu_ms_per_gib / kiln_figures.cpu_ms_per_gib
     );
     println!(
         "| failed connections | {} | {} | |",
