@@ -5,7 +5,8 @@
 //! front of them, and drives the same three workloads through each: new TLS connections
 //! per second, throughput of 1 MiB responses, and the latency of a fresh connection
 //! (handshake plus one request), whose p99 is compared with connecting to a backend
-//! directly. Rounds alternate between the proxies so drift on a shared machine hits both.
+//! directly. It also reads each proxy's CPU time during the first two workloads. Rounds
+//! alternate between the proxies so drift on a shared machine hits both.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -36,6 +37,7 @@ struct Settings {
     concurrency: usize,
     latency_samples: usize,
     data_path: String,
+    threads: usize,
 }
 
 fn settings() -> Settings {
@@ -57,6 +59,9 @@ fn settings() -> Settings {
             .parse()
             .expect("BENCH_LATENCY_SAMPLES is a count"),
         data_path: env("BENCH_DATA_PATH", "splice"),
+        threads: env("BENCH_THREADS", "2")
+            .parse()
+            .expect("BENCH_THREADS is a count"),
     }
 }
 
@@ -227,7 +232,14 @@ fn start_kiln(settings: &Settings, backends: &[SocketAddr]) -> ProxyProcess {
     let port = free_port();
     let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
     let config = dir.path().join("ingress.toml");
-    std::fs::write(&config, format!("data_path = \"{}\"\n", settings.data_path)).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "data_path = \"{}\"\nworker_threads = {}\n",
+            settings.data_path, settings.threads
+        ),
+    )
+    .unwrap();
     let routes = dir.path().join("routes.toml");
     std::fs::write(
         &routes,
@@ -261,15 +273,16 @@ fn start_haproxy(settings: &Settings, backends: &[SocketAddr]) -> ProxyProcess {
         .enumerate()
         .map(|(i, b)| format!("    server b{i} {b}\n"))
         .collect();
-    // Two threads, as kiln-ingress's runtime has on this two-core machine; no health checks,
-    // as kiln-ingress does none in static mode.
+    // As many threads as kiln-ingress's worker_threads; no health checks, as kiln-ingress
+    // does none in static mode.
     let config = format!(
-        "global\n    maxconn 8000\n    nbthread 2\n\
+        "global\n    maxconn 8000\n    nbthread {}\n\
          defaults\n    mode tcp\n    timeout connect 3s\n    timeout client 600s\n    timeout server 600s\n\
          frontend tls\n    bind 127.0.0.1:{port}\n    tcp-request inspect-delay 5s\n\
          \x20   tcp-request content accept if {{ req.ssl_hello_type 1 }}\n\
          \x20   use_backend app if {{ req.ssl_sni -i {HOSTNAME} }}\n\
-         backend app\n    balance leastconn\n{servers}"
+         backend app\n    balance leastconn\n{servers}",
+        settings.threads
     );
     let path = dir.path().join("haproxy.cfg");
     std::fs::write(&path, config).unwrap();
@@ -297,6 +310,19 @@ async fn wait_ready(connector: &TlsConnector, addr: SocketAddr) {
     }
 }
 
+/// CPU time (user plus system) a process has used, in milliseconds, from `/proc/PID/stat`.
+fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks * 1000.0 / per_second
+}
+
 #[derive(Default, Clone, Copy)]
 struct Figures {
     connections_per_sec: f64,
@@ -304,11 +330,18 @@ struct Figures {
     p50_us: u64,
     p99_us: u64,
     failures: u64,
+    cpu_ms_per_1000_connections: f64,
+    cpu_ms_per_gib: f64,
 }
 
-async fn measure(connector: &TlsConnector, addr: SocketAddr, settings: &Settings) -> Figures {
+async fn measure(connector: &TlsConnector, proxy: &ProxyProcess, settings: &Settings) -> Figures {
+    let (addr, pid) = (proxy.addr, proxy.child.id());
+    let cpu_start = cpu_ms(pid);
     let (connections, failed_c, _) = drive(connector, addr, settings, b"ping\n", false).await;
+    let cpu_connections = cpu_ms(pid) - cpu_start;
+    let cpu_start = cpu_ms(pid);
     let (_, failed_t, bytes) = drive(connector, addr, settings, b"get 1048576\n", true).await;
+    let cpu_transfer = cpu_ms(pid) - cpu_start;
     let sorted = latencies(connector, addr, settings.latency_samples).await;
     Figures {
         connections_per_sec: connections as f64 / settings.seconds as f64,
@@ -316,6 +349,8 @@ async fn measure(connector: &TlsConnector, addr: SocketAddr, settings: &Settings
         p50_us: percentile(&sorted, 0.50),
         p99_us: percentile(&sorted, 0.99),
         failures: failed_c + failed_t,
+        cpu_ms_per_1000_connections: cpu_connections * 1000.0 / connections.max(1) as f64,
+        cpu_ms_per_gib: cpu_transfer * 1024.0 / (bytes.max(1) as f64 / MIB as f64),
     }
 }
 
@@ -327,6 +362,12 @@ fn average(rounds: &[Figures]) -> Figures {
         p50_us: (rounds.iter().map(|f| f.p50_us as f64).sum::<f64>() / n) as u64,
         p99_us: (rounds.iter().map(|f| f.p99_us as f64).sum::<f64>() / n) as u64,
         failures: rounds.iter().map(|f| f.failures).sum(),
+        cpu_ms_per_1000_connections: rounds
+            .iter()
+            .map(|f| f.cpu_ms_per_1000_connections)
+            .sum::<f64>()
+            / n,
+        cpu_ms_per_gib: rounds.iter().map(|f| f.cpu_ms_per_gib).sum::<f64>() / n,
     }
 }
 
@@ -362,12 +403,13 @@ async fn main() {
     wait_ready(&connector, haproxy.addr).await;
 
     eprintln!(
-        "load: {} clients for {} s per workload, {} latency samples, {} rounds, kiln-ingress data path {}",
+        "load: {} clients for {} s per workload, {} latency samples, {} rounds, kiln-ingress data path {}, {} threads per proxy",
         settings.concurrency,
         settings.seconds,
         settings.latency_samples,
         settings.rounds,
-        settings.data_path
+        settings.data_path,
+        settings.threads
     );
     let direct = latencies(&connector, backends[0], settings.latency_samples).await;
     let (mut kiln_rounds, mut haproxy_rounds, mut direct_p99) =
@@ -380,7 +422,7 @@ async fn main() {
             [&haproxy, &kiln]
         };
         for proxy in order {
-            let figures = measure(&connector, proxy.addr, &settings).await;
+            let figures = measure(&connector, proxy, &settings).await;
             if std::ptr::eq(proxy, &kiln) {
                 kiln_rounds.push(figures);
             } else {
@@ -418,6 +460,18 @@ async fn main() {
     println!(
         "| p50 / p99 latency through the proxy (us) | {} / {} | {} / {} | |",
         kiln_figures.p50_us, kiln_figures.p99_us, haproxy_figures.p50_us, haproxy_figures.p99_us
+    );
+    println!(
+        "| proxy CPU time per 1000 new connections (ms) | {:.0} | {:.0} | {:.2}x |",
+        kiln_figures.cpu_ms_per_1000_connections,
+        haproxy_figures.cpu_ms_per_1000_connections,
+        haproxy_figures.cpu_ms_per_1000_connections / kiln_figures.cpu_ms_per_1000_connections
+    );
+    println!(
+        "| proxy CPU time per GiB of 1 MiB responses (ms) | {:.0} | {:.0} | {:.2}x |",
+        kiln_figures.cpu_ms_per_gib,
+        haproxy_figures.cpu_ms_per_gib,
+        haproxy_figures.cpu_ms_per_gib / kiln_figures.cpu_ms_per_gib
     );
     println!(
         "| failed connections | {} | {} | |",

@@ -47,6 +47,9 @@ pub struct IngressConfig {
     /// Mechanism that moves bytes between client and backend after the ClientHello.
     /// Default: `splice`.
     pub data_path: DataPath,
+    /// Threads that run connections (tokio worker threads), like HAProxy's `nbthread`.
+    /// Default: none, which uses one per CPU the process may run on.
+    pub worker_threads: Option<usize>,
 }
 
 /// Mechanism that moves an established connection's bytes.
@@ -88,6 +91,7 @@ impl Default for IngressConfig {
             backend_failure_cooldown_secs: 10,
             balance: Balance::LeastConnections,
             data_path: DataPath::Splice,
+            worker_threads: None,
         }
     }
 }
@@ -182,6 +186,15 @@ impl IngressConfig {
                 "use a positive value such as 600",
             );
         }
+        if let Some(threads) = self.worker_threads
+            && !(1..=1024).contains(&threads)
+        {
+            return invalid(
+                "worker_threads",
+                threads.to_string(),
+                "use 1 to 1024, or leave it unset for one thread per CPU",
+            );
+        }
         if self.max_connections_per_client == 0 {
             return invalid("max_connections_per_client", "0".into(), "use 1 or more");
         }
@@ -263,6 +276,17 @@ mod tests {
     fn config_without_listener_invalid() {
         let error = IngressConfig::default().validate().unwrap_err();
         assert!(error.to_string().contains("listen"), "{error}");
+    }
+
+    #[test]
+    fn config_zero_threads_invalid() {
+        let config = IngressConfig {
+            listen: vec!["127.0.0.1:443".parse().unwrap()],
+            worker_threads: Some(0),
+            ..IngressConfig::default()
+        };
+        let error = config.validate().unwrap_err();
+        assert!(error.to_string().contains("worker_threads = 0"), "{error}");
     }
 
     #[test]

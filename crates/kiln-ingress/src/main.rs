@@ -59,15 +59,11 @@ fn main() -> ExitCode {
         .init();
 
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: failed to start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
     let result = match cli.command {
-        Command::Run(args) => runtime.block_on(run(args)),
+        Command::Run(args) => load_config(&args).and_then(|config| {
+            let runtime = build_runtime(&config)?;
+            runtime.block_on(run(args, config))
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -95,8 +91,17 @@ fn load_config(args: &RunArgs) -> anyhow::Result<IngressConfig> {
     Ok(config)
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let config = load_config(&args)?;
+/// Builds the multi-threaded runtime with the configured number of worker threads.
+fn build_runtime(config: &IngressConfig) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(threads) = config.worker_threads {
+        builder.worker_threads(threads);
+    }
+    builder.build().context("failed to start the async runtime")
+}
+
+async fn run(args: RunArgs, config: IngressConfig) -> anyhow::Result<()> {
     let mut hangup =
         signal(SignalKind::hangup()).context("failed to install the SIGHUP handler")?;
     let mut terminate =

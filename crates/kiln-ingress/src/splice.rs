@@ -20,8 +20,8 @@ use tokio::net::TcpStream;
 use crate::copy::{Activity, CopyEnd};
 use crate::metrics::RouteMetrics;
 
-/// Maximum bytes moved by one splice call, and the pipe capacity requested. The kernel's
-/// default pipe holds 16 pages (64 KiB on 4 KiB pages), so this asks for no more.
+/// Maximum bytes moved by one splice call. A pipe's default capacity is 16 pages (64 KiB
+/// with 4 KiB pages), so one call never asks for more than an empty pipe accepts.
 const SPLICE_CHUNK: usize = 64 * 1024;
 
 /// A pipe whose two ends close when it is dropped.
@@ -94,7 +94,7 @@ pub async fn splice_bidirectional(
     }
 }
 
-/// How one direction currently moves bytes.
+/// Current mechanism of one direction.
 enum Mode {
     Copy(Vec<u8>),
     Splice(Pipe),
@@ -194,7 +194,7 @@ async fn splice_chunk(
         }
     };
 
-    // The pipe is drained completely before the next read, so it never holds bytes of
+    // The pipe is drained completely before the next read, so it never contains bytes of
     // two reads and a full pipe cannot stall the source.
     let mut pending = filled;
     while pending > 0 {

@@ -227,7 +227,7 @@ fn control_table_maps_to_route_set() {
     assert!(set.tcp_services[0].proxy_protocol);
 }
 
-/// A TCP route as kiln-control publishes it for a dedicated address of an env.
+/// Builds a TCP route as kiln-control publishes it for a dedicated address of an env.
 fn api_tcp_route(env_id: EnvId, address: IpAddr, port: u16, backend: SocketAddr) -> ApiRoute {
     let IpAddr::V6(backend_address) = backend.ip() else {
         panic!("overlay backends are IPv6")
@@ -279,7 +279,7 @@ async fn control_dedicated_ipv4_followed() {
     let env_id = EnvId::new();
     let port = closed_port().await.port();
     let ipv6 = SocketAddr::new("::1".parse().unwrap(), port);
-    // A loopback address other than 127.0.0.1 stands in for the allocated public address.
+    // A loopback address other than 127.0.0.1 replaces the allocated public address.
     let ipv4 = SocketAddr::new("127.0.0.9".parse().unwrap(), port);
     let only_ipv6 = vec![api_tcp_route(env_id, ipv6.ip(), port, backend)];
     let (tables, receiver) = watch::channel(RouteTable {
