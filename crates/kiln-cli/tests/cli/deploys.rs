@@ -138,7 +138,8 @@ fn interrupt_detaches_from_deploy() {
     )
     .unwrap();
     let status = child.wait().unwrap();
-    let rest: Vec<String> = receiver.try_iter().collect();
+    // Read to the end of stderr: the reader thread may not have passed on the last lines yet.
+    let rest: Vec<String> = receiver.iter().collect();
     let rest = rest.join("\n");
 
     assert_eq!(status.code(), Some(130), "{rest}");
