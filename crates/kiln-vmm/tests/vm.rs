@@ -301,15 +301,20 @@ async fn http_get(address: Ipv6Addr, port: u16) -> String {
     response
 }
 
+/// A VM of another env has no secrets. A guest given no entropy seed still reads the
+/// blocking `/dev/random`, because the kernel seeds itself. The exit code propagates.
 #[tokio::test]
-async fn other_env_has_no_secrets_and_exit_code_propagates() {
-    let script = "ls -A /run/kiln/secrets | wc -l | sed 's/^/secrets=/'; exit 3";
-    let config = guest::instance_config(&["/bin/sh", "-c", script]);
+async fn other_env_unseeded_guest_exit_code() {
+    let script = "ls -A /run/kiln/secrets | wc -l | sed 's/^/secrets=/'; \
+                  head -c 32 /dev/random | wc -c | sed 's/^ */random=/'; exit 3";
+    let mut config = guest::instance_config(&["/bin/sh", "-c", script]);
+    config.entropy_seed = Vec::new();
 
     let mut test = boot(RootfsBuilder::new(), config, None, None).await;
     let status = test.wait_exit().await;
 
     assert_eq!(test.value_of("secrets"), Some("0"));
+    assert_eq!(test.value_of("random"), Some("32"));
     assert_eq!(status.code, Some(3));
     let stopped =
         kiln_vmm::process::wait_exit(test.vm.as_ref().unwrap().pid().unwrap(), STOP_TIMEOUT).await;
