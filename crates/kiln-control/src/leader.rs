@@ -130,24 +130,45 @@ async fn hold_leadership(
     }
 }
 
-/// Runs the leader's periodic work while this replica leads: expiring host leases and
-/// pruning old idempotency records.
+/// Shortest gap between two passes of leader work woken by appends. A deploy's events come in
+/// bursts (an agent reports several instances at once); the gap lets one pass handle a burst.
+const EVENT_PASS_GAP: Duration = Duration::from_millis(20);
+
+/// Runs the leader's work while this replica leads: expiring host leases, orchestrating
+/// deploys and pruning old idempotency records.
+///
+/// A pass runs every `interval`, and also soon after any append (`events` changes on every
+/// notification), so a deploy moves on as soon as an agent reports instead of waiting for the
+/// next tick. Correctness never depends on a notification: the interval pass still runs.
 pub async fn run_singleton_work(
     store: Store,
     mut leadership: watch::Receiver<Leadership>,
+    mut events: watch::Receiver<u64>,
     interval: Duration,
 ) {
+    let mut listening = true;
     loop {
         let state = *leadership.borrow_and_update();
+        // Mark the events seen before the pass, so an append during the pass wakes the next.
+        events.borrow_and_update();
         if let Leadership::Leader { term } = state
             && let Err(error) = singleton_pass(&store, term).await
         {
             tracing::warn!(error = %crate::api::error::error_chain(&error), term, "leader work failed");
         }
+
+        let is_leader = matches!(state, Leadership::Leader { .. });
         tokio::select! {
             changed = leadership.changed() => {
                 if changed.is_err() {
                     return;
+                }
+            }
+            changed = events.changed(), if listening && is_leader => {
+                match changed {
+                    Ok(()) => tokio::time::sleep(EVENT_PASS_GAP).await,
+                    // The notifier is gone; the interval alone drives the passes from now on.
+                    Err(_) => listening = false,
                 }
             }
             () = tokio::time::sleep(interval) => {}

@@ -48,6 +48,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tokio::spawn(leader::run_singleton_work(
         store.clone(),
         leadership.clone(),
+        notifier.subscribe(),
         interval,
     ));
 

@@ -62,6 +62,12 @@ impl Notifier {
         Ok(Self { changes })
     }
 
+    /// Returns a receiver whose value changes on every append notification (and after a
+    /// reconnect of the listening connection).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.clone()
+    }
+
     /// Calls `poll` until it returns `Some`, or until `wait` has passed, re-polling after
     /// every append notification. Returns the last result, `None` after a timeout.
     pub async fn wait_for<T, F, Fut>(
