@@ -170,11 +170,7 @@ fn deploy_without_hosts_says_so() {
     let run = kiln.run(&["deploy", "--image", &image]);
 
     run.expect_code(6);
-    assert!(
-        run.stderr.contains("no host is ready"),
-        "{}",
-        run.stderr
-    );
+    assert!(run.stderr.contains("no host is ready"), "{}", run.stderr);
     assert!(
         run.stderr.contains("uncordon a host or join a new one"),
         "{}",
