@@ -21,7 +21,7 @@ use crate::copy::{Activity, CopyEnd};
 use crate::metrics::RouteMetrics;
 
 /// Maximum bytes moved by one splice call. A pipe's default capacity is 16 pages (64 KiB
-/// with 4 KiB pages), so one call never asks for more than an empty pipe accepts.
+/// with 4 KiB pages), so one call never requests more than an empty pipe accepts.
 const SPLICE_CHUNK: usize = 64 * 1024;
 
 /// A pipe whose two ends close when it is dropped.

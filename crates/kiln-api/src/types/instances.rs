@@ -76,5 +76,5 @@ pub struct ReportInstanceState {
 /// Most output lines a state report may carry.
 pub const MAX_REPORTED_OUTPUT_LINES: usize = 50;
 
-/// Longest output line a state report may carry, in bytes.
+/// Maximum length in bytes of one output line in a state report.
 pub const MAX_REPORTED_OUTPUT_LINE_BYTES: usize = 1024;

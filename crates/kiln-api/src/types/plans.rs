@@ -102,7 +102,7 @@ impl<'de> Deserialize<'de> for PlanId {
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreatePlan {
-    /// What to deploy.
+    /// The release to deploy.
     pub target: DeployTarget,
     /// Strategy; absent uses the release's.
     #[serde(default)]
@@ -135,7 +135,7 @@ pub struct PlanRelease {
     pub rollback_of: Option<ReleaseId>,
 }
 
-/// What changes between the environment's current release and the planned one.
+/// Difference between the environment's current release and the planned one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ReleaseChange {

@@ -122,7 +122,7 @@ fn print_entries(session: &Session, entries: &[LogEntry]) -> CliResult {
 
 /// One human line: time, process and instance, then the text.
 pub(crate) fn format_entry(session: &Session, entry: &LogEntry) -> String {
-    // The workload's own output is the common case and stays unmarked; lines from the guest's
+    // The workload's own output is the common case and stays unmarked. Lines from the guest's
     // console and from the agent name their source, so they are not mistaken for the app's.
     let mut source = format!("{}[{}]", entry.process, short_instance(entry.instance_id));
     match entry.stream {

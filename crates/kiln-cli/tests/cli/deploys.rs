@@ -215,8 +215,8 @@ fn scale_logs_plan_after_deploy() {
     logs_json.ok();
     assert_eq!(logs_json.json()["entries"], serde_json::json!([]));
 
-    // No host runs here, so the plan cannot place anything (or the first deploy has not
-    // finished yet); either way the control plane rejects it as a state conflict.
+    // No host runs here, so the plan cannot place anything. The control plane rejects it as a
+    // state conflict, as it would while the first deploy was still unfinished.
     let plan = kiln.run(&["plan", "--image", &image, "--json"]);
     plan.expect_code(4);
     assert!(

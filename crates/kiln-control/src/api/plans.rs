@@ -317,7 +317,8 @@ async fn store_plan(
     scheduled: &SchedulerPlan,
     events: &[Event],
 ) -> Result<Plan, ApiError> {
-    // Plans are not events, so old ones can go: a day after expiry nobody can apply them.
+    // Plans are not events, so deleting them loses no history. A plan expired for a day can no
+    // longer be applied by anyone.
     sqlx::query("DELETE FROM plans WHERE expires_at < now() - interval '1 day'")
         .execute(pool)
         .await

@@ -290,7 +290,7 @@ fn validate_spec(spec: &ReleaseSpec) -> Result<(), ApiError> {
     validate_release_command(spec)
 }
 
-/// Longest timeout a release command may have, in seconds (one day).
+/// Maximum timeout of a release command, in seconds (one day).
 const MAX_RELEASE_COMMAND_TIMEOUT_SECS: u64 = 86_400;
 
 fn validate_release_command(spec: &ReleaseSpec) -> Result<(), ApiError> {

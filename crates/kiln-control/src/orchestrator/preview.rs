@@ -11,7 +11,7 @@ use kiln_scheduler::plan::{Intent, Plan, PlanError, PlanRequest, plan};
 use super::convert;
 use super::pg::{Orchestrator, OrchestratorError};
 
-/// What to plan.
+/// Deploy target of a preview.
 #[derive(Debug, Clone, Copy)]
 pub enum PreviewTarget<'a> {
     /// Roll the env to a release, which need not be stored yet.
