@@ -312,7 +312,7 @@ async fn reconcile(
                         .insert(assignment.instance_id, InstanceState::Pending);
                 }
                 // Each instance boots in a task of its own, as microVMs boot in parallel on a
-                // real host; it was recorded as pending above, so it is never booted twice.
+                // real host. It was recorded as pending above, so it is never booted twice.
                 let outcome = (config.behavior)(assignment);
                 tokio::spawn(boot(
                     client.clone(),
