@@ -20,7 +20,7 @@ use kiln_api::types::{
 use kiln_core::{HostId, InstanceId};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::LogConfig;
 use crate::control::ControlPlane;
@@ -40,6 +40,11 @@ pub const STARTING_PROBE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Timeout of those checks during the grace period.
 pub const STARTING_PROBE_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// Health checks that must fail in a row, after the grace period, before an instance is
+/// reported unhealthy. One slow answer on a loaded host is not an outage; three in a row,
+/// an interval apart, are.
+pub const UNHEALTHY_AFTER_FAILURES: u32 = 3;
 
 /// Shortest sleep of the reconcile loop between passes.
 const MIN_PASS_INTERVAL: Duration = Duration::from_millis(20);
@@ -166,6 +171,7 @@ where
                     restarts: record.restarts,
                     next_start_at: None,
                     next_probe_at: Some(now),
+                    probe_failures: 0,
                     has_resources: true,
                 },
             );
@@ -216,6 +222,7 @@ where
                 restarts,
                 next_start_at: None,
                 next_probe_at: None,
+                probe_failures: 0,
                 has_resources: false,
             },
         );
@@ -459,6 +466,7 @@ where
                 restarts,
                 next_start_at: None,
                 next_probe_at: None,
+                probe_failures: 0,
                 has_resources: true,
             },
         );
@@ -475,6 +483,7 @@ where
                     tracked.phase = Phase::Running;
                     tracked.booted_at = Some(booted);
                     tracked.next_probe_at = Some(now);
+                    tracked.probe_failures = 0;
                 }
                 info!(instance = %id, "instance booted");
                 self.report(id, InstanceState::Running, None, None);
@@ -677,12 +686,22 @@ where
         } else {
             interval
         };
+        let mut failures = 0;
         if let Some(tracked) = self.tracked.get_mut(&id) {
             tracked.next_probe_at = Some(now + next_in);
+            tracked.probe_failures = match (&result, in_grace) {
+                (Ok(()), _) => 0,
+                (Err(_), true) => tracked.probe_failures,
+                (Err(_), false) => tracked.probe_failures.saturating_add(1),
+            };
+            failures = tracked.probe_failures;
         }
         match result {
             Ok(()) => self.set_phase(id, Phase::Healthy, None),
             Err(_) if in_grace => {}
+            Err(failure) if failures < UNHEALTHY_AFTER_FAILURES => {
+                debug!(instance = %id, failures, %failure, "health check failed");
+            }
             Err(failure) => {
                 let explanation = match self.handles.get(&id) {
                     Some(handle) => match self.vms.listening_sockets(handle).await {

@@ -71,6 +71,8 @@ pub struct Tracked {
     pub next_start_at: Option<Instant>,
     /// When the next health check is due.
     pub next_probe_at: Option<Instant>,
+    /// Health checks failed in a row since the last one that passed.
+    pub probe_failures: u32,
     /// Whether its disk, TAP and run directory still exist.
     pub has_resources: bool,
 }
@@ -253,6 +255,7 @@ mod tests {
             restarts: 0,
             next_start_at: None,
             next_probe_at: None,
+            probe_failures: 0,
             has_resources: true,
         }
     }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fakes::{FakeControl, FakeImages, FakeNetwork, FakeVms};
-use kiln_agent::agent::{Agent, Shared};
+use kiln_agent::agent::{Agent, Shared, UNHEALTHY_AFTER_FAILURES};
 use kiln_agent::config::LogConfig;
 use kiln_agent::network::KilnNetwork;
 use kiln_agent::plan::Phase;
@@ -206,9 +206,8 @@ async fn unhealthy_report_explains_ipv4_only() {
 
     let now = Instant::now();
     h.pass(now).await;
-    h.pass(now).await;
+    probe_until_unhealthy(&mut h, &a, now).await;
 
-    assert_eq!(h.phase(a.instance_id), Some(Phase::Unhealthy));
     let reports = h.control.inner.lock().unwrap().reports.clone();
     let (_, last) = reports.last().unwrap();
     let detail = last.detail.clone().unwrap();
@@ -229,8 +228,68 @@ async fn health_failures_ignored_during_grace() {
     h.pass(now).await;
     h.pass(now).await;
     assert_eq!(h.phase(a.instance_id), Some(Phase::Running));
-    h.pass(now + Duration::from_secs(31)).await;
-    assert_eq!(h.phase(a.instance_id), Some(Phase::Unhealthy));
+    probe_until_unhealthy(&mut h, &a, now + Duration::from_secs(31)).await;
+}
+
+/// Runs a pass per health check interval from `from` on, for an instance whose checks all
+/// fail, and asserts that it turns unhealthy on exactly the failure that reaches the
+/// threshold, not before.
+async fn probe_until_unhealthy<N: HostNetwork>(h: &mut Harness<N>, a: &Assignment, from: Instant) {
+    let interval = Duration::from_secs(1);
+    for failure in 1..=UNHEALTHY_AFTER_FAILURES {
+        h.pass(from + interval * failure).await;
+        let expected = if failure < UNHEALTHY_AFTER_FAILURES {
+            Phase::Running
+        } else {
+            Phase::Unhealthy
+        };
+        assert_eq!(
+            h.phase(a.instance_id),
+            Some(expected),
+            "after failure {failure}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn health_failures_below_threshold_keep_instance_healthy() {
+    let root = tempfile::tempdir().unwrap();
+    let service = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
+    let port = service.local_addr().unwrap().port();
+    let a = assignment(port);
+    let mut h = Harness::new(root.path(), FakeVms::new(), FakeNetwork::default());
+    h.agent
+        .set_desired(assignments(1, std::slice::from_ref(&a)));
+    let now = Instant::now();
+    h.pass(now).await;
+    h.pass(now).await;
+    assert_eq!(h.phase(a.instance_id), Some(Phase::Healthy));
+    let second = |n: u32| now + Duration::from_secs(u64::from(n));
+
+    // The app stops answering for fewer checks than the threshold, then answers again: the
+    // instance stays healthy throughout, and the count starts over.
+    drop(service);
+    for n in 1..UNHEALTHY_AFTER_FAILURES {
+        h.pass(second(n)).await;
+        assert_eq!(h.phase(a.instance_id), Some(Phase::Healthy), "failure {n}");
+    }
+    let service = tokio::net::TcpListener::bind(("::1", port)).await.unwrap();
+    h.pass(second(UNHEALTHY_AFTER_FAILURES)).await;
+    assert_eq!(h.phase(a.instance_id), Some(Phase::Healthy));
+    assert_eq!(h.agent.tracked()[&a.instance_id].probe_failures, 0);
+
+    // Then it stops answering for good: unhealthy on the threshold-th failure in a row.
+    drop(service);
+    let start = UNHEALTHY_AFTER_FAILURES + 1;
+    for n in start..start + UNHEALTHY_AFTER_FAILURES {
+        h.pass(second(n)).await;
+        let expected = if n + 1 < start + UNHEALTHY_AFTER_FAILURES {
+            Phase::Healthy
+        } else {
+            Phase::Unhealthy
+        };
+        assert_eq!(h.phase(a.instance_id), Some(expected), "check {n}");
+    }
 }
 
 #[tokio::test]

@@ -349,8 +349,8 @@ protocol = "tls"
 [services.https.health]
 type = "tcp"
 interval = "1s"
-timeout = "1s"
-grace_period = "10s"
+timeout = "2s"
+grace_period = "60s"
 
 [release_command]
 command = ["/bin/sh", "-c", "{script}"]

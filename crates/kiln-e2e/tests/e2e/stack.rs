@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -36,7 +37,9 @@ const REQUEST_TIMEOUT_SECS: &str = "10";
 const BINARIES: [&str; 4] = ["kiln", "kiln-control", "kiln-agent", "kiln-ingress"];
 
 /// The app's manifest: the example app with one instance per environment, so a test
-/// controls every instance count itself.
+/// controls every instance count itself. The health check's grace period is long because CI
+/// boots these microVMs under QEMU TCG beside the rest of the test suite; an instance is
+/// still reported healthy on its first passing check.
 const MANIFEST: &str = r#"app = "hello"
 
 [processes.web]
@@ -52,8 +55,8 @@ protocol = "tls"
 [services.https.health]
 type = "tcp"
 interval = "1s"
-timeout = "1s"
-grace_period = "10s"
+timeout = "2s"
+grace_period = "60s"
 
 [env]
 TLS_HOSTNAMES = "localhost"
@@ -435,6 +438,11 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
+        // A failed assertion names what it saw; the daemons' logs tell why, and CI keeps only
+        // what the test printed.
+        if thread::panicking() {
+            eprintln!("{}", self.daemon_logs());
+        }
         let mut down = self.in_netns(&repo().join("scripts/dev"));
         down.arg("down");
         let output = wait::run(down, None, STACK_DOWN_TIMEOUT);
