@@ -253,9 +253,10 @@ async fn rotate(store: &Store, keyring: &Keyring) -> anyhow::Result<u64> {
         };
         let plain = keyring.open(env_id, &name, version as u64, &sealed)?;
         let resealed = keyring.seal(env_id, &name, version as u64, &plain)?;
-        sqlx::query("UPDATE secret_values SET key_id = $3, nonce = $4, ciphertext = $5 WHERE env_id = $1 AND name = $2")
+        sqlx::query("UPDATE secret_values SET key_id = $4, nonce = $5, ciphertext = $6 WHERE env_id = $1 AND name = $2 AND version = $3")
             .bind(env_id.as_uuid())
             .bind(&name)
+            .bind(version)
             .bind(&resealed.key_id)
             .bind(&resealed.nonce)
             .bind(&resealed.ciphertext)

@@ -243,6 +243,10 @@ pub async fn report_state(
 
 /// `GET /v1/host/instances/{instance}/secrets`: values only for a running instance placed
 /// on the calling host.
+///
+/// An instance gets the secrets of its own release: the set as it was when the release was
+/// created, or as a rollback restored it. A secret changed later reaches the next release,
+/// not a restart or a scale-up of this one.
 pub async fn secrets(
     State(state): State<AppState>,
     caller: Caller,
@@ -250,34 +254,50 @@ pub async fn secrets(
 ) -> Result<Json<InstanceSecrets>, ApiError> {
     let host_id = scope::host(&caller)?;
     let instance_id = parse_instance(&instance)?;
-    let (env_id, _) = instance_on_host(&state, host_id, instance_id).await?;
+    let pool = state.store.pool();
+    let row =
+        sqlx::query("SELECT env_id, release_id FROM instances WHERE id = $1 AND host_id = $2")
+            .bind(instance_id.as_uuid())
+            .bind(host_id.as_uuid())
+            .fetch_optional(pool)
+            .await
+            .map_err(ApiError::database("look up instance"))?
+            .ok_or_else(|| ApiError::not_found("instance", instance_id))?;
+    let env_id = EnvId::from_uuid(row.get("env_id"));
+    let release_id = ReleaseId::from_uuid(row.get("release_id"));
 
-    let mut tx = state.store.begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        .execute(&mut *tx)
-        .await
-        .map_err(ApiError::database("set isolation"))?;
-    let secrets_version: i64 = sqlx::query_scalar("SELECT secrets_version FROM envs WHERE id = $1")
-        .bind(env_id.as_uuid())
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(ApiError::database("read secrets version"))?
-        .ok_or_else(|| ApiError::not_found("instance", instance_id))?;
+    // Both are fixed once the release exists: the log is append-only and stored values are
+    // never changed, only re-sealed by a key rotation.
+    let secrets_version = super::targets::secrets_version_at(pool, env_id, release_id).await?;
+    let pins = super::targets::secrets_at(pool, env_id, secrets_version).await?;
+    let (names, versions): (Vec<String>, Vec<i64>) = pins
+        .iter()
+        .map(|(name, pin)| (name.clone(), pin.version as i64))
+        .unzip();
     let rows = sqlx::query(
-        "SELECT name, version, key_id, nonce, ciphertext FROM secret_values WHERE env_id = $1",
+        "SELECT DISTINCT ON (v.name) v.name, v.version, v.key_id, v.nonce, v.ciphertext,
+                v.version = p.version AS pinned
+         FROM secret_values v
+         JOIN unnest($2::text[], $3::bigint[]) AS p(name, version) ON p.name = v.name
+         WHERE v.env_id = $1
+         ORDER BY v.name, v.version = p.version DESC, v.version DESC",
     )
     .bind(env_id.as_uuid())
-    .fetch_all(&mut *tx)
+    .bind(&names)
+    .bind(&versions)
+    .fetch_all(pool)
     .await
     .map_err(ApiError::database("read secret values"))?;
-    tx.commit()
-        .await
-        .map_err(ApiError::database("end secrets read"))?;
 
     let mut values = BTreeMap::new();
     for row in &rows {
         let name: String = row.get("name");
         let version: i64 = row.get("version");
+        if !row.get::<bool, _>("pinned") {
+            // Stored before values were kept by version (migration `secret_versions`), when
+            // a new value overwrote the old one: the newest value is all there is.
+            tracing::warn!(%instance_id, secret = %name, version, "pinned secret version is gone; delivering the newest value");
+        }
         let sealed = Sealed {
             key_id: row.get("key_id"),
             nonce: row.get("nonce"),
@@ -288,10 +308,18 @@ pub async fn secrets(
             .map_err(|_| ApiError::internal("decrypted secret is not UTF-8"))?;
         values.insert(name, value);
     }
+    if let Some(missing) = names.iter().find(|name| !values.contains_key(*name)) {
+        return Err(ApiError::new(
+            ErrorCode::FailedPrecondition,
+            format!(
+                "no stored value of secret {missing} for release {release_id}; set it again and deploy"
+            ),
+        ));
+    }
     tracing::info!(%instance_id, %host_id, count = values.len(), "delivered secrets");
     Ok(Json(InstanceSecrets {
         instance_id,
-        secrets_version: secrets_version as u64,
+        secrets_version,
         values,
     }))
 }

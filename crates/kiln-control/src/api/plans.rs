@@ -561,7 +561,22 @@ async fn release_change(
         .fetch_one(pool)
         .await
         .map_err(ApiError::database("read secrets version"))?;
-    let to = plan_release(&prepared.release, secrets_now as u64);
+    // A rollback's restore events move the secret set on before its release is created.
+    let secrets_to = prepared
+        .events
+        .iter()
+        .filter_map(|event| match event {
+            Event::SecretSet {
+                secrets_version, ..
+            }
+            | Event::SecretUnset {
+                secrets_version, ..
+            } => Some(*secrets_version),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(secrets_now as u64);
+    let to = plan_release(&prepared.release, secrets_to);
 
     let from = match from {
         Some(id) => {

@@ -61,8 +61,8 @@ pub async fn set(
     let stream = streams::env(env.id);
     retry_on_conflict(|| async {
         let stream_version = state.store.stream_version(&stream).await?;
-        let (secrets_version, secret_version) = versions(state.store.pool(), env.id, &name).await?;
-        let version = secret_version + 1;
+        let versions = versions(state.store.pool(), env.id, &name).await?;
+        let (secrets_version, version) = (versions.set, versions.latest + 1);
 
         let mut tx = state.store.begin().await?;
         let digest_key = digest_key(&mut tx, env.id).await?;
@@ -87,10 +87,7 @@ pub async fn set(
         .await?;
         sqlx::query(
             "INSERT INTO secret_values (env_id, name, version, key_id, nonce, ciphertext)
-             VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (env_id, name) DO UPDATE
-             SET version = EXCLUDED.version, key_id = EXCLUDED.key_id,
-                 nonce = EXCLUDED.nonce, ciphertext = EXCLUDED.ciphertext",
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(env.id.as_uuid())
         .bind(&name)
@@ -130,10 +127,11 @@ pub async fn unset(
     let stream = streams::env(env.id);
     retry_on_conflict(|| async {
         let stream_version = state.store.stream_version(&stream).await?;
-        let (secrets_version, secret_version) = versions(state.store.pool(), env.id, &name).await?;
-        if secret_version == 0 {
+        let versions = versions(state.store.pool(), env.id, &name).await?;
+        if !versions.is_set {
             return Err(ApiError::not_found("secret", &name));
         }
+        let secrets_version = versions.set;
         let mut tx = state.store.begin().await?;
         let event = Event::SecretUnset {
             env_id: env.id,
@@ -148,12 +146,8 @@ pub async fn unset(
             &caller.actor(),
         )
         .await?;
-        sqlx::query("DELETE FROM secret_values WHERE env_id = $1 AND name = $2")
-            .bind(env.id.as_uuid())
-            .bind(&name)
-            .execute(&mut *tx)
-            .await
-            .map_err(ApiError::database("delete secret value"))?;
+        // The value stays: releases made while it was set still deliver it (see
+        // `host_agent::secrets`), and a rollback to one of them restores it.
         tx.commit()
             .await
             .map_err(ApiError::database("commit secret removal"))?;
@@ -163,11 +157,26 @@ pub async fn unset(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Returns the environment's secret-set version and the version of secret `name` (0 when
-/// it is not set).
-async fn versions(pool: &sqlx::PgPool, env_id: EnvId, name: &str) -> Result<(u64, u64), ApiError> {
+/// Versions around secret `name` of an environment.
+struct SecretVersions {
+    /// The environment's secret-set version.
+    set: u64,
+    /// Whether the name is set now.
+    is_set: bool,
+    /// The highest version of the name ever stored (0 when never set). Versions are never
+    /// reused, even after an unset, because stored values are kept by version.
+    latest: u64,
+}
+
+async fn versions(
+    pool: &sqlx::PgPool,
+    env_id: EnvId,
+    name: &str,
+) -> Result<SecretVersions, ApiError> {
     let row = sqlx::query(
-        "SELECT e.secrets_version, s.version
+        "SELECT e.secrets_version, s.version AS current,
+                (SELECT max(v.version) FROM secret_values v
+                 WHERE v.env_id = e.id AND v.name = $2) AS latest
          FROM envs e LEFT JOIN secrets s ON s.env_id = e.id AND s.name = $2
          WHERE e.id = $1",
     )
@@ -177,9 +186,13 @@ async fn versions(pool: &sqlx::PgPool, env_id: EnvId, name: &str) -> Result<(u64
     .await
     .map_err(ApiError::database("read secret versions"))?;
     let row = row.ok_or_else(|| ApiError::not_found("environment", env_id))?;
-    let env_version: i64 = row.get("secrets_version");
-    let secret_version: Option<i64> = row.get("version");
-    Ok((env_version as u64, secret_version.unwrap_or(0) as u64))
+    let current: Option<i64> = row.get("current");
+    let latest: Option<i64> = row.get("latest");
+    Ok(SecretVersions {
+        set: row.get::<i64, _>("secrets_version") as u64,
+        is_set: current.is_some(),
+        latest: current.max(latest).unwrap_or(0) as u64,
+    })
 }
 
 /// Returns the environment's digest key, creating it on first use.

@@ -2,9 +2,11 @@
 //! release again, or a rollback.
 //!
 //! A rollback is a new release: it repeats an older release's image digest and manifest,
-//! names that release in `rollback_of`, and sets the environment's config vars back to the
-//! values they had at that release's config version. The config history is read from the
-//! `ConfigChanged` events of the environment's stream, so no extra table is needed.
+//! names that release in `rollback_of`, sets the environment's config vars back to the values
+//! they had at that release's config version, and points each secret back at the version
+//! that release had. Config and secret history are read from the `ConfigChanged`,
+//! `SecretSet` and `SecretUnset` events of the environment's stream; secret values are kept by
+//! version in `secret_values`, so a rollback stores no value again.
 
 use std::collections::BTreeMap;
 
@@ -24,8 +26,8 @@ pub struct Prepared {
     pub release: Release,
     /// Whether the deploy creates `release` (a new release or a rollback release).
     pub creates_release: bool,
-    /// Events to append before `DeployRequested`: a config restore for a rollback, then
-    /// `ReleaseCreated` when the deploy creates its release.
+    /// Events to append before `DeployRequested`: a config and secrets restore for a
+    /// rollback, then `ReleaseCreated` when the deploy creates its release.
     pub events: Vec<Event>,
 }
 
@@ -73,9 +75,9 @@ pub async fn prepare(
     rollback(pool, env, old, new_release).await
 }
 
-/// Builds the rollback release of `old` and the config change that restores its config vars.
-// TODO(correctness): secret values are not versioned, so a rollback keeps the current secrets,
-// and a failed rollback deploy keeps the restored config vars.
+/// Builds the rollback release of `old` and the changes that restore its config vars and
+/// secrets.
+// TODO(correctness): a failed rollback deploy keeps the restored config vars and secrets.
 async fn rollback(
     pool: &sqlx::PgPool,
     env: EnvId,
@@ -108,6 +110,7 @@ async fn rollback(
             unset,
         });
     }
+    events.extend(restore_secrets(pool, env, old.id).await?);
 
     let count: i64 = sqlx::query_scalar("SELECT release_count FROM envs WHERE id = $1")
         .bind(env.as_uuid())
@@ -166,6 +169,98 @@ pub async fn config_at(
         vars.extend(set);
     }
     Ok(vars)
+}
+
+/// The events that point the environment's secrets back at the versions `release` had: a
+/// `SecretSet` naming the old version for each secret that differs, a `SecretUnset` for each
+/// secret the release did not have. Each bumps the secret-set version by one, as the
+/// secrets API does.
+async fn restore_secrets(
+    pool: &sqlx::PgPool,
+    env: EnvId,
+    release: ReleaseId,
+) -> Result<Vec<Event>, ApiError> {
+    let then = secrets_at(pool, env, secrets_version_at(pool, env, release).await?).await?;
+    let set_version: i64 = sqlx::query_scalar("SELECT secrets_version FROM envs WHERE id = $1")
+        .bind(env.as_uuid())
+        .fetch_one(pool)
+        .await
+        .map_err(ApiError::database("read secrets version"))?;
+    let mut set_version = set_version as u64;
+    let now = secrets_at(pool, env, set_version).await?;
+
+    let mut events = Vec::new();
+    for (name, pin) in &then {
+        if now.get(name) == Some(pin) {
+            continue;
+        }
+        set_version += 1;
+        events.push(Event::SecretSet {
+            env_id: env,
+            name: name.clone(),
+            version: pin.version,
+            digest: pin.digest.clone(),
+            secrets_version: set_version,
+        });
+    }
+    for name in now.keys().filter(|name| !then.contains_key(*name)) {
+        set_version += 1;
+        events.push(Event::SecretUnset {
+            env_id: env,
+            name: name.clone(),
+            secrets_version: set_version,
+        });
+    }
+    Ok(events)
+}
+
+/// Which version of a secret's value a secret set holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretPin {
+    /// The value's version in `secret_values`.
+    pub version: u64,
+    /// The value's keyed digest.
+    pub digest: String,
+}
+
+/// The secrets of `env` at secret-set version `version`, by name, replayed from its
+/// `SecretSet` and `SecretUnset` events (version 0 has none).
+pub async fn secrets_at(
+    pool: &sqlx::PgPool,
+    env: EnvId,
+    version: u64,
+) -> Result<BTreeMap<String, SecretPin>, ApiError> {
+    let rows = sqlx::query(
+        "SELECT payload FROM events
+         WHERE stream = $1 AND type IN ('SecretSet', 'SecretUnset')
+           AND (payload->'data'->>'secrets_version')::bigint <= $2
+         ORDER BY seq",
+    )
+    .bind(streams::env(env))
+    .bind(i64::try_from(version).unwrap_or(i64::MAX))
+    .fetch_all(pool)
+    .await
+    .map_err(ApiError::database("read secrets history"))?;
+
+    let mut secrets = BTreeMap::new();
+    for row in rows {
+        let payload: serde_json::Value = row.get("payload");
+        match serde_json::from_value(payload) {
+            Ok(Event::SecretSet {
+                name,
+                version,
+                digest,
+                ..
+            }) => {
+                secrets.insert(name, SecretPin { version, digest });
+            }
+            Ok(Event::SecretUnset { name, .. }) => {
+                secrets.remove(&name);
+            }
+            _ => return Err(ApiError::internal("stored secret event is invalid")),
+        }
+    }
+    Ok(secrets)
 }
 
 /// The version of the environment's secret set when `release` was created (0 when no secret

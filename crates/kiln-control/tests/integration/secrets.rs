@@ -170,14 +170,133 @@ async fn canary_secret_stays_out_of_events_logs_and_listings() {
         .await
         .unwrap();
     assert!(client.list_secrets(&path).await.unwrap().items.is_empty());
-    assert!(
-        host.client
-            .instance_secrets(prod_instance)
-            .await
-            .unwrap()
-            .values
-            .is_empty()
-    );
+    // The instance keeps its release's secrets; the next release has none.
+    let kept = host.client.instance_secrets(prod_instance).await.unwrap();
+    assert_eq!(kept.values["DATABASE_PASSWORD"], canary);
+    let next = create_release(&client, &path).await;
+    let next_instance = place_instance(&server, &env, &next, &host.host, 22).await;
+    let next_delivered = host.client.instance_secrets(next_instance).await.unwrap();
+    assert!(next_delivered.values.is_empty(), "{next_delivered:?}");
+    assert_eq!(next_delivered.secrets_version, 3);
+}
+
+async fn create_release(client: &kiln_api::Client, path: &kiln_api::client::EnvPath) -> Release {
+    client
+        .create_release(
+            path,
+            &CreateRelease {
+                image: harness::image(),
+                spec: harness::release_spec(),
+                description: String::new(),
+            },
+        )
+        .await
+        .unwrap()
+}
+
+async fn set(client: &kiln_api::Client, path: &kiln_api::client::EnvPath, name: &str, value: &str) {
+    client
+        .set_secret(
+            path,
+            name,
+            &SetSecret {
+                value: value.into(),
+            },
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn instances_get_their_release_secrets_and_rollback_restores_them() {
+    let server = TestServer::start().await;
+    let client = server.org_client();
+    let env = harness::create_app_and_env(&server).await;
+    let path = harness::env_path(&server.org);
+    let host = register_host(&server, "h1").await;
+
+    set(&client, &path, "API_KEY", "key-one").await;
+    let first = create_release(&client, &path).await;
+    set(&client, &path, "API_KEY", "key-two").await;
+    set(&client, &path, "EXTRA", "extra-one").await;
+    let second = create_release(&client, &path).await;
+    client.unset_secret(&path, "EXTRA").await.unwrap();
+    set(&client, &path, "API_KEY", "key-three").await;
+
+    // Each release's instances get the set as it was when the release was made, even when
+    // they start after later changes (a restart or a scale-up of an older release).
+    let first_instance = place_instance(&server, &env, &first, &host.host, 30).await;
+    let second_instance = place_instance(&server, &env, &second, &host.host, 31).await;
+    let delivered = host.client.instance_secrets(first_instance).await.unwrap();
+    assert_eq!(delivered.values.len(), 1, "{:?}", delivered.values.keys());
+    assert_eq!(delivered.values["API_KEY"], "key-one");
+    assert_eq!(delivered.secrets_version, 1);
+    let delivered = host.client.instance_secrets(second_instance).await.unwrap();
+    assert_eq!(delivered.values["API_KEY"], "key-two");
+    assert_eq!(delivered.values["EXTRA"], "extra-one");
+    assert_eq!(delivered.secrets_version, 3);
+
+    // A rollback to the second release points both names back at that release's versions.
+    let rollback = client
+        .create_deploy(
+            &path,
+            &CreateDeploy {
+                target: DeployTarget::ReleaseVersion(second.version),
+                strategy: Some(DeployStrategy::Immediate),
+            },
+        )
+        .await
+        .unwrap();
+    let restored_instance = place_instance(&server, &env, &rollback.release, &host.host, 32).await;
+    let delivered = host
+        .client
+        .instance_secrets(restored_instance)
+        .await
+        .unwrap();
+    assert_eq!(delivered.values["API_KEY"], "key-two");
+    assert_eq!(delivered.values["EXTRA"], "extra-one");
+    let listing = client.list_secrets(&path).await.unwrap();
+    let versions: Vec<(&str, u64)> = listing
+        .items
+        .iter()
+        .map(|meta| (meta.name.as_str(), meta.version))
+        .collect();
+    assert_eq!(versions, [("API_KEY", 2), ("EXTRA", 1)]);
+
+    // Then back to the first release: EXTRA goes, API_KEY returns to its first value.
+    let rollback = client
+        .create_deploy(
+            &path,
+            &CreateDeploy {
+                target: DeployTarget::ReleaseVersion(first.version),
+                strategy: Some(DeployStrategy::Immediate),
+            },
+        )
+        .await
+        .unwrap();
+    let oldest_instance = place_instance(&server, &env, &rollback.release, &host.host, 33).await;
+    let delivered = host.client.instance_secrets(oldest_instance).await.unwrap();
+    assert_eq!(delivered.values.len(), 1, "{:?}", delivered.values.keys());
+    assert_eq!(delivered.values["API_KEY"], "key-one");
+
+    // A new value never reuses a stored version, and no value reached the event log.
+    let meta = client
+        .set_secret(
+            &path,
+            "API_KEY",
+            &SetSecret {
+                value: "key-four".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(meta.version, 4);
+    let all_events =
+        serde_json::to_string(&server.operator().events(&Default::default()).await.unwrap())
+            .unwrap();
+    for value in ["key-one", "key-two", "key-three", "key-four", "extra-one"] {
+        assert!(!all_events.contains(value), "an event holds {value}");
+    }
 }
 
 #[tokio::test]

@@ -32,5 +32,9 @@ pub(crate) async fn run(session: &mut Session, args: Args) -> CliResult {
     }
     session
         .out
-        .line(&format!("Unset secret {} on {}", args.name, target.label()))
+        .line(&format!("Unset secret {} on {}", args.name, target.label()))?;
+    session
+        .out
+        .note("Running instances keep the secret until the next deploy: kiln deploy");
+    Ok(())
 }
