@@ -27,6 +27,13 @@ pub struct StoreConfig {
     /// Disk space that `gc` shrinks the store to, in bytes. Default: 20 GiB.
     #[serde(default = "default_disk_budget")]
     pub disk_budget_bytes: u64,
+    /// Bytes of file content one image may unpack to; a larger image fails its build.
+    /// Default: 16 GiB.
+    #[serde(default = "default_max_unpacked_bytes")]
+    pub max_unpacked_bytes: u64,
+    /// Files, directories and links one image may unpack to. Default: 1,000,000.
+    #[serde(default = "default_max_unpacked_entries")]
+    pub max_unpacked_entries: u64,
     /// Timeout of one registry request without progress, in seconds. Default: 60.
     #[serde(default = "default_request_timeout")]
     pub request_timeout_secs: u64,
@@ -70,6 +77,12 @@ pub enum ConfigError {
     /// `parallel_downloads` is 0.
     #[error("parallel_downloads must be at least 1")]
     NoParallelism,
+    /// An unpack limit is 0, so no image could be unpacked.
+    #[error("{setting} is 0, so no image could be unpacked; remove it to use the default")]
+    ZeroLimit {
+        /// The config key.
+        setting: &'static str,
+    },
     /// A registry host is empty or has a scheme or path.
     #[error("registry host {host:?} is invalid: write host or host:port without a scheme or path")]
     InvalidHost {
@@ -114,6 +127,14 @@ fn default_parallel_downloads() -> usize {
     4
 }
 
+fn default_max_unpacked_bytes() -> u64 {
+    crate::unpack::UnpackLimits::default().max_bytes
+}
+
+fn default_max_unpacked_entries() -> u64 {
+    crate::unpack::UnpackLimits::default().max_entries
+}
+
 fn default_disk_budget() -> u64 {
     20 * 1024 * 1024 * 1024
 }
@@ -130,6 +151,8 @@ impl Default for StoreConfig {
             registries: Vec::new(),
             parallel_downloads: default_parallel_downloads(),
             disk_budget_bytes: default_disk_budget(),
+            max_unpacked_bytes: default_max_unpacked_bytes(),
+            max_unpacked_entries: default_max_unpacked_entries(),
             request_timeout_secs: default_request_timeout(),
         }
     }
@@ -147,6 +170,14 @@ impl StoreConfig {
     pub fn validate(&mut self) -> Result<(), ConfigError> {
         if self.parallel_downloads == 0 {
             return Err(ConfigError::NoParallelism);
+        }
+        for (setting, value) in [
+            ("max_unpacked_bytes", self.max_unpacked_bytes),
+            ("max_unpacked_entries", self.max_unpacked_entries),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::ZeroLimit { setting });
+            }
         }
         for registry in &mut self.registries {
             if registry.host.is_empty() || registry.host.contains(['/', ' ']) {
@@ -227,6 +258,16 @@ mod tests {
             config.validate(),
             Err(ConfigError::PasswordWithoutUser { .. })
         ));
+    }
+
+    #[test]
+    fn zero_unpack_limit_rejected() {
+        let mut config = toml_like(r#"{"max_unpacked_entries":0}"#).unwrap();
+        let error = config.validate().unwrap_err();
+        assert!(
+            error.to_string().contains("max_unpacked_entries is 0"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -590,6 +590,13 @@ impl ImageStore {
         })
     }
 
+    fn unpack_limits(&self) -> unpack::UnpackLimits {
+        unpack::UnpackLimits {
+            max_bytes: self.inner.config.max_unpacked_bytes,
+            max_entries: self.inner.config.max_unpacked_entries,
+        }
+    }
+
     fn layers(&self, image: &PulledImage) -> Vec<Layer> {
         image
             .layers
@@ -607,9 +614,11 @@ impl ImageStore {
     /// Unpacks `image` into `dir` (which must exist and be empty), for inspection.
     pub async fn unpack(&self, image: &PulledImage, dir: &Path) -> Result<UnpackStats, StoreError> {
         let layers = self.layers(image);
+        let limits = self.unpack_limits();
         let (dir, digest) = (dir.to_owned(), image.digest.clone());
         tokio::task::spawn_blocking(move || {
-            unpack::unpack(&dir, &layers).map_err(|source| StoreError::Unpack { digest, source })
+            unpack::unpack(&dir, &layers, limits)
+                .map_err(|source| StoreError::Unpack { digest, source })
         })
         .await
         .map_err(StoreError::Task)?
@@ -736,9 +745,11 @@ impl ImageStore {
             }
         }
         let stats =
-            unpack::unpack(tree, &self.layers(image)).map_err(|source| StoreError::Unpack {
-                digest: digest.clone(),
-                source,
+            unpack::unpack(tree, &self.layers(image), self.unpack_limits()).map_err(|source| {
+                StoreError::Unpack {
+                    digest: digest.clone(),
+                    source,
+                }
             })?;
 
         let root = Dir::open(tree).map_err(io_error(tree))?;

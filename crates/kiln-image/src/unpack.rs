@@ -83,6 +83,21 @@ pub enum UnpackError {
         /// The tar type byte.
         kind: char,
     },
+    /// The image unpacks to more than a limit allows.
+    #[error(
+        "layer {layer}: the image unpacks to more than {limit} {what}; if it is meant to be \
+         this large, raise {setting} in the agent's image store config"
+    )]
+    TooLarge {
+        /// The layer being applied when the limit was reached.
+        layer: Digest,
+        /// What is counted: `bytes of file content` or `entries`.
+        what: &'static str,
+        /// The limit.
+        limit: u64,
+        /// The config key that sets the limit.
+        setting: &'static str,
+    },
     /// A filesystem operation on an entry failed.
     #[error("layer {layer}: failed to {operation} {entry:?}")]
     Write {
@@ -98,6 +113,26 @@ pub enum UnpackError {
     },
 }
 
+/// Caps on what one image may unpack to, so a layer that decompresses to far more than its
+/// blob (a decompression bomb, or an image much larger than intended) fails the build before
+/// it fills the store's filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnpackLimits {
+    /// Bytes of regular file content, over all layers.
+    pub max_bytes: u64,
+    /// Tar entries, over all layers.
+    pub max_entries: u64,
+}
+
+impl Default for UnpackLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 16 * 1024 * 1024 * 1024,
+            max_entries: 1_000_000,
+        }
+    }
+}
+
 /// Counts from one unpack, for logs and the ext4 sizing.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct UnpackStats {
@@ -107,16 +142,20 @@ pub struct UnpackStats {
     pub bytes: u64,
 }
 
-/// Applies `layers` in order to the existing, empty directory `root`.
-// TODO(security): nothing caps the unpacked size, so a layer that decompresses to more than
-// the free disk space fills the store's filesystem before the build fails.
-pub fn unpack(root: &Path, layers: &[Layer]) -> Result<UnpackStats, UnpackError> {
+/// Applies `layers` in order to the existing, empty directory `root`, failing once their
+/// content or entry count exceeds `limits`.
+pub fn unpack(
+    root: &Path,
+    layers: &[Layer],
+    limits: UnpackLimits,
+) -> Result<UnpackStats, UnpackError> {
     let root_dir = Dir::open(root).map_err(|source| UnpackError::OpenRoot {
         path: root.to_owned(),
         source,
     })?;
     let mut unpacker = Unpacker {
         root: root_dir,
+        limits,
         stats: UnpackStats::default(),
         dir_mtimes: HashMap::new(),
     };
@@ -132,6 +171,7 @@ pub fn unpack(root: &Path, layers: &[Layer]) -> Result<UnpackStats, UnpackError>
 
 struct Unpacker {
     root: Dir,
+    limits: UnpackLimits,
     stats: UnpackStats,
     /// Directory mtimes, applied after all layers because creating children changes them.
     dir_mtimes: HashMap<Vec<u8>, i64>,
@@ -210,6 +250,14 @@ impl Unpacker {
 
         for entry in archive.entries().map_err(read_error)? {
             let mut entry = entry.map_err(read_error)?;
+            if self.stats.entries >= self.limits.max_entries {
+                return Err(UnpackError::TooLarge {
+                    layer: layer.digest.clone(),
+                    what: "entries",
+                    limit: self.limits.max_entries,
+                    setting: "max_unpacked_entries",
+                });
+            }
             self.apply_entry(&mut state, &mut entry)?;
             self.stats.entries += 1;
         }
@@ -386,14 +434,34 @@ impl Unpacker {
                 self.dir_mtimes.insert(path.full.clone(), mtime);
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                // The header's size is checked first, so an entry that would cross the limit
+                // writes nothing; the copy is bounded too, in case the header understates it.
+                let limit = self.limits.max_bytes;
+                let remaining = limit.saturating_sub(self.stats.bytes);
+                let too_large = || UnpackError::TooLarge {
+                    layer: layer.digest.clone(),
+                    what: "bytes of file content",
+                    limit,
+                    setting: "max_unpacked_bytes",
+                };
+                if entry.size() > remaining {
+                    return Err(too_large());
+                }
                 let xattrs = xattrs(entry).map_err(|error| write_error("read xattrs of", error))?;
                 let mut file = parent
                     .create_file(&name)
                     .map_err(|error| write_error("create", error))?;
-                let written = io::copy(entry, &mut file).map_err(|source| UnpackError::Read {
+                let written = io::copy(
+                    &mut Read::take(&mut *entry, remaining.saturating_add(1)),
+                    &mut file,
+                )
+                .map_err(|source| UnpackError::Read {
                     layer: layer.digest.clone(),
                     source,
                 })?;
+                if written > remaining {
+                    return Err(too_large());
+                }
                 std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
                     .map_err(|error| write_error("chown", error))?;
                 file.set_permissions(std::fs::Permissions::from_mode(mode))

@@ -944,3 +944,77 @@ async fn skopeo_written_archive_is_read() {
     assert_eq!(cat(&rootfs.path, "/from-skopeo"), "interop");
     assert_eq!(rootfs.image_config.user.uid, 1000);
 }
+
+/// Opens a store with small unpack limits and unpacks a one-layer image from an OCI layout.
+async fn unpack_limited(
+    layer: LayerBuilder,
+    name: &str,
+) -> (Result<(), StoreError>, tempfile::TempDir) {
+    let temp = tempfile::Builder::new()
+        .prefix("kiln-image-limits-")
+        .tempdir()
+        .unwrap();
+    let config: StoreConfig = serde_json::from_value(json!({
+        "max_unpacked_bytes": 1024 * 1024,
+        "max_unpacked_entries": 50,
+    }))
+    .unwrap();
+    let store = ImageStore::open(&temp.path().join("store"), config).unwrap();
+    let layout = temp.path().join(format!("{name}-layout"));
+    Artifact::Image(ImageBuilder::new().layer(layer, Compression::Gzip).build())
+        .write_oci_layout(&layout, "v1")
+        .unwrap();
+    let reference: ImageRef = format!("oci-layout:{}", layout.display()).parse().unwrap();
+    let pulled = store.pull(&reference).await.unwrap();
+    let root = temp.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let result = store.unpack(&pulled, &root).await.map(drop);
+    (result, temp)
+}
+
+fn assert_too_large(result: Result<(), StoreError>, setting: &str, limit: u64) {
+    let error = result.expect_err("an image over the limit was unpacked");
+    let StoreError::Unpack { source, .. } = &error else {
+        panic!("unexpected error {error:?}")
+    };
+    let UnpackError::TooLarge {
+        setting: found,
+        limit: found_limit,
+        ..
+    } = source
+    else {
+        panic!("expected a too-large error, got {source:?}")
+    };
+    assert_eq!((*found, *found_limit), (setting, limit));
+    let message = anyhow_chain(&error);
+    assert!(message.contains(setting), "{message}");
+    assert!(message.contains(&limit.to_string()), "{message}");
+}
+
+#[tokio::test]
+async fn decompression_bomb_stops_at_byte_limit() {
+    // 4 MiB of zeros gzip to a few KiB: a small blob that unpacks to four times the limit.
+    let zeros = vec![0u8; 4 * 1024 * 1024];
+    let layer = LayerBuilder::new()
+        .file("small", b"fits", Meta::mode(0o644))
+        .file("zeros", &zeros, Meta::mode(0o644));
+    let (result, temp) = unpack_limited(layer, "bomb").await;
+    let root = temp.path().join("root");
+    assert_too_large(result, "max_unpacked_bytes", 1024 * 1024);
+    // The entry that would cross the limit is refused before anything of it is written.
+    assert!(root.join("small").exists());
+    assert!(!root.join("zeros").exists());
+}
+
+#[tokio::test]
+async fn many_entries_stop_at_entry_limit() {
+    let mut layer = LayerBuilder::new();
+    for index in 0..80 {
+        layer = layer.file(&format!("f{index}"), b"", Meta::mode(0o644));
+    }
+    let (result, temp) = unpack_limited(layer, "entries").await;
+    let root = temp.path().join("root");
+    assert_too_large(result, "max_unpacked_entries", 50);
+    assert!(root.join("f49").exists());
+    assert!(!root.join("f50").exists());
+}
