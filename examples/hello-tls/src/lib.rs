@@ -11,10 +11,11 @@ pub mod tls;
 
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::CertificateDer;
 use rustls::{ServerConfig, ServerConnection, StreamOwned};
@@ -28,6 +29,13 @@ pub const MAX_CONNECTIONS: usize = 512;
 /// Time a connection may stay idle (no request bytes) before it is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Time open connections get to finish after a stop, which Kiln's default kill timeout
+/// leaves room for.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Interval at which a stopping server checks whether its connections have finished.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+
 /// A bound listener with its TLS configuration, ready to serve.
 pub struct Server {
     listener: TcpListener,
@@ -35,6 +43,36 @@ pub struct Server {
     chain: Vec<CertificateDer<'static>>,
     identity: Arc<Identity>,
     active: Arc<AtomicUsize>,
+    stopping: Arc<AtomicBool>,
+}
+
+/// Stops a running [`Server`] from another thread (a signal thread, say).
+pub struct StopHandle {
+    /// A second descriptor of the listening socket, so the handle never acts on a descriptor
+    /// number the server has closed and the process reused.
+    listener: TcpListener,
+    stopping: Arc<AtomicBool>,
+}
+
+impl StopHandle {
+    /// Stops accepting connections: the listening socket is shut down, so a client connecting
+    /// from now on is refused at once and a proxy can try another instance, while connections
+    /// already open are served to their end.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        // SAFETY: shutdown(2) on a descriptor this handle owns; it touches no memory.
+        // Shutting down a listening socket wakes the thread blocked in accept(2).
+        unsafe {
+            libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR);
+        }
+    }
+}
+
+/// How a stopped server ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Connections still open when the drain timeout ran out (0 when all finished).
+    pub abandoned: usize,
 }
 
 impl Server {
@@ -51,6 +89,15 @@ impl Server {
             chain,
             identity: Arc::new(config.identity.clone()),
             active: Arc::new(AtomicUsize::new(0)),
+            stopping: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Returns a handle that stops this server.
+    pub fn stop_handle(&self) -> io::Result<StopHandle> {
+        Ok(StopHandle {
+            listener: self.listener.try_clone()?,
+            stopping: Arc::clone(&self.stopping),
         })
     }
 
@@ -64,9 +111,13 @@ impl Server {
         &self.chain
     }
 
-    /// Accepts connections forever, serving each on its own thread.
-    pub fn run(self) -> io::Result<()> {
+    /// Accepts connections, serving each on its own thread, until a [`StopHandle`] stops the
+    /// server; then waits up to `drain_timeout` for open connections to finish.
+    pub fn run(self, drain_timeout: Duration) -> io::Result<Drained> {
         for stream in self.listener.incoming() {
+            if self.stopping.load(Ordering::SeqCst) {
+                break;
+            }
             let stream = match stream {
                 Ok(stream) => stream,
                 Err(error) => {
@@ -98,7 +149,15 @@ impl Server {
                 eprintln!("hello-tls: failed to start a connection thread: {error}");
             }
         }
-        Ok(())
+        drop(self.listener);
+
+        let deadline = Instant::now() + drain_timeout;
+        while self.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            thread::sleep(DRAIN_POLL);
+        }
+        Ok(Drained {
+            abandoned: self.active.load(Ordering::SeqCst),
+        })
     }
 }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use kiln_example_hello::{Config, Server};
+use kiln_example_hello::{Config, DRAIN_TIMEOUT, Server};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 
@@ -47,7 +47,7 @@ fn start(extra: &[(&str, &str)]) -> (SocketAddr, CertificateDer<'static>) {
     let server = Server::bind(&config).unwrap();
     let address = server.local_addr().unwrap();
     let certificate = server.certificate_chain()[0].clone();
-    thread::spawn(move || server.run());
+    thread::spawn(move || server.run(DRAIN_TIMEOUT));
     (address, certificate)
 }
 
@@ -210,4 +210,77 @@ fn missing_pem_file_is_a_clear_error() {
         message.starts_with("TLS setup failed: failed to read /nonexistent/cert.pem"),
         "{message}"
     );
+}
+
+#[test]
+fn stop_refuses_new_connections_and_finishes_open_ones() {
+    let vars: BTreeMap<String, String> = [
+        ("LISTEN_ADDR", "127.0.0.1:0"),
+        ("KILN_APP", "hello"),
+        ("KILN_ENV", "staging"),
+        ("KILN_RELEASE", "v7"),
+        ("KILN_INSTANCE", "inst_0123"),
+    ]
+    .iter()
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect();
+    let server = Server::bind(&Config::from_vars(&vars).unwrap()).unwrap();
+    let address = server.local_addr().unwrap();
+    let certificate = server.certificate_chain()[0].clone();
+    let handle = server.stop_handle().unwrap();
+    let running = thread::spawn(move || server.run(DRAIN_TIMEOUT));
+
+    // A connection that finished its handshake before the stop, with no request yet.
+    let mut open = client(address, &certificate, "localhost");
+    while open.conn.is_handshaking() {
+        open.conn.complete_io(&mut open.sock).unwrap();
+    }
+
+    handle.stop();
+    let refused = TcpStream::connect(address);
+    assert!(refused.is_err(), "a connection was accepted after the stop");
+
+    open.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let (head, body) = read_response(&mut open);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(body.contains("inst_0123"), "{body}");
+    drop(open);
+
+    let drained = running.join().unwrap().unwrap();
+    assert_eq!(drained.abandoned, 0);
+}
+
+#[test]
+fn sigterm_stops_the_binary_cleanly() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hello-tls"))
+        .env_clear()
+        .envs([
+            ("LISTEN_ADDR", "127.0.0.1:0"),
+            ("KILN_APP", "hello"),
+            ("KILN_ENV", "staging"),
+            ("KILN_RELEASE", "v7"),
+            ("KILN_INSTANCE", "inst_0123"),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.contains("listening on"), "{line}");
+
+    // SAFETY: kill(2) with the pid of a child this test started and has not reaped.
+    let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(sent, 0);
+
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}: {rest}");
+    assert!(rest.contains("SIGTERM received"), "{rest}");
+    assert!(rest.contains("every open connection finished"), "{rest}");
 }
