@@ -593,4 +593,34 @@ mod tests {
         );
         assert!(view.new_instances.is_empty());
     }
+
+    #[test]
+    fn quiet_notice_names_missing_placement_then_progress() {
+        let created = created();
+        let mut view = View::default();
+        let quiet = Duration::from_secs(30);
+
+        let notice = view.quiet_notice(quiet, "staging");
+        assert!(
+            notice.starts_with("no instance placed yet after 30s"),
+            "{notice}"
+        );
+        assert!(notice.contains("kiln hosts list"), "{notice}");
+
+        let placed = Event::InstancePlaced {
+            instance_id: InstanceId::new(),
+            env_id: created.deploy.env_id,
+            release_id: created.release.id,
+            process: ProcessName::new("web").unwrap(),
+            host_id: HostId::new(),
+            ipv6: "fd00::3".parse().unwrap(),
+            ipv4: "100.64.0.3".parse().unwrap(),
+        };
+        view.apply(&created, &placed);
+        let notice = view.quiet_notice(quiet, "staging");
+        assert_eq!(
+            notice,
+            "no progress for 30s (0/1 new instances healthy); see `kiln status --env staging`"
+        );
+    }
 }
