@@ -153,10 +153,11 @@ fn release_spec(manifest: &ResolvedManifest) -> ReleaseSpec {
         Deploy::Immediate => (DeployStrategy::Immediate, 1),
     };
 
-    // TODO(correctness): the API's release spec has one kill signal and one kill timeout, an
-    // argv string per startup script, and no per-process volume or expected HTTP status. The
-    // CLI sends the first process type's signal, the longest timeout and each script's argv
-    // joined with spaces, so the other manifest details do not reach the server yet.
+    // TODO(correctness): the API's release spec has one kill signal and one kill timeout, a
+    // shell command per startup script, and no per-process volume, script timeout or process
+    // filter, or expected HTTP status. The CLI sends the first process type's signal, the
+    // longest timeout and each script's argv quoted for `/bin/sh -c`, so the other manifest
+    // details do not reach the server yet.
     let kill_signal = manifest.processes.values().next().map_or_else(
         || "SIGTERM".to_owned(),
         |p| p.kill_signal.as_str().to_owned(),
@@ -180,7 +181,7 @@ fn release_spec(manifest: &ResolvedManifest) -> ReleaseSpec {
         startup_scripts: manifest
             .startup
             .iter()
-            .map(|script| script.command.join(" "))
+            .map(|script| shell_command(&script.command))
             .collect(),
         release_command: manifest.release_command.as_ref().map(|r| r.command.clone()),
         release_command_limits: manifest.release_command.as_ref().map(|release| {
@@ -194,6 +195,25 @@ fn release_spec(manifest: &ResolvedManifest) -> ReleaseSpec {
 }
 
 /// Seconds, rounded up so a sub-second value never becomes 0.
+/// Joins `argv` into one command line that `/bin/sh -c` (how kiln-init runs a startup script)
+/// splits back into exactly `argv`: each argument that is not plainly safe is single-quoted.
+fn shell_command(argv: &[String]) -> String {
+    argv.iter()
+        .map(|arg| shell_quote(arg))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn shell_quote(arg: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c);
+    if !arg.is_empty() && arg.chars().all(plain) {
+        return arg.to_owned();
+    }
+    // Inside single quotes nothing is special except the closing quote, which is written as
+    // quote, escaped quote, quote.
+    format!("'{}'", arg.replace('\'', r"'\''"))
+}
+
 fn whole_secs(duration: std::time::Duration) -> u32 {
     let secs = duration.as_secs() + u64::from(duration.subsec_nanos() > 0);
     u32::try_from(secs).unwrap_or(u32::MAX)
@@ -216,6 +236,47 @@ mod tests {
         assert_eq!(spec.services.len(), 1);
         assert_eq!(spec.services[0].internal_port, 8443);
         assert_eq!(spec.strategy, DeployStrategy::Rolling);
+    }
+
+    #[test]
+    fn shell_command_round_trips_through_sh() {
+        let cases: &[&[&str]] = &[
+            &["/app/bin/fetch-geoip"],
+            &["/bin/sh", "-c", "ulimit -n 65536"],
+            &[
+                "echo",
+                "it's",
+                "",
+                "$HOME",
+                "a\\b",
+                "*",
+                "two  spaces",
+                "new\nline",
+            ],
+        ];
+        for argv in cases {
+            let argv: Vec<String> = argv.iter().map(|arg| (*arg).to_owned()).collect();
+            let line = shell_command(&argv);
+            let output = std::process::Command::new("/bin/sh")
+                .arg("-c")
+                .arg(format!(
+                    "for arg in {line}; do printf '%s\\0' \"$arg\"; done"
+                ))
+                .output()
+                .unwrap();
+            let parsed: Vec<String> = String::from_utf8(output.stdout)
+                .unwrap()
+                .split_terminator('\0')
+                .map(str::to_owned)
+                .collect();
+            assert_eq!(parsed, argv, "{line}");
+        }
+    }
+
+    #[test]
+    fn shell_command_leaves_plain_arguments_alone() {
+        let argv = ["/bin/sh", "-c", "ulimit -n 65536"].map(str::to_owned);
+        assert_eq!(shell_command(&argv), "/bin/sh -c 'ulimit -n 65536'");
     }
 
     #[test]
