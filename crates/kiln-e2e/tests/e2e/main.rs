@@ -349,7 +349,7 @@ protocol = "tls"
 [services.https.health]
 type = "tcp"
 interval = "1s"
-timeout = "2s"
+timeout = "1s"
 grace_period = "60s"
 
 [release_command]

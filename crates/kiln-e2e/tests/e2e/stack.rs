@@ -55,7 +55,7 @@ protocol = "tls"
 [services.https.health]
 type = "tcp"
 interval = "1s"
-timeout = "2s"
+timeout = "1s"
 grace_period = "60s"
 
 [env]
@@ -189,12 +189,12 @@ impl Stack {
     ) -> String {
         let output = self.kiln_output(args, stdin, timeout);
         if !output.status.success() {
+            // The daemons' logs follow from `Drop`.
             panic!(
-                "kiln {} failed ({}):\n{}\n{}",
+                "kiln {} failed ({}):\n{}",
                 args.join(" "),
                 output.status,
-                String::from_utf8_lossy(&output.stderr),
-                self.daemon_logs()
+                String::from_utf8_lossy(&output.stderr)
             );
         }
         String::from_utf8(output.stdout).expect("kiln prints UTF-8")
