@@ -41,6 +41,9 @@ pub struct Config {
     /// when the server starts, so every replica must list the same prefixes. Default empty,
     /// which disables dedicated IPv4 addresses.
     pub dedicated_ipv4_pool: Vec<ipnet::Ipv4Net>,
+    /// Seconds a deploy waits, before it stops instances taken out of the routes, for every
+    /// ingress to apply the route change; after that it stops them anyway. Default 10.
+    pub route_drain_deadline_secs: u64,
 }
 
 impl Default for Config {
@@ -56,6 +59,7 @@ impl Default for Config {
             log_window_lines: 10_000,
             leader_interval_secs: 2,
             dedicated_ipv4_pool: Vec::new(),
+            route_drain_deadline_secs: crate::ingress_acks::DEFAULT_DRAIN_DEADLINE.as_secs(),
         }
     }
 }
@@ -228,6 +232,13 @@ impl Config {
                 key: "leader_interval_secs",
                 value: self.leader_interval_secs,
                 reason: "use 1 to 60 seconds",
+            });
+        }
+        if self.route_drain_deadline_secs > 3600 {
+            return Err(ConfigError::OutOfRange {
+                key: "route_drain_deadline_secs",
+                value: self.route_drain_deadline_secs,
+                reason: "use 0 to 3600 seconds",
             });
         }
         validate_ipv4_pool(&self.dedicated_ipv4_pool)?;

@@ -145,6 +145,7 @@ pub async fn run_singleton_work(
     mut leadership: watch::Receiver<Leadership>,
     mut events: watch::Receiver<u64>,
     interval: Duration,
+    route_drain_deadline: Duration,
 ) {
     let mut listening = true;
     loop {
@@ -152,7 +153,7 @@ pub async fn run_singleton_work(
         // Mark the events seen before the pass, so an append during the pass wakes the next.
         events.borrow_and_update();
         if let Leadership::Leader { term } = state
-            && let Err(error) = singleton_pass(&store, term).await
+            && let Err(error) = singleton_pass(&store, term, route_drain_deadline).await
         {
             tracing::warn!(error = %crate::api::error::error_chain(&error), term, "leader work failed");
         }
@@ -190,7 +191,11 @@ pub enum SingletonError {
     Orchestrator(#[from] crate::orchestrator::pg::OrchestratorError),
 }
 
-async fn singleton_pass(store: &Store, term: i64) -> Result<(), SingletonError> {
+async fn singleton_pass(
+    store: &Store,
+    term: i64,
+    route_drain_deadline: Duration,
+) -> Result<(), SingletonError> {
     let expired: Vec<uuid::Uuid> = sqlx::query_scalar(
         "SELECT h.id FROM hosts h JOIN host_leases l ON l.host_id = h.id
          WHERE l.expires_at < now() AND h.state IN ('ready', 'cordoned', 'draining')",
@@ -223,7 +228,8 @@ async fn singleton_pass(store: &Store, term: i64) -> Result<(), SingletonError> 
             store.clone(),
             settings.ula_prefix,
             kiln_scheduler::plan::Timeouts::default(),
-        )?;
+        )?
+        .with_route_drain_deadline(route_drain_deadline);
         orchestrator.run_once(term).await?;
     }
 

@@ -11,6 +11,7 @@ pub mod api;
 pub mod auth;
 pub mod bootstrap;
 pub mod config;
+pub mod ingress_acks;
 pub mod ipam;
 pub mod leader;
 pub mod orchestrator;

@@ -50,6 +50,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         leadership.clone(),
         notifier.subscribe(),
         interval,
+        std::time::Duration::from_secs(config.route_drain_deadline_secs),
     ));
 
     let state = AppState {

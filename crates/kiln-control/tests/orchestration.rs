@@ -631,3 +631,152 @@ async fn release_command_survives_control_restart() {
     assert_eq!(commands, 1, "{records:?}");
     assert_eq!(running(&client, &env).await.len(), 1);
 }
+
+/// Sets `route_drain_deadline_secs` in the cluster's `control.toml`.
+fn set_route_drain_deadline(cluster: &Cluster, secs: u64) {
+    let path = cluster.dir.path().join("control.toml");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&format!("route_drain_deadline_secs = {secs}\n"));
+    std::fs::write(&path, text).unwrap();
+}
+
+/// Creates an ingress token and follows the route table once, so the ingress counts as live
+/// and has acknowledged the table as of now. Returns its client.
+async fn live_ingress(control: &Control, cluster: &Cluster) -> Client {
+    let operator = Client::new(&control.url, &cluster.operator_token).unwrap();
+    let created = operator
+        .create_ingress_token(&kiln_api::CreateIngressToken {
+            name: "edge-1".to_owned(),
+        })
+        .await
+        .unwrap();
+    let ingress = Client::new(&control.url, &created.secret).unwrap();
+    let table = ingress
+        .watch_routes(&kiln_api::WatchQuery::default())
+        .await
+        .unwrap();
+    ingress
+        .watch_routes(&kiln_api::WatchQuery {
+            after: Some(table.cursor),
+            wait: None,
+        })
+        .await
+        .unwrap();
+    ingress
+}
+
+/// The seq of the event that asked to stop `instance`, if any.
+async fn stop_seq(
+    control: &Control,
+    cluster: &Cluster,
+    instance: kiln_core::InstanceId,
+) -> Option<u64> {
+    let operator = Client::new(&control.url, &cluster.operator_token).unwrap();
+    let mut after = 0;
+    loop {
+        let page = operator
+            .events(&kiln_api::events::EventQuery {
+                after: Some(after),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        if page.events.is_empty() {
+            return None;
+        }
+        let found = page
+            .events
+            .iter()
+            .find_map(|envelope| match &envelope.event {
+                kiln_api::Event::InstanceStopRequested { instance_id, .. }
+                    if *instance_id == instance =>
+                {
+                    Some(envelope.seq)
+                }
+                _ => None,
+            });
+        if found.is_some() {
+            return found;
+        }
+        after = page.cursor;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_waits_until_ingress_applies_route_change() {
+    let cluster = bootstrap();
+    // Long enough that only the ingress's acknowledgement can let the stop through.
+    set_route_drain_deadline(&cluster, 600);
+    let control = start_control(&cluster);
+    let _agent = add_host(&control, &cluster, "h1", SimAgentConfig::default()).await;
+    let (client, env) = create_env(&control, &cluster).await;
+    let ingress = live_ingress(&control, &cluster).await;
+
+    let first = deploy(&client, &env, release(1, 0, "a")).await;
+    let first = wait_deploy(&client, &env, &first).await;
+    assert_eq!(first.state, DeployState::Succeeded, "{:?}", first.failure);
+    let old = running(&client, &env).await[0].id;
+
+    // The rolling deploy routes its new instance, takes the old one out of the routes, and
+    // then waits: the ingress has not applied the change yet.
+    let second = deploy(&client, &env, release(1, 0, "b")).await;
+    let started = Instant::now();
+    loop {
+        let routes = client.list_env_routes(&env).await.unwrap().items;
+        let backends: Vec<_> = routes
+            .iter()
+            .flat_map(|route| route.backends.iter().map(|backend| backend.instance_id))
+            .collect();
+        if !backends.is_empty() && !backends.contains(&old) {
+            break;
+        }
+        assert!(
+            started.elapsed() < DEPLOY_TIMEOUT,
+            "the old instance {old} never left the routes: {backends:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before_ack = ingress
+        .watch_routes(&kiln_api::WatchQuery::default())
+        .await
+        .unwrap()
+        .cursor;
+    assert_eq!(stop_seq(&control, &cluster, old).await, None);
+
+    ingress
+        .watch_routes(&kiln_api::WatchQuery {
+            after: Some(before_ack),
+            wait: None,
+        })
+        .await
+        .unwrap();
+    let second = wait_deploy(&client, &env, &second).await;
+    assert_eq!(second.state, DeployState::Succeeded, "{:?}", second.failure);
+    let stopped = stop_seq(&control, &cluster, old)
+        .await
+        .expect("the old instance was never stopped");
+    assert!(
+        stopped > before_ack,
+        "the stop (seq {stopped}) came before the ingress applied the routes (seq {before_ack})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_proceeds_after_route_drain_deadline() {
+    let cluster = bootstrap();
+    set_route_drain_deadline(&cluster, 1);
+    let control = start_control(&cluster);
+    let _agent = add_host(&control, &cluster, "h1", SimAgentConfig::default()).await;
+    let (client, env) = create_env(&control, &cluster).await;
+    // Live, but never applies another table.
+    let _ingress = live_ingress(&control, &cluster).await;
+
+    let first = deploy(&client, &env, release(1, 0, "a")).await;
+    wait_deploy(&client, &env, &first).await;
+    let old = running(&client, &env).await[0].id;
+    let second = deploy(&client, &env, release(1, 0, "b")).await;
+    let second = wait_deploy(&client, &env, &second).await;
+
+    assert_eq!(second.state, DeployState::Succeeded, "{:?}", second.failure);
+    assert!(stop_seq(&control, &cluster, old).await.is_some());
+}

@@ -20,6 +20,10 @@ pub async fn routes(
     scope::ingress(&caller)?;
     let wait = wait_duration(query.wait)?;
     let after = query.after.unwrap_or(0);
+    if query.after.is_some() {
+        // The ingress asks for what follows the table it applied: that is its acknowledgement.
+        crate::ingress_acks::record(state.store.pool(), caller.token.id, after).await?;
+    }
 
     let changed = state
         .notifier

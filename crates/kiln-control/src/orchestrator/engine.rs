@@ -80,6 +80,19 @@ pub trait Store {
         reason: Option<String>,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
+    /// Reports whether instances of the plan's environment may stop: every ingress has
+    /// applied the env's latest route change, so none still sends them new connections, or
+    /// the step has waited `step_elapsed_secs` past the store's drain deadline. A store
+    /// without ingresses has nothing to wait for.
+    fn routes_drained(
+        &self,
+        plan: &Plan,
+        step_elapsed_secs: u64,
+    ) -> impl Future<Output = Result<bool, Self::Error>> + Send {
+        let _ = (plan, step_elapsed_secs);
+        async { Ok(true) }
+    }
+
     /// Records how a deploy ended.
     fn finish(
         &self,
@@ -209,6 +222,16 @@ async fn run_actions<S: Store>(
     actions: &[Action],
 ) -> Result<WaitStatus, EngineError<S::Error>> {
     for action in actions {
+        // Stopping is the drain's end: wait until no ingress routes new connections to the
+        // instances, which a route removal earlier in the step has just taken them out of.
+        if matches!(action, Action::StopInstances { .. })
+            && !store
+                .routes_drained(&progress.plan, progress.step_elapsed_secs)
+                .await
+                .map_err(EngineError::Store)?
+        {
+            return Ok(WaitStatus::Waiting);
+        }
         store
             .apply(fence, &progress.plan, action)
             .await

@@ -82,6 +82,8 @@ pub struct Orchestrator {
     ipam: Ipam,
     pub(super) config: SchedulerConfig,
     pub(super) timeouts: Timeouts,
+    /// Longest wait for ingresses to apply a route change before instances stop anyway.
+    route_drain_deadline: std::time::Duration,
 }
 
 impl Orchestrator {
@@ -100,7 +102,15 @@ impl Orchestrator {
             ipam,
             config: SchedulerConfig::default(),
             timeouts,
+            route_drain_deadline: crate::ingress_acks::DEFAULT_DRAIN_DEADLINE,
         })
+    }
+
+    /// Sets how long instances wait for the ingresses to apply a route change before they
+    /// stop anyway.
+    pub fn with_route_drain_deadline(mut self, deadline: std::time::Duration) -> Self {
+        self.route_drain_deadline = deadline;
+        self
     }
 
     /// Runs one pass as the leader of `term`.
@@ -799,6 +809,13 @@ impl Orchestrator {
             }
         }
 
+        // A step that waits (for the ingresses, before it stops instances) runs its route
+        // update again on every pass; an unchanged table must not append a new event, or
+        // the ingresses would never catch up with the latest one.
+        if current_routes(&mut tx, env).await?.as_ref() == Some(&routes) {
+            tx.commit().await.map_err(query("commit a route change"))?;
+            return Ok(());
+        }
         let event = Event::RoutesChanged {
             env_id: env,
             routes,
@@ -986,6 +1003,25 @@ struct Fenced<'a> {
     term: i64,
 }
 
+/// The routes of `env` as its latest `RoutesChanged` event set them, if it has one.
+async fn current_routes(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    env: EnvId,
+) -> Result<Option<Vec<Route>>, OrchestratorError> {
+    let payload: Option<serde_json::Value> = sqlx::query_scalar(
+        "SELECT payload FROM events WHERE stream = $1 AND type = 'RoutesChanged'
+         ORDER BY stream_version DESC LIMIT 1",
+    )
+    .bind(streams::env(env))
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(query("read the current routes"))?;
+    Ok(match payload.map(serde_json::from_value) {
+        Some(Ok(Event::RoutesChanged { routes, .. })) => Some(routes),
+        _ => None,
+    })
+}
+
 fn parse_record(text: &str) -> Option<StepRecord> {
     let (kind, name) = text.split_once(':')?;
     match kind {
@@ -1158,6 +1194,27 @@ impl engine::Store for Fenced<'_> {
         self.inner
             .append_deploy_event(self.term, deploy, env, event)
             .await
+    }
+
+    async fn routes_drained(
+        &self,
+        plan: &Plan,
+        step_elapsed_secs: u64,
+    ) -> Result<bool, OrchestratorError> {
+        if crate::ingress_acks::routes_applied(self.inner.store.pool(), plan.env).await? {
+            return Ok(true);
+        }
+        let deadline = self.inner.route_drain_deadline;
+        if step_elapsed_secs < deadline.as_secs() {
+            return Ok(false);
+        }
+        tracing::warn!(
+            deploy = %plan.deploy,
+            env = %plan.env,
+            ?deadline,
+            "an ingress has not applied the route change in time; stopping instances anyway"
+        );
+        Ok(true)
     }
 
     async fn finish(
