@@ -58,13 +58,15 @@ impl StopHandle {
     /// Stops accepting connections: the listening socket is shut down, so a client connecting
     /// from now on is refused at once and a proxy can try another instance, while connections
     /// already open are served to their end.
-    pub fn stop(&self) {
+    pub fn stop(&self) -> io::Result<()> {
         self.stopping.store(true, Ordering::SeqCst);
         // SAFETY: shutdown(2) on a descriptor this handle owns; it touches no memory.
         // Shutting down a listening socket wakes the thread blocked in accept(2).
-        unsafe {
-            libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR);
+        let result = unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        if result != 0 {
+            return Err(io::Error::last_os_error());
         }
+        Ok(())
     }
 }
 
@@ -115,11 +117,10 @@ impl Server {
     /// server; then waits up to `drain_timeout` for open connections to finish.
     pub fn run(self, drain_timeout: Duration) -> io::Result<Drained> {
         for stream in self.listener.incoming() {
-            if self.stopping.load(Ordering::SeqCst) {
-                break;
-            }
+            // A connection accepted just before the stop is still served.
             let stream = match stream {
                 Ok(stream) => stream,
+                Err(_) if self.stopping.load(Ordering::SeqCst) => break,
                 Err(error) => {
                     eprintln!("hello-tls: accept failed: {error}");
                     continue;
@@ -135,11 +136,12 @@ impl Server {
             let tls = Arc::clone(&self.tls);
             let identity = Arc::clone(&self.identity);
             let active = Arc::clone(&self.active);
+            let stopping = Arc::clone(&self.stopping);
             let spawned = thread::Builder::new()
                 .name("connection".to_owned())
                 .spawn(move || {
                     let peer = stream.peer_addr().ok();
-                    if let Err(error) = serve_connection(stream, tls, &identity) {
+                    if let Err(error) = serve_connection(stream, tls, &identity, &stopping) {
                         eprintln!("hello-tls: connection from {peer:?} failed: {error}");
                     }
                     active.fetch_sub(1, Ordering::SeqCst);
@@ -187,11 +189,13 @@ impl std::fmt::Display for StartError {
 impl std::error::Error for StartError {}
 
 /// Serves the HTTP/1.1 requests of one TLS connection until the client closes it, sends
-/// `Connection: close` or a malformed request, or stays idle past [`IDLE_TIMEOUT`].
+/// `Connection: close` or a malformed request, or stays idle past [`IDLE_TIMEOUT`]. Once the
+/// server is stopping, the next answer closes the connection.
 fn serve_connection(
     stream: TcpStream,
     tls: Arc<ServerConfig>,
     identity: &Identity,
+    stopping: &AtomicBool,
 ) -> io::Result<()> {
     stream.set_read_timeout(Some(IDLE_TIMEOUT))?;
     stream.set_write_timeout(Some(IDLE_TIMEOUT))?;
@@ -214,9 +218,10 @@ fn serve_connection(
 
         let body = identity.render(&config::list_secret_names(&identity.secrets_dir));
         let response = http::Response::ok(body);
-        stream.write_all(&response.to_bytes(request.method == "HEAD", request.keep_alive))?;
+        let keep_alive = request.keep_alive && !stopping.load(Ordering::SeqCst);
+        stream.write_all(&response.to_bytes(request.method == "HEAD", keep_alive))?;
         stream.flush()?;
-        if !request.keep_alive {
+        if !keep_alive {
             break;
         }
     }

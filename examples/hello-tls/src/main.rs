@@ -112,5 +112,8 @@ fn stop_on_signal(signals: &libc::sigset_t, handle: &StopHandle) {
         "SIGTERM"
     };
     eprintln!("hello-tls: {name} received; refusing new connections, finishing open ones");
-    handle.stop();
+    if let Err(error) = handle.stop() {
+        // The listener keeps accepting; the kill timeout ends the process instead.
+        eprintln!("hello-tls: failed to shut the listening socket: {error}");
+    }
 }

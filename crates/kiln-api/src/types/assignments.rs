@@ -68,7 +68,8 @@ pub struct Assignment {
     pub command: Vec<String>,
     /// Environment variables: the manifest's, overridden by the config vars.
     pub env_vars: BTreeMap<String, String>,
-    /// Version of the environment's secrets; refetch them when it changes.
+    /// Version of the environment's secret set that the instance's release was made with
+    /// (0: no secrets). The instance gets those secrets, so an agent may cache them by it.
     pub secrets_version: u64,
     /// Virtual CPUs.
     pub vcpus: u32,

@@ -280,7 +280,7 @@ pub async fn secrets(
          FROM secret_values v
          JOIN unnest($2::text[], $3::bigint[]) AS p(name, version) ON p.name = v.name
          WHERE v.env_id = $1
-         ORDER BY v.name, v.version = p.version DESC, v.version DESC",
+         ORDER BY v.name, abs(v.version - p.version), v.version DESC",
     )
     .bind(env_id.as_uuid())
     .bind(&names)
@@ -295,8 +295,9 @@ pub async fn secrets(
         let version: i64 = row.get("version");
         if !row.get::<bool, _>("pinned") {
             // Stored before values were kept by version (migration `secret_versions`), when
-            // a new value overwrote the old one: the newest value is all there is.
-            tracing::warn!(%instance_id, secret = %name, version, "pinned secret version is gone; delivering the newest value");
+            // a new value overwrote the old one: the closest version is all there is,
+            // preferring the value that replaced the pinned one.
+            tracing::warn!(%instance_id, secret = %name, version, "pinned secret version is gone; delivering the closest stored version");
         }
         let sealed = Sealed {
             key_id: row.get("key_id"),
@@ -508,7 +509,7 @@ async fn free_prefix(pool: &sqlx::PgPool, ula_prefix: Ipv6Addr) -> Result<String
 async fn load_assignments(state: &AppState, host_id: HostId) -> Result<Vec<Assignment>, ApiError> {
     let pool = state.store.pool();
     let rows = sqlx::query(
-        "SELECT i.id, i.process, i.ipv6, i.ipv4, i.desired, i.state, i.env_id, e.name AS env_name, e.secrets_version,
+        "SELECT i.id, i.process, i.ipv6, i.ipv4, i.desired, i.state, i.env_id, e.name AS env_name, r.secrets_version,
                 e.app_id, a.name AS app_name, e.org_id, o.name AS org_name,
                 r.id AS release_id, r.version, r.image_ref, r.image_digest, r.spec, h.ipv6_prefix
          FROM instances i

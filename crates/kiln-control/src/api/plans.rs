@@ -561,21 +561,26 @@ async fn release_change(
         .fetch_one(pool)
         .await
         .map_err(ApiError::database("read secrets version"))?;
-    // A rollback's restore events move the secret set on before its release is created.
-    let secrets_to = prepared
-        .events
-        .iter()
-        .filter_map(|event| match event {
-            Event::SecretSet {
-                secrets_version, ..
-            }
-            | Event::SecretUnset {
-                secrets_version, ..
-            } => Some(*secrets_version),
-            _ => None,
-        })
-        .max()
-        .unwrap_or(secrets_now as u64);
+    // A release that exists keeps the secrets it was made with. A new one gets the current
+    // set, which a rollback's restore events move on before the release is created.
+    let secrets_to = if prepared.creates_release {
+        prepared
+            .events
+            .iter()
+            .filter_map(|event| match event {
+                Event::SecretSet {
+                    secrets_version, ..
+                }
+                | Event::SecretUnset {
+                    secrets_version, ..
+                } => Some(*secrets_version),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(secrets_now as u64)
+    } else {
+        targets::secrets_version_at(pool, env, prepared.release.id).await?
+    };
     let to = plan_release(&prepared.release, secrets_to);
 
     let from = match from {

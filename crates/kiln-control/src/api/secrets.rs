@@ -163,8 +163,9 @@ struct SecretVersions {
     set: u64,
     /// Whether the name is set now.
     is_set: bool,
-    /// The highest version of the name ever stored (0 when never set). Versions are never
-    /// reused, even after an unset, because stored values are kept by version.
+    /// The highest version the name ever had (0 when never set), from the stored values and
+    /// the `SecretSet` events. Versions are never reused, even after an unset, because
+    /// values are kept by version (and were deleted on unset before that).
     latest: u64,
 }
 
@@ -175,13 +176,18 @@ async fn versions(
 ) -> Result<SecretVersions, ApiError> {
     let row = sqlx::query(
         "SELECT e.secrets_version, s.version AS current,
-                (SELECT max(v.version) FROM secret_values v
-                 WHERE v.env_id = e.id AND v.name = $2) AS latest
+                GREATEST(
+                    (SELECT max(v.version) FROM secret_values v
+                     WHERE v.env_id = e.id AND v.name = $2),
+                    (SELECT max((x.payload->'data'->>'version')::bigint) FROM events x
+                     WHERE x.stream = $3 AND x.type = 'SecretSet'
+                       AND x.payload->'data'->>'name' = $2)) AS latest
          FROM envs e LEFT JOIN secrets s ON s.env_id = e.id AND s.name = $2
          WHERE e.id = $1",
     )
     .bind(env_id.as_uuid())
     .bind(name)
+    .bind(streams::env(env_id))
     .fetch_optional(pool)
     .await
     .map_err(ApiError::database("read secret versions"))?;

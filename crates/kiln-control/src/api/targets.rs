@@ -10,8 +10,8 @@
 
 use std::collections::BTreeMap;
 
-use kiln_api::Event;
 use kiln_api::types::{DeployTarget, Release};
+use kiln_api::{ErrorCode, Event};
 use kiln_core::{EnvId, ReleaseId};
 use sqlx::Row;
 
@@ -194,6 +194,29 @@ async fn restore_secrets(
         if now.get(name) == Some(pin) {
             continue;
         }
+        let stored: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM secret_values
+                            WHERE env_id = $1 AND name = $2 AND version = $3)",
+        )
+        .bind(env.as_uuid())
+        .bind(name)
+        .bind(pin.version as i64)
+        .fetch_one(pool)
+        .await
+        .map_err(ApiError::database("check a stored secret value"))?;
+        if !stored {
+            // Values set before they were kept by version were overwritten by newer ones.
+            return Err(ApiError::new(
+                ErrorCode::FailedPrecondition,
+                format!(
+                    "secret {name} version {} of that release is no longer stored, so the \
+                     rollback cannot restore it; set it with `kiln secrets set {name}` and \
+                     deploy instead",
+                    pin.version
+                ),
+            )
+            .with_details(serde_json::json!({ "secret": name, "version": pin.version })));
+        }
         set_version += 1;
         events.push(Event::SecretSet {
             env_id: env,
@@ -263,23 +286,20 @@ pub async fn secrets_at(
     Ok(secrets)
 }
 
-/// The version of the environment's secret set when `release` was created (0 when no secret
-/// was set before it).
+/// The version of the environment's secret set that `release` was made with (0 when no
+/// secret was set before it): the secrets its instances get.
 pub async fn secrets_version_at(
     pool: &sqlx::PgPool,
     env: EnvId,
     release: ReleaseId,
 ) -> Result<u64, ApiError> {
-    let version: Option<i64> = sqlx::query_scalar(
-        "SELECT max((payload->'data'->>'secrets_version')::bigint) FROM events
-         WHERE stream = $1 AND type IN ('SecretSet', 'SecretUnset')
-           AND seq < (SELECT min(seq) FROM events WHERE stream = $1 AND type = 'ReleaseCreated'
-                      AND payload->'data'->'release'->>'id' = $2)",
-    )
-    .bind(streams::env(env))
-    .bind(release.to_string())
-    .fetch_one(pool)
-    .await
-    .map_err(ApiError::database("read secrets history"))?;
-    Ok(version.map_or(0, |version| version as u64))
+    let version: Option<i64> =
+        sqlx::query_scalar("SELECT secrets_version FROM releases WHERE id = $1 AND env_id = $2")
+            .bind(release.as_uuid())
+            .bind(env.as_uuid())
+            .fetch_optional(pool)
+            .await
+            .map_err(ApiError::database("read a release's secrets version"))?;
+    let version = version.ok_or_else(|| ApiError::not_found("release", release))?;
+    Ok(version as u64)
 }

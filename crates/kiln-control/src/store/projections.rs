@@ -231,8 +231,10 @@ pub async fn apply(
             })?;
             sqlx::query(
                 "INSERT INTO releases (id, env_id, version, image_ref, image_digest, spec,
-                                       config_version, rollback_of, description, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                                       config_version, rollback_of, description, created_at,
+                                       secrets_version)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
+                         (SELECT secrets_version FROM envs WHERE id = $2))",
             )
             .bind(release.id.as_uuid())
             .bind(release.env_id.as_uuid())

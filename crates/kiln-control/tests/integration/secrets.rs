@@ -291,6 +291,23 @@ async fn instances_get_their_release_secrets_and_rollback_restores_them() {
         .await
         .unwrap();
     assert_eq!(meta.version, 4);
+
+    // Assignments carry the release's secret-set version, which agents cache secrets by.
+    let assignments = host
+        .client
+        .watch_assignments(&WatchQuery::default())
+        .await
+        .unwrap();
+    let pinned = |instance| {
+        assignments
+            .assignments
+            .iter()
+            .find(|assignment| assignment.instance_id == instance)
+            .map(|assignment| assignment.secrets_version)
+    };
+    assert_eq!(pinned(first_instance), Some(1));
+    assert_eq!(pinned(second_instance), Some(3));
+
     let all_events =
         serde_json::to_string(&server.operator().events(&Default::default()).await.unwrap())
             .unwrap();
@@ -359,4 +376,45 @@ async fn rotated_key_still_delivers_secrets() {
         .open(env.id, "API_KEY", row.0 as u64, &sealed)
         .unwrap();
     assert_eq!(plain, b"before-rotation");
+}
+
+#[tokio::test]
+async fn rollback_refuses_a_value_no_longer_stored() {
+    let server = TestServer::start().await;
+    let client = server.org_client();
+    let env = harness::create_app_and_env(&server).await;
+    let path = harness::env_path(&server.org);
+    let host = register_host(&server, "h1").await;
+    set(&client, &path, "API_KEY", "key-one").await;
+    let first = create_release(&client, &path).await;
+    set(&client, &path, "API_KEY", "key-two").await;
+    create_release(&client, &path).await;
+
+    // Values stored before they were kept by version were overwritten; version 1 is gone.
+    sqlx::query("DELETE FROM secret_values WHERE version = 1")
+        .execute(server.store.pool())
+        .await
+        .unwrap();
+
+    // The first release's instances get the value that replaced it, the closest one stored.
+    let instance = place_instance(&server, &env, &first, &host.host, 40).await;
+    let delivered = host.client.instance_secrets(instance).await.unwrap();
+    assert_eq!(delivered.values["API_KEY"], "key-two");
+
+    // A rollback cannot restore it, and says which secret to set.
+    let error = client
+        .create_deploy(
+            &path,
+            &CreateDeploy {
+                target: DeployTarget::ReleaseVersion(first.version),
+                strategy: Some(DeployStrategy::Immediate),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Some(kiln_api::ErrorCode::FailedPrecondition));
+    let message = error.to_string();
+    assert!(message.contains("API_KEY"), "{message}");
+    assert!(message.contains("kiln secrets set API_KEY"), "{message}");
+    assert_eq!(client.list_releases(&path).await.unwrap().items.len(), 2);
 }

@@ -194,19 +194,27 @@ fn release_spec(manifest: &ResolvedManifest) -> ReleaseSpec {
     }
 }
 
-/// Seconds, rounded up so a sub-second value never becomes 0.
 /// Joins `argv` into one command line that `/bin/sh -c` (how kiln-init runs a startup script)
-/// splits back into exactly `argv`: each argument that is not plainly safe is single-quoted.
+/// splits back into exactly `argv`, running `argv[0]` as the command.
 fn shell_command(argv: &[String]) -> String {
     argv.iter()
-        .map(|arg| shell_quote(arg))
+        .enumerate()
+        .map(|(index, arg)| shell_quote(arg, index == 0))
         .collect::<Vec<_>>()
         .join(" ")
 }
 
-fn shell_quote(arg: &str) -> String {
+/// Quotes `arg` unless the shell reads it as it is. A command word is quoted unless it is a
+/// path, because a bare word there may be a reserved word (`if`) or an assignment (`A=b`).
+fn shell_quote(arg: &str, command: bool) -> String {
     let plain = |c: char| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c);
-    if !arg.is_empty() && arg.chars().all(plain) {
+    let path = |c: char| c.is_ascii_alphanumeric() || "_./-".contains(c);
+    let safe = if command {
+        arg.contains('/') && arg.chars().all(path)
+    } else {
+        !arg.is_empty() && arg.chars().all(plain)
+    };
+    if safe {
         return arg.to_owned();
     }
     // Inside single quotes nothing is special except the closing quote, which is written as
@@ -214,6 +222,7 @@ fn shell_quote(arg: &str) -> String {
     format!("'{}'", arg.replace('\'', r"'\''"))
 }
 
+/// Seconds, rounded up so a sub-second value never becomes 0.
 fn whole_secs(duration: std::time::Duration) -> u32 {
     let secs = duration.as_secs() + u64::from(duration.subsec_nanos() > 0);
     u32::try_from(secs).unwrap_or(u32::MAX)
@@ -271,6 +280,22 @@ mod tests {
                 .collect();
             assert_eq!(parsed, argv, "{line}");
         }
+    }
+
+    #[test]
+    fn shell_command_runs_argv0_as_the_command() {
+        // Run as the command itself: a bare `printf` is quoted and still found on PATH.
+        let argv = ["printf", "[%s]", "a b", "if", "A=b"].map(str::to_owned);
+        let output = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(shell_command(&argv))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8(output.stdout).unwrap(), "[a b][if][A=b]");
+
+        assert_eq!(shell_command(&["if".to_owned()]), "'if'");
+        assert_eq!(shell_command(&["A=b".to_owned()]), "'A=b'");
+        assert_eq!(shell_command(&["/usr/bin/env".to_owned()]), "/usr/bin/env");
     }
 
     #[test]

@@ -33,8 +33,9 @@ pub(crate) async fn run(session: &mut Session, args: Args) -> CliResult {
     session
         .out
         .line(&format!("Unset secret {} on {}", args.name, target.label()))?;
-    session
-        .out
-        .note("Running instances keep the secret until the next deploy: kiln deploy");
+    session.out.note(
+        "Releases made before keep the secret, for their restarts, scale-ups and rollbacks; \
+             the next deploy drops it: kiln deploy",
+    );
     Ok(())
 }
