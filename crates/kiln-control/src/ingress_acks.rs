@@ -1,4 +1,4 @@
-//! Which route table each ingress has applied, so a deploy stops an instance only after the
+//! Ingress acknowledgements of route tables, so a deploy stops an instance only after the
 //! ingresses have stopped sending it new connections.
 //!
 //! An ingress follows `GET /v1/ingress/routes` with the cursor of the table it applied last,
@@ -14,8 +14,8 @@ use kiln_core::{EnvId, TokenId};
 
 use crate::store::{NOTIFY_CHANNEL, StoreError, streams};
 
-/// How recently an ingress must have polled to count. Each poll waits at most 30 s, so a
-/// live ingress polls at least twice in this window.
+/// Window in which an ingress must have polled to count as live. Each poll waits at most
+/// 30 s, so a live ingress polls at least twice in this window.
 pub const LIVE_WINDOW: Duration = Duration::from_secs(90);
 
 /// Default longest wait for acknowledgements before instances are stopped anyway.

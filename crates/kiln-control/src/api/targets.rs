@@ -5,7 +5,7 @@
 //! names that release in `rollback_of`, sets the environment's config vars back to the values
 //! they had at that release's config version, and points each secret back at the version
 //! that release had. Config and secret history are read from the `ConfigChanged`,
-//! `SecretSet` and `SecretUnset` events of the environment's stream; secret values are kept by
+//! `SecretSet` and `SecretUnset` events of the environment's stream. Secret values are kept by
 //! version in `secret_values`, so a rollback stores no value again.
 
 use std::collections::BTreeMap;
@@ -237,7 +237,7 @@ async fn restore_secrets(
     Ok(events)
 }
 
-/// Which version of a secret's value a secret set holds.
+/// Version of a secret's value in a secret set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SecretPin {
     /// The value's version in `secret_values`.
