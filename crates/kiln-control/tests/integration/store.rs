@@ -780,10 +780,10 @@ async fn config_change_sets_and_unsets_together() {
 }
 
 #[tokio::test]
-async fn commit_trigger_uses_store_constants() {
+async fn append_function_uses_store_constants() {
     let (store, _db) = harness::store().await;
     let definition: String =
-        sqlx::query_scalar("SELECT pg_get_functiondef('kiln_insert_pending_events'::regproc)")
+        sqlx::query_scalar("SELECT pg_get_functiondef('kiln_append'::regproc)")
             .fetch_one(store.pool())
             .await
             .unwrap();
