@@ -118,8 +118,8 @@ async fn load_for_update(
     let app_name = name("app", app, AppName::new)?;
     let env_name = name("env", env, EnvName::new)?;
 
-    // The stream id is `streams::env(env_id)`, `env:env_` and the UUID as 32 hex digits; a
-    // test checks that both spell it alike.
+    // The stream id spells `streams::env(env_id)`: `env:env_` and the UUID as 32 hex digits.
+    // If the two differed, every PATCH would conflict, so the config API tests would fail.
     let row = sqlx::query(
         "SELECT a.id AS app_id, e.id AS env_id, e.config_version,
                 (SELECT s.version FROM streams s
@@ -135,12 +135,10 @@ async fn load_for_update(
     .fetch_optional(state.store.pool())
     .await
     .map_err(ApiError::database("read config for update"))?;
-    let env = scope::env_scope(org.clone(), app_name, env_name, row.as_ref())?;
-
-    // `env_scope` returned an environment, so the row exists.
     let Some(row) = row else {
-        return Err(ApiError::internal("config row vanished"));
+        return Err(ApiError::not_found("app", &app_name));
     };
+    let env = scope::env_scope(org.clone(), app_name, env_name, Some(&row))?;
     let stream_version: Option<i64> = row.get("stream_version");
     let config_version: i64 = row.get("config_version");
     let vars: sqlx::types::Json<BTreeMap<String, String>> = row.get("vars");

@@ -306,7 +306,7 @@ pub fn now() -> OffsetDateTime {
 }
 
 /// Runs `kiln_append` on `conn` (a pooled connection in autocommit mode, or an open
-/// transaction) and sets the `seq` of each envelope from its result.
+/// transaction) and returns the envelopes with the `seq` values it assigned.
 ///
 /// The function checks the expected version, applies each event to the projections through
 /// `kiln_project`, then takes the append lock before it draws any `seq`. The lock is held
