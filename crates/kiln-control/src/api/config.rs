@@ -6,11 +6,11 @@ use axum::Json;
 use axum::extract::{Path, State};
 use kiln_api::Event;
 use kiln_api::types::{ConfigVars, UpdateConfig};
-use kiln_core::EnvId;
+use kiln_core::{AppName, EnvId, EnvName};
 use sqlx::Row;
 
 use super::error::ApiError;
-use super::extract::JsonBody;
+use super::extract::{JsonBody, name};
 use super::{AppState, retry_on_conflict, scope};
 use crate::auth::Caller;
 use crate::store::{ExpectedVersion, NewEvent, streams};
@@ -35,10 +35,10 @@ pub async fn show(
 pub async fn update(
     State(state): State<AppState>,
     caller: Caller,
-    Path((org, app, env)): Path<(String, String, String)>,
+    Path(path): Path<(String, String, String)>,
     JsonBody(request): JsonBody<UpdateConfig>,
 ) -> Result<Json<ConfigVars>, ApiError> {
-    let env = scope::env(state.store.pool(), &caller, &org, &app, &env).await?;
+    let org = scope::org(&caller, &path.0)?;
     if request.set.is_empty() && request.unset.is_empty() {
         return Err(ApiError::invalid(
             "set",
@@ -67,10 +67,12 @@ pub async fn update(
         }
     }
 
-    let stream = streams::env(env.id);
-    retry_on_conflict(|| async {
-        let version = state.store.stream_version(&stream).await?;
-        let current = load(state.store.pool(), env.id).await?;
+    // The append names the stream version read with the config, so it fails with a conflict
+    // when anything else changed the environment in between. The response is then the read
+    // config with this change applied, without reading it back.
+    let actor = caller.actor();
+    let updated = retry_on_conflict(|| async {
+        let (env, stream_version, current) = load_for_update(&state, &org, &path).await?;
         let event = Event::ConfigChanged {
             env_id: env.id,
             version: current.version + 1,
@@ -80,16 +82,71 @@ pub async fn update(
         state
             .store
             .append(
-                &stream,
-                ExpectedVersion::Exact(version),
+                &streams::env(env.id),
+                ExpectedVersion::Exact(stream_version),
                 vec![NewEvent::org(env.org_id(), event)],
-                &caller.actor(),
+                &actor,
             )
             .await?;
-        Ok(())
+        Ok(apply_change(current, &request))
     })
     .await?;
-    Ok(Json(load(state.store.pool(), env.id).await?))
+    Ok(Json(updated))
+}
+
+/// Returns `current` with `change` applied, as the `ConfigChanged` projection applies it.
+fn apply_change(current: ConfigVars, change: &UpdateConfig) -> ConfigVars {
+    let mut vars = current.vars;
+    for name in &change.unset {
+        vars.remove(name);
+    }
+    for (name, value) in &change.set {
+        vars.insert(name.clone(), value.clone());
+    }
+    ConfigVars {
+        version: current.version + 1,
+        vars,
+    }
+}
+
+/// Resolves the environment of `path` and reads its stream version and config, in one query.
+async fn load_for_update(
+    state: &AppState,
+    org: &scope::OrgScope,
+    (_, app, env): &(String, String, String),
+) -> Result<(scope::EnvScope, u64, ConfigVars), ApiError> {
+    let app_name = name("app", app, AppName::new)?;
+    let env_name = name("env", env, EnvName::new)?;
+
+    // The stream id spells `streams::env(env_id)`: `env:env_` and the UUID as 32 hex digits.
+    // If the two differed, every PATCH would conflict, so the config API tests would fail.
+    let row = sqlx::query(
+        "SELECT a.id AS app_id, e.id AS env_id, e.config_version,
+                (SELECT s.version FROM streams s
+                 WHERE s.id = 'env:env_' || replace(e.id::text, '-', '')) AS stream_version,
+                (SELECT coalesce(jsonb_object_agg(v.name, v.value), '{}')
+                 FROM config_vars v WHERE v.env_id = e.id) AS vars
+         FROM apps a LEFT JOIN envs e ON e.app_id = a.id AND e.name = $3
+         WHERE a.org_id = $1 AND a.name = $2",
+    )
+    .bind(org.id.as_uuid())
+    .bind(app_name.as_str())
+    .bind(env_name.as_str())
+    .fetch_optional(state.store.pool())
+    .await
+    .map_err(ApiError::database("read config for update"))?;
+    let Some(row) = row else {
+        return Err(ApiError::not_found("app", &app_name));
+    };
+    let env = scope::env_scope(org.clone(), app_name, env_name, Some(&row))?;
+    let stream_version: Option<i64> = row.get("stream_version");
+    let config_version: i64 = row.get("config_version");
+    let vars: sqlx::types::Json<BTreeMap<String, String>> = row.get("vars");
+    let current = ConfigVars {
+        version: config_version as u64,
+        vars: vars.0,
+    };
+    Ok((env, stream_version.unwrap_or(0) as u64, current))
 }
 
 /// Checks an environment variable name: `[A-Za-z_][A-Za-z0-9_]*`, at most 255 bytes.

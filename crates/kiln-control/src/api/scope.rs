@@ -160,7 +160,7 @@ pub async fn app(
     })
 }
 
-/// Resolves an environment of the caller's org.
+/// Resolves an environment of the caller's org, with its app, in one query.
 pub async fn env(
     pool: &PgPool,
     caller: &Caller,
@@ -168,20 +168,44 @@ pub async fn env(
     app_name: &str,
     env: &str,
 ) -> Result<EnvScope, ApiError> {
-    let app = app(pool, caller, org_name, app_name).await?;
+    let org = org(caller, org_name)?;
+    let app_name = name("app", app_name, AppName::new)?;
     let env_name = name("env", env, EnvName::new)?;
-    let row = sqlx::query("SELECT id FROM envs WHERE app_id = $1 AND name = $2")
-        .bind(app.id.as_uuid())
-        .bind(env_name.as_str())
-        .fetch_optional(pool)
-        .await
-        .map_err(ApiError::database("look up environment"))?;
+    let row = sqlx::query(
+        "SELECT a.id AS app_id, e.id AS env_id
+         FROM apps a LEFT JOIN envs e ON e.app_id = a.id AND e.name = $3
+         WHERE a.org_id = $1 AND a.name = $2",
+    )
+    .bind(org.id.as_uuid())
+    .bind(app_name.as_str())
+    .bind(env_name.as_str())
+    .fetch_optional(pool)
+    .await
+    .map_err(ApiError::database("look up environment"))?;
+    env_scope(org, app_name, env_name, row.as_ref())
+}
+
+/// Builds an [`EnvScope`] from a row with the columns `app_id` and `env_id` (NULL when the
+/// environment does not exist), or `None` when the app does not exist.
+pub fn env_scope(
+    org: OrgScope,
+    app_name: AppName,
+    env_name: EnvName,
+    row: Option<&sqlx::postgres::PgRow>,
+) -> Result<EnvScope, ApiError> {
     let Some(row) = row else {
+        return Err(ApiError::not_found("app", &app_name));
+    };
+    let Some(env_id) = row.get::<Option<uuid::Uuid>, _>("env_id") else {
         return Err(ApiError::not_found("environment", &env_name));
     };
     Ok(EnvScope {
-        app,
-        id: EnvId::from_uuid(row.get("id")),
+        app: AppScope {
+            org,
+            id: AppId::from_uuid(row.get("app_id")),
+            name: app_name,
+        },
+        id: EnvId::from_uuid(env_id),
         name: env_name,
     })
 }

@@ -94,6 +94,16 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    /// The append function returned a different number of rows than events were appended.
+    #[error("appending {expected} events to stream {stream} returned {returned} rows")]
+    AppendResult {
+        /// The stream.
+        stream: String,
+        /// Events appended.
+        expected: usize,
+        /// Rows returned.
+        returned: usize,
+    },
     /// A database operation failed.
     #[error("database operation {operation} failed")]
     Database {
@@ -164,11 +174,11 @@ impl Store {
             .map_err(StoreError::database("begin"))
     }
 
-    /// Appends `events` to `stream` in one transaction, updating the projections.
+    /// Appends `events` to `stream` in one autocommit statement, updating the projections.
     ///
-    /// Unlike [`Store::append_in`], the events are inserted at commit by a deferred trigger
-    /// (migration `append_at_commit`), so the append lock is held only inside the server while
-    /// the commit runs. Their `seq` values are read back after the commit.
+    /// The statement calls the server function `kiln_append`, which checks and bumps the
+    /// stream version, applies the projections, takes the append lock and inserts the events,
+    /// so an append costs one round trip and holds the lock only inside the server.
     pub async fn append(
         &self,
         stream: &str,
@@ -176,37 +186,12 @@ impl Store {
         events: Vec<NewEvent>,
         actor: &str,
     ) -> Result<Vec<EventEnvelope>, StoreError> {
-        let count = events.len() as u64;
-        let time = now();
-        let staged = staged_events(stream, &events, actor, time)?;
-
-        let mut tx = self.begin().await?;
-        let first_version = bump_stream(&mut tx, stream, expected, count, Some(&staged)).await? + 1;
-        let mut envelopes = envelopes(stream, first_version, events, actor, time);
-        for envelope in &envelopes {
-            projections::apply(&mut tx, envelope).await?;
-        }
-        tx.commit().await.map_err(StoreError::database("commit"))?;
-
-        let seqs: Vec<(i64, i64)> = sqlx::query_as(
-            "SELECT seq, stream_version FROM events
-             WHERE stream = $1 AND stream_version >= $2 AND stream_version < $2 + $3",
-        )
-        .bind(stream)
-        .bind(first_version as i64)
-        .bind(count as i64)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(StoreError::database("read appended seq"))?;
-        for (seq, stream_version) in seqs {
-            if let Some(envelope) = envelopes
-                .iter_mut()
-                .find(|envelope| envelope.stream_version as i64 == stream_version)
-            {
-                envelope.seq = seq as u64;
-            }
-        }
-        Ok(envelopes)
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(StoreError::database("acquire connection"))?;
+        append_on(&mut conn, stream, expected, events, actor).await
     }
 
     /// Appends `events` to `stream` inside the caller's transaction. The caller may do more
@@ -219,18 +204,7 @@ impl Store {
         events: Vec<NewEvent>,
         actor: &str,
     ) -> Result<Vec<EventEnvelope>, StoreError> {
-        let count = events.len() as u64;
-        let first_version = bump_stream(tx, stream, expected, count, None).await? + 1;
-        let mut envelopes = envelopes(stream, first_version, events, actor, now());
-
-        for envelope in &envelopes {
-            projections::apply(tx, envelope).await?;
-        }
-
-        // The insert takes the append lock before it draws a seq; from there to commit,
-        // appends are serialized, so seq order is commit order.
-        insert_events(tx, &mut envelopes).await?;
-        Ok(envelopes)
+        append_on(tx, stream, expected, events, actor).await
     }
 
     /// Returns the current version of `stream` (0 when it does not exist).
@@ -331,191 +305,88 @@ pub fn now() -> OffsetDateTime {
         .unwrap_or(now)
 }
 
-/// Builds the envelopes of one append, without `seq`.
-fn envelopes(
-    stream: &str,
-    first_version: u64,
-    events: Vec<NewEvent>,
-    actor: &str,
-    time: OffsetDateTime,
-) -> Vec<EventEnvelope> {
-    events
-        .into_iter()
-        .enumerate()
-        .map(|(offset, new)| EventEnvelope {
-            seq: 0,
-            stream: stream.to_owned(),
-            stream_version: first_version + offset as u64,
-            org_id: new.org_id,
-            actor: actor.to_owned(),
-            time,
-            event: new.event,
-        })
-        .collect()
-}
-
-/// Encodes the events of one [`Store::append`] as the JSON the `append_at_commit` trigger
-/// reads from `kiln.pending_events`.
-fn staged_events(
-    stream: &str,
-    events: &[NewEvent],
-    actor: &str,
-    time: OffsetDateTime,
-) -> Result<String, StoreError> {
-    let codec = |source| StoreError::Codec { seq: 0, source };
-    let mut rows = Vec::with_capacity(events.len());
-    for new in events {
-        rows.push(serde_json::json!({
-            "org_id": new.org_id.map(|id| id.as_uuid()),
-            "env_id": new.event.env_id().map(|id| id.as_uuid()),
-            "host_id": new.event.host_id().map(|id| id.as_uuid()),
-            "type": new.event.type_name(),
-            "payload": serde_json::to_value(&new.event).map_err(codec)?,
-        }));
-    }
-    let time = time
-        .format(&time::format_description::well_known::Rfc3339)
-        .map_err(|error| StoreError::Codec {
-            seq: 0,
-            source: serde::ser::Error::custom(error),
-        })?;
-    serde_json::to_string(&serde_json::json!({
-        "stream": stream,
-        "actor": actor,
-        "time": time,
-        "events": rows,
-    }))
-    .map_err(codec)
-}
-
-/// Locks the stream row, checks the expected version and bumps it, returning the version
-/// before the bump. With `staged`, the same statement stores the events for the commit-time
-/// insert (see [`Store::append`]); without, it clears any staged events.
-async fn bump_stream(
-    tx: &mut Transaction<'static, Postgres>,
+/// Runs `kiln_append` on `conn` (a pooled connection in autocommit mode, or an open
+/// transaction) and returns the envelopes with the `seq` values it assigned.
+///
+/// The function checks the expected version, applies each event to the projections through
+/// `kiln_project`, then takes the append lock before it draws any `seq`. The lock is held
+/// until the surrounding transaction commits, so `seq` order is commit order.
+async fn append_on(
+    conn: &mut sqlx::PgConnection,
     stream: &str,
     expected: ExpectedVersion,
-    count: u64,
-    staged: Option<&str>,
-) -> Result<u64, StoreError> {
-    // No row comes back when the check fails (or, for `NoStream`, when the stream exists).
-    // The `staged` CTE is read by the main query, because PostgreSQL skips a SELECT CTE that
-    // nothing reads.
-    let sql = match expected {
-        ExpectedVersion::Any => {
-            "WITH staged AS (SELECT set_config('kiln.pending_events', coalesce($4, ''), true))
-             INSERT INTO streams (id, version) SELECT $1, $2 FROM staged
-             ON CONFLICT (id) DO UPDATE SET version = streams.version + $2
-             WHERE $3::bigint = 0
-             RETURNING version"
-        }
-        ExpectedVersion::NoStream | ExpectedVersion::Exact(0) => {
-            "WITH staged AS (SELECT set_config('kiln.pending_events', coalesce($4, ''), true))
-             INSERT INTO streams (id, version) SELECT $1, $2 FROM staged WHERE $3::bigint = 0
-             ON CONFLICT (id) DO NOTHING
-             RETURNING version"
-        }
-        ExpectedVersion::Exact(_) => {
-            "WITH staged AS (SELECT set_config('kiln.pending_events', coalesce($4, ''), true))
-             UPDATE streams SET version = version + $2 FROM staged
-             WHERE id = $1 AND version = $3
-             RETURNING version"
-        }
+    events: Vec<NewEvent>,
+    actor: &str,
+) -> Result<Vec<EventEnvelope>, StoreError> {
+    let (expected_kind, expected_version) = match expected {
+        ExpectedVersion::Any => ("any", 0),
+        ExpectedVersion::NoStream | ExpectedVersion::Exact(0) => ("no_stream", 0),
+        ExpectedVersion::Exact(version) => ("exact", version as i64),
     };
-    let expected_version = match expected {
-        ExpectedVersion::Exact(version) => version as i64,
-        _ => 0,
-    };
-    let bumped: Option<i64> = sqlx::query_scalar(sql)
-        .bind(stream)
-        .bind(count as i64)
-        .bind(expected_version)
-        .bind(staged)
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(StoreError::database("bump stream"))?;
-    if let Some(version) = bumped {
-        return Ok(version as u64 - count);
-    }
 
-    let actual: Option<i64> = sqlx::query_scalar("SELECT version FROM streams WHERE id = $1")
-        .bind(stream)
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(StoreError::database("read stream version"))?;
-    Err(StoreError::Conflict {
-        stream: stream.to_owned(),
-        expected,
-        actual: actual.unwrap_or(0) as u64,
-    })
-}
-
-/// Inserts the events of one append in one statement and sets their `seq`. The statement
-/// first takes the append lock and queues the notification: the rows come from a join with the
-/// lock's CTE, so the lock is held before any `seq` default is evaluated. Rows are inserted in
-/// stream-version order, so their `seq` values ascend in the same order.
-async fn insert_events(
-    tx: &mut Transaction<'static, Postgres>,
-    envelopes: &mut [EventEnvelope],
-) -> Result<(), StoreError> {
-    let Some(first) = envelopes.first() else {
-        return Ok(());
-    };
-    let (stream, actor, time) = (first.stream.clone(), first.actor.clone(), first.time);
-
-    let mut versions = Vec::with_capacity(envelopes.len());
-    let mut org_ids = Vec::with_capacity(envelopes.len());
-    let mut env_ids = Vec::with_capacity(envelopes.len());
-    let mut host_ids = Vec::with_capacity(envelopes.len());
-    let mut types = Vec::with_capacity(envelopes.len());
-    let mut payloads = Vec::with_capacity(envelopes.len());
-    for envelope in envelopes.iter() {
-        versions.push(envelope.stream_version as i64);
-        org_ids.push(envelope.org_id.map(|id| id.as_uuid()));
-        env_ids.push(envelope.event.env_id().map(|id| id.as_uuid()));
-        host_ids.push(envelope.event.host_id().map(|id| id.as_uuid()));
-        types.push(envelope.event.type_name());
+    let mut org_ids = Vec::with_capacity(events.len());
+    let mut env_ids = Vec::with_capacity(events.len());
+    let mut host_ids = Vec::with_capacity(events.len());
+    let mut types = Vec::with_capacity(events.len());
+    let mut payloads = Vec::with_capacity(events.len());
+    for new in &events {
+        org_ids.push(new.org_id.map(|id| id.as_uuid()));
+        env_ids.push(new.event.env_id().map(|id| id.as_uuid()));
+        host_ids.push(new.event.host_id().map(|id| id.as_uuid()));
+        types.push(new.event.type_name());
         payloads.push(
-            serde_json::to_value(&envelope.event)
+            serde_json::to_value(&new.event)
                 .map_err(|source| StoreError::Codec { seq: 0, source })?,
         );
     }
 
-    let rows: Vec<(i64, i64)> = sqlx::query_as(
-        "WITH appending AS (SELECT pg_advisory_xact_lock($1), pg_notify($2, ''))
-         INSERT INTO events
-             (stream, stream_version, org_id, env_id, host_id, type, payload, actor, time)
-         SELECT $3, e.stream_version, e.org_id, e.env_id, e.host_id, e.type, e.payload, $4, $5
-         FROM appending,
-              unnest($6::bigint[], $7::uuid[], $8::uuid[], $9::uuid[], $10::text[],
-                     $11::jsonb[]) AS e(stream_version, org_id, env_id, host_id, type, payload)
-         ORDER BY e.stream_version
-         RETURNING seq, stream_version",
+    let time = now();
+    let rows: Vec<(Option<i64>, i64)> = sqlx::query_as(
+        "SELECT seq, stream_version FROM kiln_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
-    .bind(APPEND_LOCK_KEY)
-    .bind(NOTIFY_CHANNEL)
-    .bind(&stream)
-    .bind(&actor)
+    .bind(stream)
+    .bind(expected_kind)
+    .bind(expected_version)
+    .bind(actor)
     .bind(time)
-    .bind(&versions)
     .bind(&org_ids)
     .bind(&env_ids)
     .bind(&host_ids)
     .bind(&types)
     .bind(&payloads)
-    .fetch_all(&mut **tx)
+    .fetch_all(&mut *conn)
     .await
-    .map_err(StoreError::database("insert events"))?;
+    .map_err(StoreError::database("append events"))?;
 
-    for (seq, stream_version) in rows {
-        if let Some(envelope) = envelopes
-            .iter_mut()
-            .find(|envelope| envelope.stream_version as i64 == stream_version)
-        {
-            envelope.seq = seq as u64;
-        }
+    if let [(None, actual)] = rows.as_slice() {
+        return Err(StoreError::Conflict {
+            stream: stream.to_owned(),
+            expected,
+            actual: *actual as u64,
+        });
     }
-    Ok(())
+    if rows.len() != events.len() {
+        return Err(StoreError::AppendResult {
+            stream: stream.to_owned(),
+            expected: events.len(),
+            returned: rows.len(),
+        });
+    }
+
+    let envelopes = events
+        .into_iter()
+        .zip(rows)
+        .map(|(new, (seq, stream_version))| EventEnvelope {
+            seq: seq.unwrap_or(0) as u64,
+            stream: stream.to_owned(),
+            stream_version: stream_version as u64,
+            org_id: new.org_id,
+            actor: actor.to_owned(),
+            time,
+            event: new.event,
+        })
+        .collect();
+    Ok(envelopes)
 }
 
 /// Decodes one row of the `events` table.

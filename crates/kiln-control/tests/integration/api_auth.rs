@@ -417,3 +417,40 @@ async fn operator_creates_first_org_token() {
         .unwrap_err();
     assert_eq!(missing.code(), Some(kiln_api::ErrorCode::NotFound));
 }
+
+#[tokio::test]
+async fn revoked_token_refused_on_next_request() {
+    let server = TestServer::start().await;
+    let created = server
+        .org_client()
+        .create_token(
+            &server.org,
+            &CreateToken {
+                name: "short-lived".into(),
+                expires_in_secs: None,
+            },
+        )
+        .await
+        .unwrap();
+    let client = server.client(&created.secret);
+    let whoami = client.whoami().await.unwrap();
+    assert_eq!(whoami.token.id, created.token.id);
+
+    server
+        .org_client()
+        .revoke_token(&server.org, created.token.id)
+        .await
+        .unwrap();
+    let error = client.whoami().await.unwrap_err();
+    assert_eq!(error.code(), Some(kiln_api::ErrorCode::TokenRevoked));
+
+    // A mutation is refused the same way, and changes nothing.
+    let path = harness::env_path(&server.org);
+    harness::create_app_and_env(&server).await;
+    let mut update = UpdateConfig::default();
+    update.set.insert("A".into(), "b".into());
+    let error = client.update_config(&path, &update).await.unwrap_err();
+    assert_eq!(error.code(), Some(kiln_api::ErrorCode::TokenRevoked));
+    let config = server.org_client().get_config(&path).await.unwrap();
+    assert_eq!(config.version, 0);
+}

@@ -1,6 +1,7 @@
 //! The resource endpoints end to end: org, app, env, config, secrets, releases, deploys,
 //! hosts, the host agent's endpoints and the ingress route table.
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use kiln_api::types::*;
@@ -521,4 +522,54 @@ async fn platform_hostnames_never_collide() {
             "prod.web.shop-co.apps.kiln.test".to_owned(),
         ]
     );
+}
+
+#[tokio::test]
+async fn config_patch_answers_what_get_reads() {
+    let server = TestServer::start().await;
+    let client = server.org_client();
+    harness::create_app_and_env(&server).await;
+    let path = harness::env_path(&server.org);
+
+    let values = [
+        "'; DROP TABLE events; --",
+        "$$ $kiln$ $1",
+        r"\ \\ E'\n' \u0000",
+        "ünïcödé 🔥 \"quoted\"",
+    ];
+    let mut update = UpdateConfig::default();
+    for (index, value) in values.iter().enumerate() {
+        update.set.insert(format!("V{index}"), (*value).to_owned());
+    }
+    let first = client.update_config(&path, &update).await.unwrap();
+    assert_eq!(first.version, 1);
+    assert_eq!(first, client.get_config(&path).await.unwrap());
+
+    // A change to the environment's stream that is not a config change (a secret) moves the
+    // stream version; the next PATCH must still append and answer the config it produced.
+    client
+        .set_secret(
+            &path,
+            "TOKEN",
+            &kiln_api::types::SetSecret {
+                value: "s3cr3t".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let second = client
+        .update_config(
+            &path,
+            &UpdateConfig {
+                set: BTreeMap::from([("V0".to_owned(), "replaced".to_owned())]),
+                unset: vec!["V1".into()],
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(second.version, 2);
+    assert_eq!(second.vars["V0"], "replaced");
+    assert!(!second.vars.contains_key("V1"));
+    assert_eq!(second.vars["V2"], values[2]);
+    assert_eq!(second, client.get_config(&path).await.unwrap());
 }

@@ -780,10 +780,10 @@ async fn config_change_sets_and_unsets_together() {
 }
 
 #[tokio::test]
-async fn commit_trigger_uses_store_constants() {
+async fn append_function_uses_store_constants() {
     let (store, _db) = harness::store().await;
     let definition: String =
-        sqlx::query_scalar("SELECT pg_get_functiondef('kiln_insert_pending_events'::regproc)")
+        sqlx::query_scalar("SELECT pg_get_functiondef('kiln_append'::regproc)")
             .fetch_one(store.pool())
             .await
             .unwrap();
@@ -794,4 +794,234 @@ async fn commit_trigger_uses_store_constants() {
     assert!(definition.contains(&lock), "{definition}");
     let notify = format!("pg_notify('{}'", kiln_control::store::NOTIFY_CHANNEL);
     assert!(definition.contains(&notify), "{definition}");
+}
+
+/// Values a quoting bug would mangle or turn into SQL: quotes, dollar quotes, backslashes,
+/// comment and statement syntax, non-ASCII text and a value at the API's 32 KiB limit.
+fn hostile_values() -> Vec<String> {
+    vec![
+        "'".to_owned(),
+        "''; DROP TABLE events; --".to_owned(),
+        "$$ $kiln$ $1 $q$x$q$".to_owned(),
+        r"\ \\ \x00 \u0000 E'\n'".to_owned(),
+        "\"double\" /* comment */ -- line".to_owned(),
+        "tab\tnewline\nreturn\r ünïcödé 🔥".to_owned(),
+        "$".repeat(32 * 1024),
+        "'".repeat(32 * 1024),
+    ]
+}
+
+/// Creates an environment for the config tests and returns its org and id.
+async fn config_env(store: &Store) -> (OrgId, EnvId) {
+    let org_id = OrgId::new();
+    let env_id = EnvId::new();
+    append(
+        store,
+        &streams::env(env_id),
+        Some(org_id),
+        Event::EnvCreated {
+            env_id,
+            app_id: AppId::new(),
+            org_id,
+            name: EnvName::new("prod").unwrap(),
+            hostname: Hostname::new("prod.quoting.test").unwrap(),
+            ipv6_address: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 7),
+        },
+    )
+    .await;
+    (org_id, env_id)
+}
+
+#[tokio::test]
+async fn hostile_config_values_stored_verbatim() {
+    let (store, _db) = harness::store().await;
+    let (org_id, env_id) = config_env(&store).await;
+    let set: BTreeMap<String, String> = hostile_values()
+        .into_iter()
+        .enumerate()
+        .map(|(index, value)| (format!("V{index}"), value))
+        .collect();
+    // The unset names are hostile too; none of them exists, so nothing is removed.
+    let unset = vec![
+        "'); DELETE FROM config_vars; --".to_owned(),
+        "$$".to_owned(),
+    ];
+    let event = Event::ConfigChanged {
+        env_id,
+        version: 1,
+        set: set.clone(),
+        unset,
+    };
+    let appended = store
+        .append(
+            &streams::env(env_id),
+            ExpectedVersion::Exact(1),
+            vec![NewEvent::org(org_id, event.clone())],
+            "t",
+        )
+        .await
+        .unwrap();
+
+    let stored: BTreeMap<String, String> = sqlx::query_as::<_, (String, String)>(
+        "SELECT name, value FROM config_vars WHERE env_id = $1",
+    )
+    .bind(env_id.as_uuid())
+    .fetch_all(store.pool())
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    assert_eq!(stored, set);
+
+    let (events, _) = store
+        .read_page(
+            appended[0].seq - 1,
+            10,
+            &kiln_control::store::EventFilter::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].event, event);
+    let report = store
+        .rebuild_projections(RebuildMode::Verify)
+        .await
+        .unwrap();
+    assert!(report.matches(), "{:?}", report.diffs);
+}
+
+#[tokio::test]
+async fn nul_value_rejected_without_trace() {
+    let (store, _db) = harness::store().await;
+    let (org_id, env_id) = config_env(&store).await;
+    let head = store.head().await.unwrap();
+    let event = Event::ConfigChanged {
+        env_id,
+        version: 1,
+        set: BTreeMap::from([("A".to_owned(), "before\0after".to_owned())]),
+        unset: Vec::new(),
+    };
+    let result = store
+        .append(
+            &streams::env(env_id),
+            ExpectedVersion::Any,
+            vec![NewEvent::org(org_id, event)],
+            "t",
+        )
+        .await;
+    assert!(
+        matches!(result, Err(StoreError::Database { .. })),
+        "{result:?}"
+    );
+    assert_eq!(store.head().await.unwrap(), head);
+    assert_eq!(
+        store.stream_version(&streams::env(env_id)).await.unwrap(),
+        1
+    );
+    let vars: i64 = sqlx::query_scalar("SELECT count(*) FROM config_vars")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(vars, 0);
+}
+
+#[tokio::test]
+async fn conflict_in_transaction_is_retryable() {
+    let (store, _db) = harness::store().await;
+    let (org_id, env_id) = config_env(&store).await;
+    let stream = streams::env(env_id);
+    let change = |version: u64| {
+        vec![NewEvent::org(
+            org_id,
+            Event::ConfigChanged {
+                env_id,
+                version,
+                set: BTreeMap::from([("A".to_owned(), version.to_string())]),
+                unset: Vec::new(),
+            },
+        )]
+    };
+
+    let mut tx = store.begin().await.unwrap();
+    let stale = Store::append_in(&mut tx, &stream, ExpectedVersion::Exact(5), change(1), "t").await;
+    assert!(
+        matches!(stale, Err(StoreError::Conflict { actual: 1, .. })),
+        "{stale:?}"
+    );
+    // The conflict wrote nothing and left the transaction usable, so the caller can retry
+    // with the version the error names.
+    let retried = Store::append_in(&mut tx, &stream, ExpectedVersion::Exact(1), change(1), "t")
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(retried[0].stream_version, 2);
+    assert_eq!(store.stream_version(&stream).await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn concurrent_exact_appends_serialize() {
+    let (store, _db) = harness::store().await;
+    let (org_id, env_id) = config_env(&store).await;
+    const WRITERS: u64 = 6;
+    const APPENDS: u64 = 15;
+
+    let mut writers = Vec::new();
+    for writer in 0..WRITERS {
+        let store = store.clone();
+        writers.push(tokio::spawn(async move {
+            let stream = streams::env(env_id);
+            let mut conflicts = 0u64;
+            for index in 0..APPENDS {
+                loop {
+                    let version = store.stream_version(&stream).await.unwrap();
+                    let event = Event::ConfigChanged {
+                        env_id,
+                        version,
+                        set: BTreeMap::from([(format!("W{writer}"), index.to_string())]),
+                        unset: Vec::new(),
+                    };
+                    let result = store
+                        .append(
+                            &stream,
+                            ExpectedVersion::Exact(version),
+                            vec![NewEvent::org(org_id, event)],
+                            "t",
+                        )
+                        .await;
+                    match result {
+                        Ok(appended) => {
+                            assert_eq!(appended[0].stream_version, version + 1);
+                            break;
+                        }
+                        Err(StoreError::Conflict { actual, .. }) => {
+                            assert!(actual > version, "{actual} <= {version}");
+                            conflicts += 1;
+                        }
+                        Err(error) => panic!("{error:?}"),
+                    }
+                }
+            }
+            conflicts
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+
+    let stream = streams::env(env_id);
+    let total = 1 + WRITERS * APPENDS;
+    assert_eq!(store.stream_version(&stream).await.unwrap(), total);
+    let versions: Vec<i64> =
+        sqlx::query_scalar("SELECT stream_version FROM events WHERE stream = $1 ORDER BY seq")
+            .bind(&stream)
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    let expected: Vec<i64> = (1..=total as i64).collect();
+    assert_eq!(versions, expected);
+    let report = store
+        .rebuild_projections(RebuildMode::Verify)
+        .await
+        .unwrap();
+    assert!(report.matches(), "{:?}", report.diffs);
 }

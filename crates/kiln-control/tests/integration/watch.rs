@@ -118,8 +118,8 @@ async fn concurrent_appenders_and_watchers_agree() {
                     name: AppName::new(format!("w{writer}-{index}")).unwrap(),
                 };
                 let stream = format!("writer:{writer}");
-                // Even writers use `append`, which inserts at commit; odd writers use
-                // `append_in`, which inserts before commit and holds the lock until then.
+                // Even writers use `append`, one autocommit statement; odd writers use
+                // `append_in`, whose transaction holds the append lock until its commit.
                 if writer % 2 == 0 {
                     store
                         .append(
