@@ -2,11 +2,17 @@
 //! terms, from the sockets the guest listens on.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use kiln_api::types::{HealthCheck, HealthCheckKind};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 use crate::runtime::ListeningSocket;
 
@@ -40,8 +46,18 @@ pub enum ProbeFailure {
         /// The timeout.
         timeout: Duration,
     },
-    /// The HTTP answer was not 2xx or 3xx.
-    #[error("GET {path} on {target} returned {status_line:?}, expected a 2xx or 3xx status")]
+    /// The TLS handshake of an HTTPS check failed.
+    #[error(
+        "TLS handshake with {target} failed: {reason}; if the app serves plain HTTP, set tls = false in the health check"
+    )]
+    Tls {
+        /// The probed address.
+        target: SocketAddr,
+        /// The TLS library's message.
+        reason: String,
+    },
+    /// The HTTP answer did not have the expected status.
+    #[error("GET {path} on {target} returned {status_line:?}, expected {expected}")]
     HttpStatus {
         /// The probed address.
         target: SocketAddr,
@@ -49,6 +65,8 @@ pub enum ProbeFailure {
         path: String,
         /// The status line received.
         status_line: String,
+        /// The status that counts as healthy, in words (`status 204`, `a 2xx or 3xx status`).
+        expected: String,
     },
 }
 
@@ -75,11 +93,66 @@ async fn probe_inner(target: SocketAddr, kind: &HealthCheckKind) -> Result<(), P
         target,
         reason: error.to_string(),
     };
-    let mut stream = TcpStream::connect(target).await.map_err(connect_failed)?;
-    let HealthCheckKind::Http { path } = kind else {
+    let stream = TcpStream::connect(target).await.map_err(connect_failed)?;
+    let HealthCheckKind::Http {
+        path,
+        expected_status,
+        tls,
+    } = kind
+    else {
         return Ok(());
     };
 
+    let status_line = if *tls {
+        // The certificate names the public hostname, not the instance address, so there is
+        // nothing to verify it against; the check is about the app answering.
+        let name = ServerName::IpAddress(target.ip().into());
+        let tls_failed = |reason: String| ProbeFailure::Tls { target, reason };
+        let mut stream = tls_connector()
+            .map_err(tls_failed)?
+            .connect(name, stream)
+            .await
+            .map_err(|error| tls_failed(error.to_string()))?;
+        status_line(&mut stream, target, path)
+            .await
+            .map_err(connect_failed)?
+    } else {
+        let mut stream = stream;
+        status_line(&mut stream, target, path)
+            .await
+            .map_err(connect_failed)?
+    };
+
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse::<u16>().ok())
+        .filter(|_| status_line.starts_with("HTTP/"));
+    let healthy = match (status, expected_status) {
+        (Some(status), Some(expected)) => status == *expected,
+        (Some(status), None) => (200..=399).contains(&status),
+        (None, _) => false,
+    };
+    if healthy {
+        return Ok(());
+    }
+    Err(ProbeFailure::HttpStatus {
+        target,
+        path: path.clone(),
+        status_line,
+        expected: match expected_status {
+            Some(status) => format!("status {status}"),
+            None => "a 2xx or 3xx status".to_owned(),
+        },
+    })
+}
+
+/// Sends `GET path` over `stream` and returns the first line of the answer.
+async fn status_line<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    target: SocketAddr,
+    path: &str,
+) -> std::io::Result<String> {
     let host = match target.ip() {
         IpAddr::V6(ip) => format!("[{ip}]:{}", target.port()),
         IpAddr::V4(ip) => format!("{ip}:{}", target.port()),
@@ -87,36 +160,94 @@ async fn probe_inner(target: SocketAddr, kind: &HealthCheckKind) -> Result<(), P
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: kiln-agent\r\nConnection: close\r\n\r\n"
     );
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(connect_failed)?;
+    stream.write_all(request.as_bytes()).await?;
+    stream.flush().await?;
 
     let mut buffer = Vec::with_capacity(256);
     let mut chunk = [0u8; 256];
     while !buffer.contains(&b'\n') && buffer.len() < MAX_STATUS_LINE {
-        let read = stream.read(&mut chunk).await.map_err(connect_failed)?;
+        let read = match stream.read(&mut chunk).await {
+            Ok(read) => read,
+            // A TLS peer that closes without close_notify still sent its status line.
+            Err(error) if !buffer.is_empty() => {
+                tracing::debug!(%target, %error, "health endpoint closed the connection uncleanly");
+                0
+            }
+            Err(error) => return Err(error),
+        };
         if read == 0 {
             break;
         }
         buffer.extend_from_slice(&chunk[..read]);
     }
-    let status_line = String::from_utf8_lossy(&buffer)
+    Ok(String::from_utf8_lossy(&buffer)
         .lines()
         .next()
         .unwrap_or_default()
-        .to_owned();
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse::<u16>().ok());
-    match status {
-        Some(200..=399) if status_line.starts_with("HTTP/") => Ok(()),
-        _ => Err(ProbeFailure::HttpStatus {
-            target,
-            path: path.clone(),
-            status_line,
-        }),
+        .to_owned())
+}
+
+/// The TLS client of HTTPS checks, built once, or why it cannot be built.
+fn tls_connector() -> Result<TlsConnector, String> {
+    static CONNECTOR: OnceLock<Result<TlsConnector, String>> = OnceLock::new();
+    CONNECTOR
+        .get_or_init(|| {
+            // ring is the workspace's TLS provider. Its default lacks post-quantum key
+            // exchange, which does not matter for a probe over the host's own TAP device.
+            #[allow(deprecated)]
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let verifier = Arc::new(AnyCertificate {
+                algorithms: provider.signature_verification_algorithms,
+            });
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|error| format!("the TLS client cannot be built: {error}"))?
+                .dangerous()
+                .with_custom_certificate_verifier(verifier)
+                .with_no_client_auth();
+            Ok(TlsConnector::from(Arc::new(config)))
+        })
+        .clone()
+}
+
+/// Accepts any server certificate, still checking that the handshake is signed by its key.
+#[derive(Debug)]
+struct AnyCertificate {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
     }
 }
 
@@ -223,6 +354,8 @@ mod tests {
         let target = http_server("HTTP/1.1 204 No Content\r\n\r\n").await;
         let kind = HealthCheckKind::Http {
             path: "/healthz".to_owned(),
+            expected_status: None,
+            tls: false,
         };
         probe(target, &check(kind)).await.unwrap();
     }
@@ -232,6 +365,8 @@ mod tests {
         let target = http_server("HTTP/1.1 503 Service Unavailable\r\n\r\n").await;
         let kind = HealthCheckKind::Http {
             path: "/healthz".to_owned(),
+            expected_status: None,
+            tls: false,
         };
         let failure = probe(target, &check(kind)).await.unwrap_err();
         assert!(failure.to_string().contains("503"), "{failure}");
@@ -242,6 +377,8 @@ mod tests {
         let target = http_server("SSH-2.0-OpenSSH\r\n").await;
         let kind = HealthCheckKind::Http {
             path: "/".to_owned(),
+            expected_status: None,
+            tls: false,
         };
         let failure = probe(target, &check(kind)).await.unwrap_err();
         assert!(
@@ -256,12 +393,101 @@ mod tests {
         let target = listener.local_addr().unwrap();
         let kind = HealthCheckKind::Http {
             path: "/".to_owned(),
+            expected_status: None,
+            tls: false,
         };
         let mut check = check(kind);
         check.timeout_secs = 1;
         let failure = probe(target, &check).await.unwrap_err();
         assert!(matches!(failure, ProbeFailure::Timeout { .. }), "{failure}");
         drop(listener);
+    }
+
+    fn http(path: &str, expected_status: Option<u16>, tls: bool) -> HealthCheckKind {
+        HealthCheckKind::Http {
+            path: path.to_owned(),
+            expected_status,
+            tls,
+        }
+    }
+
+    #[tokio::test]
+    async fn http_probe_matches_expected_status() {
+        let target = http_server("HTTP/1.1 204 No Content\r\n\r\n").await;
+        probe(target, &check(http("/healthz", Some(204), false)))
+            .await
+            .unwrap();
+
+        let failure = probe(target, &check(http("/healthz", Some(200), false)))
+            .await
+            .unwrap_err();
+        assert!(
+            failure.to_string().contains("expected status 200"),
+            "{failure}"
+        );
+    }
+
+    /// A TLS server with a self-signed certificate for another name, answering `response`.
+    async fn https_server(response: &'static str) -> SocketAddr {
+        let certified =
+            rcgen::generate_simple_self_signed(vec!["app.example.com".to_owned()]).unwrap();
+        let key =
+            rustls::pki_types::PrivateKeyDer::Pkcs8(certified.key_pair.serialize_der().into());
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            #[allow(deprecated)]
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![certified.cert.der().clone()], key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("[::1]:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let Ok(mut stream) = acceptor.accept(stream).await else {
+                    continue;
+                };
+                let mut request = [0u8; 1024];
+                let _ = stream.read(&mut request).await;
+                let _ = stream.write_all(response.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            }
+        });
+        address
+    }
+
+    #[tokio::test]
+    async fn https_probe_skips_certificate_verification() {
+        let target = https_server("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
+        probe(target, &check(http("/", Some(200), true)))
+            .await
+            .unwrap();
+
+        // Plain HTTP to a TLS port gets no status line.
+        let failure = probe(target, &check(http("/", None, false)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                failure,
+                ProbeFailure::HttpStatus { .. } | ProbeFailure::Connect { .. }
+            ),
+            "{failure}"
+        );
+    }
+
+    #[tokio::test]
+    async fn https_probe_of_plain_server_names_the_setting() {
+        let target = http_server("HTTP/1.1 200 OK\r\n\r\n").await;
+        let failure = probe(target, &check(http("/", None, true)))
+            .await
+            .unwrap_err();
+        assert!(matches!(failure, ProbeFailure::Tls { .. }), "{failure}");
+        assert!(failure.to_string().contains("tls = false"), "{failure}");
     }
 
     #[test]

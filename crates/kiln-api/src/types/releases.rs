@@ -71,10 +71,18 @@ pub struct HealthCheck {
 pub enum HealthCheckKind {
     /// A TCP connect to the service port succeeds.
     Tcp,
-    /// An HTTP GET of `path` on the service port returns 2xx or 3xx.
+    /// An HTTP GET of `path` on the service port returns `expected_status`, or any 2xx or 3xx
+    /// status when none is set.
     Http {
         /// Request path, starting with `/`.
         path: String,
+        /// The status that counts as healthy, 100 to 599; absent accepts any 2xx or 3xx.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expected_status: Option<u16>,
+        /// Whether the request goes over TLS. The certificate is not verified, because it
+        /// names the public hostname and not the instance address.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        tls: bool,
     },
 }
 

@@ -244,7 +244,22 @@ fn validate_spec(spec: &ReleaseSpec) -> Result<(), ApiError> {
                     ),
                 ));
             }
-            if let HealthCheckKind::Http { path } = &check.kind
+            if let HealthCheckKind::Http {
+                expected_status: Some(status),
+                ..
+            } = &check.kind
+                && !(100..=599).contains(status)
+            {
+                return Err(ApiError::invalid(
+                    "spec.services",
+                    format!(
+                        "expected status {status} of service {}'s health check is not an HTTP \
+                         status; use 100 to 599",
+                        service.name
+                    ),
+                ));
+            }
+            if let HealthCheckKind::Http { path, .. } = &check.kind
                 && !path.starts_with('/')
             {
                 return Err(ApiError::invalid(

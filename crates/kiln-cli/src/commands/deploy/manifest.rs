@@ -120,7 +120,15 @@ fn release_spec(manifest: &ResolvedManifest) -> ReleaseSpec {
             health_check: Some(HealthCheck {
                 kind: match &service.health.probe {
                     Probe::Tcp => HealthCheckKind::Tcp,
-                    Probe::Http { path, .. } => HealthCheckKind::Http { path: path.clone() },
+                    Probe::Http {
+                        path,
+                        expected_status,
+                        tls,
+                    } => HealthCheckKind::Http {
+                        path: path.clone(),
+                        expected_status: Some(*expected_status),
+                        tls: *tls,
+                    },
                 },
                 interval_secs: whole_secs(service.health.interval),
                 timeout_secs: whole_secs(service.health.timeout),
@@ -231,6 +239,36 @@ fn whole_secs(duration: std::time::Duration) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn http_health_check_keeps_status_and_tls() {
+        let source = r#"app = "shop"
+
+[processes.web]
+command = ["/app/web"]
+
+[services.https]
+process = "web"
+port = 8443
+protocol = "tls"
+
+[services.https.health]
+type = "http"
+path = "/healthz"
+expected_status = 204
+"#;
+        let manifest = Manifest::parse_named("kiln.toml", source).unwrap();
+        let spec = release_spec(&manifest.resolve(&EnvName::new("prod").unwrap()));
+        let check = spec.services[0].health_check.clone().unwrap();
+        assert_eq!(
+            check.kind,
+            HealthCheckKind::Http {
+                path: "/healthz".to_owned(),
+                expected_status: Some(204),
+                tls: true,
+            }
+        );
+    }
 
     #[test]
     fn init_template_is_valid() {
