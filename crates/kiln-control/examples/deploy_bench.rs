@@ -207,6 +207,8 @@ fn release(n: usize, count: u32) -> CreateRelease {
                     count,
                     vcpus: 1,
                     memory_mib: 256,
+                    kill_signal: None,
+                    kill_timeout_secs: None,
                 },
             )]),
             services: vec![ServiceSpec {

@@ -36,6 +36,14 @@ pub struct ProcessSpec {
     pub vcpus: u32,
     /// Memory per instance in MiB, 128 to 65536.
     pub memory_mib: u32,
+    /// Signal that stops this process type's instances, in place of the release's
+    /// `kill_signal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kill_signal: Option<String>,
+    /// Seconds between the signal and a forced stop for this process type, in place of the
+    /// release's `kill_timeout_secs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kill_timeout_secs: Option<u32>,
 }
 
 /// Transport of a service.

@@ -534,13 +534,19 @@ async fn load_assignments(state: &AppState, host_id: HostId) -> Result<Vec<Assig
             .map_err(|_| corrupt("stored release spec is invalid"))?;
         let process = ProcessName::new(row.get::<String, _>("process"))
             .map_err(|_| corrupt("stored process name is invalid"))?;
+        let mut kill_signal = spec.kill_signal.clone();
+        let mut kill_timeout_secs = spec.kill_timeout_secs;
         let (command, vcpus, memory_mib, run_once) = match spec.processes.get(&process) {
-            Some(process) => (
-                process.command.clone(),
-                process.vcpus,
-                process.memory_mib,
-                false,
-            ),
+            Some(process) => {
+                kill_signal = process.kill_signal.clone().unwrap_or(kill_signal);
+                kill_timeout_secs = process.kill_timeout_secs.unwrap_or(kill_timeout_secs);
+                (
+                    process.command.clone(),
+                    process.vcpus,
+                    process.memory_mib,
+                    false,
+                )
+            }
             None if process.as_str() == RELEASE_COMMAND_PROCESS => {
                 let Some(command) = &spec.release_command else {
                     return Err(corrupt("release command instance of a release without one"));
@@ -617,8 +623,8 @@ async fn load_assignments(state: &AppState, host_id: HostId) -> Result<Vec<Assig
             },
             ports,
             volumes: spec.volumes.clone(),
-            kill_signal: spec.kill_signal.clone(),
-            kill_timeout_secs: spec.kill_timeout_secs,
+            kill_signal,
+            kill_timeout_secs,
             startup_scripts: spec.startup_scripts.clone(),
             desired,
             run_once,

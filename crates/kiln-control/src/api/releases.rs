@@ -276,20 +276,19 @@ fn validate_spec(spec: &ReleaseSpec) -> Result<(), ApiError> {
     for name in spec.env.keys() {
         validate_var_name("spec.env", name)?;
     }
-    if !spec.kill_signal.starts_with("SIG")
-        || spec.kill_signal.len() > 12
-        || !spec
-            .kill_signal
-            .chars()
-            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
-    {
-        return Err(ApiError::invalid(
-            "spec.kill_signal",
-            format!(
-                "invalid kill signal {:?}: expected a name such as SIGTERM",
-                spec.kill_signal
-            ),
-        ));
+    let signals = std::iter::once(("spec.kill_signal", &spec.kill_signal)).chain(
+        spec.processes
+            .values()
+            .filter_map(|process| process.kill_signal.as_ref())
+            .map(|signal| ("spec.processes.kill_signal", signal)),
+    );
+    for (field, signal) in signals {
+        if !is_signal_name(signal) {
+            return Err(ApiError::invalid(
+                field,
+                format!("invalid kill signal {signal:?}: expected a name such as SIGTERM"),
+            ));
+        }
     }
     for volume in &spec.volumes {
         if !volume.mount_path.starts_with('/') || volume.size_mib == 0 {
@@ -431,4 +430,13 @@ pub fn release_from_row(row: &sqlx::postgres::PgRow) -> Result<Release, ApiError
         description: row.get("description"),
         created_at: row.get("created_at"),
     })
+}
+
+/// Whether `signal` looks like a signal name (`SIGTERM`, `SIGRTMIN1`).
+fn is_signal_name(signal: &str) -> bool {
+    signal.starts_with("SIG")
+        && signal.len() <= 12
+        && signal
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
 }

@@ -248,6 +248,8 @@ mod tests {
             count,
             vcpus: 1,
             memory_mib: 256,
+            kill_signal: None,
+            kill_timeout_secs: None,
         };
         let release = Release {
             id: ReleaseId::new(),

@@ -174,6 +174,8 @@ pub(crate) fn release(web: u32, worker: u32, tag: &str) -> CreateRelease {
         count,
         vcpus: 1,
         memory_mib: 256,
+        kill_signal: None,
+        kill_timeout_secs: None,
     };
     let mut processes = BTreeMap::from([(web_name.clone(), process(web))]);
     if worker > 0 {

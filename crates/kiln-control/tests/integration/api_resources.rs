@@ -50,12 +50,24 @@ pub(crate) async fn place_instance(
     host: &Host,
     last_octet: u8,
 ) -> InstanceId {
+    place_named_instance(server, env, release, host, last_octet, "web").await
+}
+
+/// Places an instance of process type `process`.
+pub(crate) async fn place_named_instance(
+    server: &TestServer,
+    env: &Env,
+    release: &Release,
+    host: &Host,
+    last_octet: u8,
+    process: &str,
+) -> InstanceId {
     let instance_id = InstanceId::new();
     let event = Event::InstancePlaced {
         instance_id,
         env_id: env.id,
         release_id: release.id,
-        process: ProcessName::new("web").unwrap(),
+        process: ProcessName::new(process).unwrap(),
         host_id: host.id,
         ipv6: Ipv6Addr::new(0xfd12, 0x3456, 0x789a, 1, 0, 0, 0, u16::from(last_octet)),
         ipv4: Ipv4Addr::new(100, 64, 0, last_octet),
@@ -572,4 +584,69 @@ async fn config_patch_answers_what_get_reads() {
     assert!(!second.vars.contains_key("V1"));
     assert_eq!(second.vars["V2"], values[2]);
     assert_eq!(second, client.get_config(&path).await.unwrap());
+}
+
+#[tokio::test]
+async fn process_stop_settings_reach_assignments() {
+    let server = TestServer::start().await;
+    let client = server.org_client();
+    let env = harness::create_app_and_env(&server).await;
+    let path = harness::env_path(&server.org);
+    let spec = |worker_signal: &str| -> ReleaseSpec {
+        serde_json::from_value(serde_json::json!({
+            "processes": {
+                "web": {"count": 1, "vcpus": 1, "memory_mib": 256},
+                "worker": {"count": 1, "vcpus": 1, "memory_mib": 256,
+                           "kill_signal": worker_signal, "kill_timeout_secs": 90},
+            },
+            "kill_signal": "SIGTERM",
+            "kill_timeout_secs": 10,
+        }))
+        .unwrap()
+    };
+
+    // A process type's signal is checked like the release's.
+    let error = client
+        .create_release(
+            &path,
+            &CreateRelease {
+                image: harness::image(),
+                spec: spec("sigquit"),
+                description: String::new(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Some(kiln_api::ErrorCode::InvalidValue));
+    assert!(error.to_string().contains("sigquit"), "{error}");
+
+    let release = client
+        .create_release(
+            &path,
+            &CreateRelease {
+                image: harness::image(),
+                spec: spec("SIGQUIT"),
+                description: String::new(),
+            },
+        )
+        .await
+        .unwrap();
+    let host = register_host(&server, "h1").await;
+    let web = place_instance(&server, &env, &release, &host.host, 50).await;
+    let worker = place_named_instance(&server, &env, &release, &host.host, 51, "worker").await;
+    let assignments = host
+        .client
+        .watch_assignments(&WatchQuery::default())
+        .await
+        .unwrap()
+        .assignments;
+    let stop = |instance| {
+        assignments
+            .iter()
+            .find(|assignment| assignment.instance_id == instance)
+            .map(|assignment| (assignment.kill_signal.clone(), assignment.kill_timeout_secs))
+    };
+
+    assert_eq!(stop(web), Some(("SIGTERM".to_owned(), 10)));
+    assert_eq!(stop(worker), Some(("SIGQUIT".to_owned(), 90)));
 }

@@ -99,6 +99,8 @@ fn release_spec(manifest: &ResolvedManifest) -> ReleaseSpec {
                 count: process.count,
                 vcpus: process.vcpus,
                 memory_mib: process.memory_mib,
+                kill_signal: Some(process.kill_signal.as_str().to_owned()),
+                kill_timeout_secs: Some(whole_secs(process.kill_timeout)),
             };
             (name.clone(), spec)
         })
@@ -161,11 +163,11 @@ fn release_spec(manifest: &ResolvedManifest) -> ReleaseSpec {
         Deploy::Immediate => (DeployStrategy::Immediate, 1),
     };
 
-    // TODO(correctness): the API's release spec has one kill signal and one kill timeout, a
-    // shell command per startup script, and no per-process volume, script timeout or process
-    // filter, or expected HTTP status. The CLI sends the first process type's signal, the
-    // longest timeout and each script's argv quoted for `/bin/sh -c`, so the other manifest
-    // details do not reach the server yet.
+    // Each process type sends its own kill signal and timeout; the release-wide ones (the
+    // first process type's signal, the longest timeout) serve servers that predate them.
+    // TODO(correctness): the API's release spec has a shell command per startup script and no
+    // per-process volume, script timeout or process filter, so those manifest details do not
+    // reach the server yet.
     let kill_signal = manifest.processes.values().next().map_or_else(
         || "SIGTERM".to_owned(),
         |p| p.kill_signal.as_str().to_owned(),
