@@ -147,12 +147,18 @@ pub async fn run_singleton_work(
     interval: Duration,
 ) {
     let mut listening = true;
+    // Kept between passes for its cache of values that never change (an env's org, a
+    // release's spec); rebuilt when leadership is lost, with the settings read again.
+    let mut orchestrator = None;
     loop {
         let state = *leadership.borrow_and_update();
         // Mark the events seen before the pass, so an append during the pass wakes the next.
         events.borrow_and_update();
+        if !matches!(state, Leadership::Leader { .. }) {
+            orchestrator = None;
+        }
         if let Leadership::Leader { term } = state
-            && let Err(error) = singleton_pass(&store, term).await
+            && let Err(error) = singleton_pass(&store, term, &mut orchestrator).await
         {
             tracing::warn!(error = %crate::api::error::error_chain(&error), term, "leader work failed");
         }
@@ -190,7 +196,11 @@ pub enum SingletonError {
     Orchestrator(#[from] crate::orchestrator::pg::OrchestratorError),
 }
 
-async fn singleton_pass(store: &Store, term: i64) -> Result<(), SingletonError> {
+async fn singleton_pass(
+    store: &Store,
+    term: i64,
+    orchestrator: &mut Option<crate::orchestrator::pg::Orchestrator>,
+) -> Result<(), SingletonError> {
     let expired: Vec<uuid::Uuid> = sqlx::query_scalar(
         "SELECT h.id FROM hosts h JOIN host_leases l ON l.host_id = h.id
          WHERE l.expires_at < now() AND h.state IN ('ready', 'cordoned', 'draining')",
@@ -218,12 +228,16 @@ async fn singleton_pass(store: &Store, term: i64) -> Result<(), SingletonError> 
         tracing::warn!(%host_id, term, "host lease expired");
     }
 
-    if let Some(settings) = crate::bootstrap::load_settings(store).await? {
-        let orchestrator = crate::orchestrator::pg::Orchestrator::new(
+    if orchestrator.is_none()
+        && let Some(settings) = crate::bootstrap::load_settings(store).await?
+    {
+        *orchestrator = Some(crate::orchestrator::pg::Orchestrator::new(
             store.clone(),
             settings.ula_prefix,
             kiln_scheduler::plan::Timeouts::default(),
-        )?;
+        )?);
+    }
+    if let Some(orchestrator) = orchestrator {
         orchestrator.run_once(term).await?;
     }
 

@@ -144,12 +144,18 @@ pub async fn assignments(
                 if after == 0 || head < after {
                     return Ok(Some(head));
                 }
+                // An event that names another host (its instances' placements and reports)
+                // never changes this host's assignments, so it does not end the long poll.
+                // Without this, every state report of an env's instance on one host would
+                // make every other host of that env reload its complete set.
                 let relevant: bool = sqlx::query_scalar(
                     "SELECT EXISTS (
                          SELECT 1 FROM events
                          WHERE seq > $1 AND seq <= $2
                            AND (host_id = $3
-                                OR env_id IN (SELECT env_id FROM instances WHERE host_id = $3)))",
+                                OR (host_id IS NULL
+                                    AND env_id IN (SELECT env_id FROM instances
+                                                   WHERE host_id = $3))))",
                 )
                 .bind(after as i64)
                 .bind(head as i64)
@@ -498,11 +504,35 @@ async fn load_assignments(state: &AppState, host_id: HostId) -> Result<Vec<Assig
     .map_err(ApiError::database("load assignments"))?;
 
     let corrupt = |what: &str| ApiError::internal(what);
+    let config_rows = sqlx::query(
+        "SELECT env_id, name, value FROM config_vars
+         WHERE env_id IN (SELECT env_id FROM instances WHERE host_id = $1)",
+    )
+    .bind(host_id.as_uuid())
+    .fetch_all(pool)
+    .await
+    .map_err(ApiError::database("read config vars"))?;
+    let mut config: HashMap<EnvId, BTreeMap<String, String>> = HashMap::new();
+    for row in &config_rows {
+        config
+            .entry(EnvId::from_uuid(row.get("env_id")))
+            .or_default()
+            .insert(row.get("name"), row.get("value"));
+    }
+
+    // Many instances on one host share a release, so each spec is parsed once.
+    let mut specs: HashMap<ReleaseId, kiln_api::types::ReleaseSpec> = HashMap::new();
     let mut assignments = Vec::with_capacity(rows.len());
     for row in &rows {
         let env_id = EnvId::from_uuid(row.get("env_id"));
-        let spec: kiln_api::types::ReleaseSpec = serde_json::from_value(row.get("spec"))
-            .map_err(|_| corrupt("stored release spec is invalid"))?;
+        let release_id = ReleaseId::from_uuid(row.get("release_id"));
+        let spec = match specs.entry(release_id) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => entry.insert(
+                serde_json::from_value(row.get("spec"))
+                    .map_err(|_| corrupt("stored release spec is invalid"))?,
+            ),
+        };
         let process = ProcessName::new(row.get::<String, _>("process"))
             .map_err(|_| corrupt("stored process name is invalid"))?;
         let (command, vcpus, memory_mib, run_once) = match spec.processes.get(&process) {
@@ -523,7 +553,12 @@ async fn load_assignments(state: &AppState, host_id: HostId) -> Result<Vec<Assig
         };
 
         let mut env_vars = spec.env.clone();
-        env_vars.extend(super::config::load(pool, env_id).await?.vars);
+        if let Some(vars) = config.get(&env_id) {
+            env_vars.extend(
+                vars.iter()
+                    .map(|(name, value)| (name.clone(), value.clone())),
+            );
+        }
 
         let ports = spec
             .services
@@ -561,7 +596,7 @@ async fn load_assignments(state: &AppState, host_id: HostId) -> Result<Vec<Assig
             env_id,
             env: EnvName::new(row.get::<String, _>("env_name"))
                 .map_err(|_| corrupt("stored environment name is invalid"))?,
-            release_id: ReleaseId::from_uuid(row.get("release_id")),
+            release_id,
             release_version: version as u64,
             process,
             image: kiln_api::types::ImageRef {

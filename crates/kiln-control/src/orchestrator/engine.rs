@@ -12,6 +12,8 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 
+use futures::StreamExt;
+
 use kiln_core::{DeployId, InstanceId};
 use kiln_scheduler::plan::{Action, Plan};
 use kiln_scheduler::progress::{
@@ -117,13 +119,84 @@ pub struct PassReport {
     pub waiting: usize,
 }
 
+/// Deploys of different envs advanced at the same time within one pass. Each deploy's
+/// actions are a chain of short transactions that mostly wait on database round trips, so
+/// overlapping them keeps the database busy; the IPAM lock still serializes placements, and
+/// the UNIQUE constraints on addresses hold however the transactions interleave.
+pub const CONCURRENT_DEPLOYS: usize = 16;
+
 /// Runs one pass over every unfinished deploy.
-pub async fn run_pass<S: Store>(
+///
+/// Deploys of one env run one after another, oldest first, because a later deploy of an env
+/// starts from the instances the earlier one leaves. Deploys of different envs touch disjoint
+/// instances, routes and streams, so up to [`CONCURRENT_DEPLOYS`] envs advance at once. The
+/// error stops only its env's deploys: the other envs still get their turn, and the pass
+/// returns the first error once they are done. The next pass resumes every deploy from its
+/// records.
+pub async fn run_pass<S: Store + Sync>(
     store: &S,
     fence: Fence,
 ) -> Result<PassReport, EngineError<S::Error>> {
-    let mut report = PassReport::default();
+    let mut by_env: Vec<Vec<DeployProgress>> = Vec::new();
+    let mut env_index = BTreeMap::new();
     for progress in store.unfinished().await.map_err(EngineError::Store)? {
+        let index = *env_index.entry(progress.plan.env).or_insert_with(|| {
+            by_env.push(Vec::new());
+            by_env.len() - 1
+        });
+        by_env[index].push(progress);
+    }
+
+    let mut runs = Vec::with_capacity(by_env.len());
+    for deploys in by_env {
+        runs.push(advance_env(store, fence, deploys));
+    }
+    let mut reports = futures::stream::iter(runs).buffer_unordered(CONCURRENT_DEPLOYS);
+
+    let mut report = PassReport::default();
+    let mut first_error = None;
+    while let Some(result) = reports.next().await {
+        match result {
+            Ok(env_report) => {
+                report.steps += env_report.steps;
+                report.waiting += env_report.waiting;
+                report.finished.extend(env_report.finished);
+            }
+            Err(error) => {
+                first_error.get_or_insert(error);
+            }
+        }
+    }
+    match first_error {
+        Some(error) => Err(error),
+        None => Ok(report),
+    }
+}
+
+/// Runs `futures` with at most `limit` at a time, and returns the first error once every one
+/// has finished.
+pub async fn run_concurrently<F, E>(futures: Vec<F>, limit: usize) -> Result<(), E>
+where
+    F: Future<Output = Result<(), E>>,
+{
+    let mut results = futures::stream::iter(futures).buffer_unordered(limit);
+    let mut first_error = None;
+    while let Some(result) = results.next().await {
+        if let Err(error) = result {
+            first_error.get_or_insert(error);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Moves the deploys of one env forward, oldest first.
+async fn advance_env<S: Store>(
+    store: &S,
+    fence: Fence,
+    deploys: Vec<DeployProgress>,
+) -> Result<PassReport, EngineError<S::Error>> {
+    let mut report = PassReport::default();
+    for progress in deploys {
         advance(store, fence, progress, &mut report).await?;
     }
     Ok(report)

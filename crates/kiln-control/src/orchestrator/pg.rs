@@ -7,8 +7,9 @@
 //! IPAM allocations and events change together or not at all, and a deposed leader writes
 //! nothing.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv6Addr;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use ipnet::Ipv6Net;
 use kiln_api::{
@@ -16,16 +17,15 @@ use kiln_api::{
 };
 use kiln_core::{DeployId, EnvId, HostId, Hostname, InstanceId, OrgId, ProcessName, ReleaseId};
 use kiln_scheduler::plan::{
-    Action, EnvInstance, EnvState, Intent, Plan, PlanRequest, RELEASE_COMMAND_STEP, Strategy,
-    Timeouts, plan,
+    Action, Intent, Plan, PlanRequest, RELEASE_COMMAND_STEP, Strategy, Timeouts, plan,
 };
 use kiln_scheduler::progress::{Observed, StepRecord};
-use kiln_scheduler::{ClusterSnapshot, Ipam, PlacedInstance, Resources, SchedulerConfig};
+use kiln_scheduler::{Ipam, SchedulerConfig};
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::convert;
-use super::engine::{self, DeployProgress, Fence, Outcome, PassReport};
+use super::engine::{self, CONCURRENT_DEPLOYS, DeployProgress, Fence, Outcome, PassReport};
 use crate::ipam::{self, IpamStoreError};
 use crate::leader::{FenceError, check_fence};
 use crate::store::{ExpectedVersion, NewEvent, Store, StoreError, streams};
@@ -64,11 +64,11 @@ pub enum OrchestratorError {
     },
 }
 
-fn query(operation: &'static str) -> impl FnOnce(sqlx::Error) -> OrchestratorError {
+pub(super) fn query(operation: &'static str) -> impl FnOnce(sqlx::Error) -> OrchestratorError {
     move |source| OrchestratorError::Query { operation, source }
 }
 
-fn corrupt(what: &'static str, value: impl ToString) -> OrchestratorError {
+pub(super) fn corrupt(what: &'static str, value: impl ToString) -> OrchestratorError {
     OrchestratorError::Corrupt {
         what,
         value: value.to_string(),
@@ -82,6 +82,33 @@ pub struct Orchestrator {
     ipam: Ipam,
     pub(super) config: SchedulerConfig,
     pub(super) timeouts: Timeouts,
+    cache: Arc<Mutex<Cache>>,
+}
+
+/// Entries the cache holds before it is emptied, so a long-lived leader's memory stays bounded.
+const CACHE_ENTRIES: usize = 65_536;
+
+/// Values that never change once written, kept between passes so a pass does not read them
+/// again for every action: an env's org, a deploy's env, a release's spec (releases are
+/// immutable) and a host's /64 (kept when the host registers again).
+#[derive(Debug, Default)]
+struct Cache {
+    orgs: HashMap<EnvId, OrgId>,
+    deploy_envs: HashMap<DeployId, EnvId>,
+    releases: HashMap<ReleaseId, Arc<kiln_api::ReleaseSpec>>,
+    host_slots: HashMap<HostId, u32>,
+}
+
+impl Cache {
+    fn entries(&self) -> usize {
+        self.orgs.len() + self.deploy_envs.len() + self.releases.len() + self.host_slots.len()
+    }
+
+    fn make_room(&mut self) {
+        if self.entries() >= CACHE_ENTRIES {
+            *self = Self::default();
+        }
+    }
 }
 
 impl Orchestrator {
@@ -100,7 +127,12 @@ impl Orchestrator {
             ipam,
             config: SchedulerConfig::default(),
             timeouts,
+            cache: Arc::default(),
         })
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Runs one pass as the leader of `term`.
@@ -141,41 +173,60 @@ impl Orchestrator {
         .await
         .map_err(query("list stopped instances"))?;
 
-        for row in rows {
+        let mut removals = Vec::with_capacity(rows.len());
+        for row in &rows {
             let instance = InstanceId::from_uuid(row.get("id"));
             let env_id = EnvId::from_uuid(row.get("env_id"));
             let host_id = HostId::from_uuid(row.get("host_id"));
             let org = OrgId::from_uuid(row.get("org_id"));
-
-            let mut tx = self.begin(term).await?;
-            ipam::release_instance(&mut tx, instance).await?;
-            sqlx::query("DELETE FROM routed_instances WHERE instance_id = $1")
-                .bind(instance.as_uuid())
-                .execute(&mut *tx)
-                .await
-                .map_err(query("unroute a removed instance"))?;
-            let event = Event::InstanceRemoved {
-                instance_id: instance,
-                env_id,
-                host_id,
-            };
-            Store::append_in(
-                &mut tx,
-                &streams::instance(instance),
-                ExpectedVersion::Any,
-                vec![NewEvent::org(org, event)],
-                ACTOR,
-            )
-            .await?;
-            tx.commit()
-                .await
-                .map_err(query("commit instance removal"))?;
-            tracing::info!(%instance, %host_id, "instance removed");
+            removals.push(self.remove_instance(term, instance, env_id, host_id, org));
         }
+        engine::run_concurrently(removals, CONCURRENT_DEPLOYS).await
+    }
+
+    /// Removes one stopped instance: frees its addresses, unroutes it and appends
+    /// `InstanceRemoved`, in one transaction.
+    async fn remove_instance(
+        &self,
+        term: i64,
+        instance: InstanceId,
+        env_id: EnvId,
+        host_id: HostId,
+        org: OrgId,
+    ) -> Result<(), OrchestratorError> {
+        let mut tx = self.begin(term).await?;
+        ipam::release_instance(&mut tx, instance).await?;
+        sqlx::query("DELETE FROM routed_instances WHERE instance_id = $1")
+            .bind(instance.as_uuid())
+            .execute(&mut *tx)
+            .await
+            .map_err(query("unroute a removed instance"))?;
+        let event = Event::InstanceRemoved {
+            instance_id: instance,
+            env_id,
+            host_id,
+        };
+        Store::append_in(
+            &mut tx,
+            &streams::instance(instance),
+            ExpectedVersion::Any,
+            vec![NewEvent::org(org, event)],
+            ACTOR,
+        )
+        .await?;
+        tx.commit()
+            .await
+            .map_err(query("commit instance removal"))?;
+        tracing::info!(%instance, %host_id, "instance removed");
         Ok(())
     }
 
     /// Plans every pending deploy of an env with no deploy in progress.
+    ///
+    /// Every deploy is planned against one snapshot of the cluster read at the start, and each
+    /// plan's new instances are reserved in it before the next deploy is planned, so two plans
+    /// of one pass never count the same free memory. The plans are then stored concurrently,
+    /// each with its own transaction.
     async fn plan_pending(&self, term: i64) -> Result<(), OrchestratorError> {
         let rows = sqlx::query(
             "SELECT d.id, d.env_id, d.release_id, d.previous_release_id, d.strategy FROM deploys d
@@ -188,8 +239,13 @@ impl Orchestrator {
         .fetch_all(self.store.pool())
         .await
         .map_err(query("list pending deploys"))?;
+        if rows.is_empty() {
+            return Ok(());
+        }
 
+        let mut cluster = self.cluster().await?;
         let mut planned_envs = BTreeSet::new();
+        let mut planned = Vec::new();
         for row in rows {
             let deploy = DeployId::from_uuid(row.get("id"));
             let env = EnvId::from_uuid(row.get("env_id"));
@@ -201,12 +257,12 @@ impl Orchestrator {
             let strategy: String = row.get("strategy");
 
             let target = self.load_release(release).await?;
-            let scale = self.env_scale(env).await?;
+            let env_row = self.env_row(env).await?;
             let strategy = match strategy.as_str() {
                 "immediate" => Strategy::Immediate,
                 _ => convert::planner_strategy(DeployStrategy::Rolling, target.max_surge.max(1)),
             };
-            let mut release_spec = convert::planner_release(release, &target, &scale);
+            let mut release_spec = convert::planner_release(release, &target, &env_row.scale);
             if release_spec.release_command.is_some()
                 && self.release_command_succeeded(release).await?
             {
@@ -219,10 +275,26 @@ impl Orchestrator {
                 strategy,
             };
             let previous = previous.map(ReleaseId::from_uuid);
-            self.record_plan(term, deploy, env, intent, Some(previous))
+            let state = self
+                .env_state(env, env_row, Some(previous), &cluster)
                 .await?;
+            let request = PlanRequest {
+                deploy,
+                intent,
+                timeouts: self.timeouts,
+            };
+            let result = plan(&cluster.snapshot, self.config, &state, &request);
+            if let Ok(plan) = &result {
+                cluster.reserve(plan);
+            }
+            planned.push((deploy, env, result));
         }
-        Ok(())
+
+        let mut stores = Vec::with_capacity(planned.len());
+        for (deploy, env, result) in planned {
+            stores.push(self.store_plan(term, deploy, env, result));
+        }
+        engine::run_concurrently(stores, CONCURRENT_DEPLOYS).await
     }
 
     /// Starts a replacement deploy for each env with running instances on lost hosts.
@@ -278,8 +350,17 @@ impl Orchestrator {
     /// it is planned. A scale deploy that could not be planned or failed is not retried until
     /// the env is scaled again, so a scale the cluster cannot hold does not fail once a pass.
     async fn reconcile_scale(&self, term: i64) -> Result<(), OrchestratorError> {
-        let envs: Vec<(Uuid, Uuid)> = sqlx::query_as(
-            "SELECT e.id, e.current_release_id FROM envs e
+        // One query reads every candidate env with its desired scale and its running counts,
+        // so a pass over many settled envs costs one round trip, not several per env.
+        let rows = sqlx::query(
+            "SELECT e.id, e.current_release_id, e.scale,
+                    COALESCE((SELECT jsonb_object_agg(c.process, c.count) FROM (
+                                  SELECT i.process, count(*) AS count FROM instances i
+                                  WHERE i.env_id = e.id AND i.release_id = e.current_release_id
+                                    AND i.desired = 'running'
+                                  GROUP BY i.process) c),
+                             '{}'::jsonb) AS running
+             FROM envs e
              WHERE e.current_release_id IS NOT NULL
                AND NOT EXISTS (SELECT 1 FROM deploys d WHERE d.env_id = e.id
                                AND d.state IN ('pending', 'in_progress'))
@@ -299,10 +380,14 @@ impl Orchestrator {
         .await
         .map_err(query("list envs to reconcile scale"))?;
 
-        for (env, release) in envs {
-            let env = EnvId::from_uuid(env);
-            let release = ReleaseId::from_uuid(release);
-            let counts = self.scale_difference(env, release).await?;
+        for row in rows {
+            let env = EnvId::from_uuid(row.get("id"));
+            let release = ReleaseId::from_uuid(row.get("current_release_id"));
+            let scale: BTreeMap<ProcessName, u32> = serde_json::from_value(row.get("scale"))
+                .map_err(|error| corrupt("envs.scale", error))?;
+            let running: BTreeMap<String, i64> = serde_json::from_value(row.get("running"))
+                .map_err(|error| corrupt("instances.process", error))?;
+            let counts = self.scale_difference(release, &scale, &running).await?;
             if counts.is_empty() {
                 continue;
             }
@@ -334,26 +419,16 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// The desired count of each process type of `release` whose number of instances in `env`
-    /// (of that release, wanted running) differs from it.
+    /// The desired count of each process type of `release` whose number of instances
+    /// (`running`, of that release, wanted running) differs from it.
     async fn scale_difference(
         &self,
-        env: EnvId,
         release: ReleaseId,
+        scale: &BTreeMap<ProcessName, u32>,
+        running: &BTreeMap<String, i64>,
     ) -> Result<BTreeMap<ProcessName, u32>, OrchestratorError> {
         let spec = self.load_release(release).await?;
-        let scale = self.env_scale(env).await?;
-        let desired = convert::planner_release(release, &spec, &scale);
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT process, count(*) FROM instances
-             WHERE env_id = $1 AND release_id = $2 AND desired = 'running' GROUP BY process",
-        )
-        .bind(env.as_uuid())
-        .bind(release.as_uuid())
-        .fetch_all(self.store.pool())
-        .await
-        .map_err(query("count an env's instances"))?;
-        let running: BTreeMap<String, i64> = rows.into_iter().collect();
+        let desired = convert::planner_release(release, &spec, scale);
         Ok(desired
             .processes
             .into_iter()
@@ -381,10 +456,23 @@ impl Orchestrator {
             intent,
             timeouts: self.timeouts,
         };
+        let result = plan(&cluster, self.config, &state, &request);
+        self.store_plan(term, deploy, env, result).await
+    }
+
+    /// Stores a deploy's plan and marks the deploy in progress, or fails the deploy with the
+    /// planner's reason.
+    async fn store_plan(
+        &self,
+        term: i64,
+        deploy: DeployId,
+        env: EnvId,
+        result: Result<Plan, kiln_scheduler::plan::PlanError>,
+    ) -> Result<(), OrchestratorError> {
         let org = self.env_org(env).await?;
         let mut tx = self.begin(term).await?;
 
-        let (state_event, failure) = match plan(&cluster, self.config, &state, &request) {
+        let (state_event, failure) = match result {
             Ok(plan) => {
                 let json = serde_json::to_value(&plan).map_err(|error| corrupt("plan", error))?;
                 sqlx::query(
@@ -442,17 +530,26 @@ impl Orchestrator {
         .map_err(query("check a release command's result"))
     }
 
-    async fn load_release(
+    pub(super) async fn load_release(
         &self,
         id: ReleaseId,
-    ) -> Result<kiln_api::ReleaseSpec, OrchestratorError> {
+    ) -> Result<Arc<kiln_api::ReleaseSpec>, OrchestratorError> {
+        if let Some(spec) = self.cache().releases.get(&id) {
+            return Ok(Arc::clone(spec));
+        }
         let spec: serde_json::Value = sqlx::query_scalar("SELECT spec FROM releases WHERE id = $1")
             .bind(id.as_uuid())
             .fetch_optional(self.store.pool())
             .await
             .map_err(query("read a release"))?
             .ok_or_else(|| corrupt("releases", format!("release {id} not found")))?;
-        serde_json::from_value(spec).map_err(|error| corrupt("releases.spec", error))
+        let spec: Arc<kiln_api::ReleaseSpec> = Arc::new(
+            serde_json::from_value(spec).map_err(|error| corrupt("releases.spec", error))?,
+        );
+        let mut cache = self.cache();
+        cache.make_room();
+        cache.releases.insert(id, Arc::clone(&spec));
+        Ok(spec)
     }
 
     pub(super) async fn env_scale(
@@ -467,128 +564,20 @@ impl Orchestrator {
         serde_json::from_value(scale).map_err(|error| corrupt("envs.scale", error))
     }
 
-    async fn env_org(&self, env: EnvId) -> Result<OrgId, OrchestratorError> {
+    pub(super) async fn env_org(&self, env: EnvId) -> Result<OrgId, OrchestratorError> {
+        if let Some(org) = self.cache().orgs.get(&env) {
+            return Ok(*org);
+        }
         let org: Uuid = sqlx::query_scalar("SELECT org_id FROM envs WHERE id = $1")
             .bind(env.as_uuid())
             .fetch_one(self.store.pool())
             .await
             .map_err(query("read an env's org"))?;
-        Ok(OrgId::from_uuid(org))
-    }
-
-    /// Reads the cluster and the env as the planner needs them.
-    pub(super) async fn snapshot(
-        &self,
-        env: EnvId,
-        previous: Option<Option<ReleaseId>>,
-    ) -> Result<(ClusterSnapshot, EnvState), OrchestratorError> {
-        let pool = self.store.pool();
-        let hosts = sqlx::query("SELECT id, name, state, vcpus, memory_mib FROM hosts ORDER BY id")
-            .fetch_all(pool)
-            .await
-            .map_err(query("list hosts"))?;
-        let mut cluster = ClusterSnapshot::default();
-        for row in hosts {
-            let (Some(vcpus), Some(memory)) = (
-                row.get::<Option<i32>, _>("vcpus"),
-                row.get::<Option<i64>, _>("memory_mib"),
-            ) else {
-                continue;
-            };
-            let state: String = row.get("state");
-            let state = match state.as_str() {
-                "ready" => kiln_scheduler::HostState::Ready,
-                "cordoned" => kiln_scheduler::HostState::Cordoned,
-                "draining" => kiln_scheduler::HostState::Draining,
-                "lost" => kiln_scheduler::HostState::Dead,
-                _ => continue,
-            };
-            cluster.hosts.push(kiln_scheduler::Host {
-                id: HostId::from_uuid(row.get("id")),
-                name: row.get("name"),
-                memory_mib: u64::try_from(memory).unwrap_or(0),
-                cpus: u32::try_from(vcpus).unwrap_or(0),
-                state,
-            });
-        }
-
-        let rows = sqlx::query(
-            "SELECT i.id, i.env_id, i.release_id, i.process, i.host_id, r.spec FROM instances i
-             JOIN releases r ON r.id = i.release_id
-             WHERE i.desired = 'running' ORDER BY i.id",
-        )
-        .fetch_all(pool)
-        .await
-        .map_err(query("list instances"))?;
-        let mut specs: BTreeMap<Uuid, kiln_api::ReleaseSpec> = BTreeMap::new();
-        let mut env_instances = Vec::new();
-        for row in rows {
-            let release: Uuid = row.get("release_id");
-            if let std::collections::btree_map::Entry::Vacant(entry) = specs.entry(release) {
-                let spec = serde_json::from_value(row.get("spec"))
-                    .map_err(|error| corrupt("releases.spec", error))?;
-                entry.insert(spec);
-            }
-            let process: String = row.get("process");
-            let process = ProcessName::new(process.clone())
-                .map_err(|_| corrupt("instances.process", process))?;
-            let Some(spec) = specs.get(&release) else {
-                return Err(corrupt("releases", format!("release {release} not found")));
-            };
-            // An instance whose process the release lacks is its release command's.
-            let resources = spec.processes.get(&process).map_or_else(
-                || convert::release_command_resources(spec),
-                |process| Resources {
-                    memory_mib: u64::from(process.memory_mib),
-                    vcpus: process.vcpus,
-                },
-            );
-            let instance = PlacedInstance {
-                id: InstanceId::from_uuid(row.get("id")),
-                env: EnvId::from_uuid(row.get("env_id")),
-                process,
-                host: HostId::from_uuid(row.get("host_id")),
-                resources,
-            };
-            if instance.env == env {
-                env_instances.push(EnvInstance {
-                    id: instance.id,
-                    release: ReleaseId::from_uuid(release),
-                    process: instance.process.clone(),
-                    host: instance.host,
-                    resources,
-                });
-            }
-            cluster.instances.push(instance);
-        }
-
-        let current: Option<Uuid> =
-            sqlx::query_scalar("SELECT current_release_id FROM envs WHERE id = $1")
-                .bind(env.as_uuid())
-                .fetch_one(pool)
-                .await
-                .map_err(query("read an env's release"))?;
-        let scale = self.env_scale(env).await?;
-        let current = match previous {
-            Some(previous) => previous,
-            None => current.map(ReleaseId::from_uuid),
-        };
-        let current = match current {
-            Some(id) => {
-                let spec = self.load_release(id).await?;
-                Some(convert::planner_release(id, &spec, &scale))
-            }
-            None => None,
-        };
-        let version = self.store.stream_version(&streams::env(env)).await?;
-
-        let state = EnvState {
-            env,
-            version,
-            current,
-            instances: env_instances,
-        };
-        Ok((cluster, state))
+        let org = OrgId::from_uuid(org);
+        let mut cache = self.cache();
+        cache.make_room();
+        cache.orgs.insert(env, org);
+        Ok(org)
     }
 
     async fn instance_env(
@@ -609,65 +598,76 @@ impl Orchestrator {
         }))
     }
 
-    async fn start_instance(
+    /// Places `instances` of `env` in one transaction: addresses from IPAM and an
+    /// `InstancePlaced` event each.
+    async fn start_instances(
         &self,
         term: i64,
         env: EnvId,
-        instance: &kiln_scheduler::plan::PlannedInstance,
+        instances: &[&kiln_scheduler::plan::PlannedInstance],
     ) -> Result<(), OrchestratorError> {
         // An instance is placed at most once: its stream outlives its removal, so a step run
         // again after a restart never starts a release command (or any instance) twice.
-        if self
-            .store
-            .stream_version(&streams::instance(instance.id))
-            .await?
-            > 0
-        {
+        let names: Vec<String> = instances
+            .iter()
+            .map(|instance| streams::instance(instance.id))
+            .collect();
+        let placed: Vec<String> = sqlx::query_scalar("SELECT id FROM streams WHERE id = ANY($1)")
+            .bind(&names)
+            .fetch_all(self.store.pool())
+            .await
+            .map_err(query("check instance placements"))?;
+        let placed: BTreeSet<String> = placed.into_iter().collect();
+        let new: Vec<_> = instances
+            .iter()
+            .zip(&names)
+            .filter(|(_, name)| !placed.contains(*name))
+            .map(|(instance, _)| *instance)
+            .collect();
+        if new.is_empty() {
             return Ok(());
         }
-        let org = self.env_org(env).await?;
-        let prefix: Option<String> =
-            sqlx::query_scalar("SELECT ipv6_prefix FROM hosts WHERE id = $1")
-                .bind(instance.host.as_uuid())
-                .fetch_one(self.store.pool())
-                .await
-                .map_err(query("read a host's prefix"))?;
-        let prefix = prefix.ok_or_else(|| {
-            corrupt(
-                "hosts.ipv6_prefix",
-                format!("host {} has none", instance.host),
-            )
-        })?;
-        let net: Ipv6Net = prefix
-            .parse()
-            .map_err(|_| corrupt("hosts.ipv6_prefix", &prefix))?;
-        let slot = u32::from(net.network().segments()[3]);
 
+        let org = self.env_org(env).await?;
+        let mut slots = BTreeMap::new();
+        for instance in &new {
+            slots.insert(instance.host, self.host_slot(instance.host).await?);
+        }
+
+        // Every instance appends to a stream of its own that no other writer knows yet, so
+        // holding the append lock across several appends cannot deadlock with an agent's
+        // report.
         let mut tx = self.begin(term).await?;
-        ipam::adopt_host_slot(&mut tx, &self.ipam, instance.host, slot).await?;
-        let pair =
-            ipam::instance_addresses(&mut tx, &self.ipam, env, instance.host, instance.id).await?;
-        let event = Event::InstancePlaced {
-            instance_id: instance.id,
-            env_id: env,
-            release_id: instance.release,
-            process: instance.process.clone(),
-            host_id: instance.host,
-            ipv6: pair.ipv6,
-            ipv4: pair.ipv4,
-        };
-        Store::append_in(
-            &mut tx,
-            &streams::instance(instance.id),
-            ExpectedVersion::NoStream,
-            vec![NewEvent::org(org, event)],
-            ACTOR,
-        )
-        .await?;
+        for instance in &new {
+            let slot = slots[&instance.host];
+            ipam::adopt_host_slot(&mut tx, &self.ipam, instance.host, slot).await?;
+            let pair =
+                ipam::instance_addresses(&mut tx, &self.ipam, env, instance.host, instance.id)
+                    .await?;
+            let event = Event::InstancePlaced {
+                instance_id: instance.id,
+                env_id: env,
+                release_id: instance.release,
+                process: instance.process.clone(),
+                host_id: instance.host,
+                ipv6: pair.ipv6,
+                ipv4: pair.ipv4,
+            };
+            Store::append_in(
+                &mut tx,
+                &streams::instance(instance.id),
+                ExpectedVersion::NoStream,
+                vec![NewEvent::org(org, event)],
+                ACTOR,
+            )
+            .await?;
+        }
         tx.commit()
             .await
-            .map_err(query("commit an instance placement"))?;
-        tracing::info!(instance = %instance.id, host = %instance.host, "instance placed");
+            .map_err(query("commit instance placements"))?;
+        for instance in &new {
+            tracing::info!(instance = %instance.id, host = %instance.host, "instance placed");
+        }
         Ok(())
     }
 
@@ -958,12 +958,42 @@ impl Orchestrator {
     }
 
     async fn deploy_env(&self, deploy: DeployId) -> Result<EnvId, OrchestratorError> {
+        if let Some(env) = self.cache().deploy_envs.get(&deploy) {
+            return Ok(*env);
+        }
         let env: Uuid = sqlx::query_scalar("SELECT env_id FROM deploys WHERE id = $1")
             .bind(deploy.as_uuid())
             .fetch_one(self.store.pool())
             .await
             .map_err(query("read a deploy"))?;
-        Ok(EnvId::from_uuid(env))
+        let env = EnvId::from_uuid(env);
+        let mut cache = self.cache();
+        cache.make_room();
+        cache.deploy_envs.insert(deploy, env);
+        Ok(env)
+    }
+
+    /// Reads the subnet number of a host's /64 (the fourth group of its prefix).
+    async fn host_slot(&self, host: HostId) -> Result<u32, OrchestratorError> {
+        if let Some(slot) = self.cache().host_slots.get(&host) {
+            return Ok(*slot);
+        }
+        let prefix: Option<String> =
+            sqlx::query_scalar("SELECT ipv6_prefix FROM hosts WHERE id = $1")
+                .bind(host.as_uuid())
+                .fetch_one(self.store.pool())
+                .await
+                .map_err(query("read a host's prefix"))?;
+        let prefix =
+            prefix.ok_or_else(|| corrupt("hosts.ipv6_prefix", format!("host {host} has none")))?;
+        let net: Ipv6Net = prefix
+            .parse()
+            .map_err(|_| corrupt("hosts.ipv6_prefix", &prefix))?;
+        let slot = u32::from(net.network().segments()[3]);
+        let mut cache = self.cache();
+        cache.make_room();
+        cache.host_slots.insert(host, slot);
+        Ok(slot)
     }
 }
 
@@ -1008,16 +1038,17 @@ impl engine::Store for Fenced<'_> {
     type Error = OrchestratorError;
 
     async fn unfinished(&self) -> Result<Vec<DeployProgress>, OrchestratorError> {
-        let pool = self.inner.store.pool();
         let rows = sqlx::query(
-            "SELECT d.id, p.plan,
-                    EXTRACT(EPOCH FROM now() - COALESCE(
-                        (SELECT max(s.time) FROM deploy_steps s WHERE s.deploy_id = d.id),
-                        p.created_at))::bigint AS elapsed
+            "SELECT d.id, d.env_id, p.plan,
+                    EXTRACT(EPOCH FROM now() - COALESCE(s.last, p.created_at))::bigint AS elapsed,
+                    COALESCE(s.steps, ARRAY[]::text[]) AS steps
              FROM deploys d JOIN deploy_plans p ON p.deploy_id = d.id
+             LEFT JOIN LATERAL (
+                 SELECT array_agg(step ORDER BY position) AS steps, max(time) AS last
+                 FROM deploy_steps WHERE deploy_id = d.id) s ON true
              WHERE d.state IN ('pending', 'in_progress') ORDER BY d.created_at",
         )
-        .fetch_all(pool)
+        .fetch_all(self.inner.store.pool())
         .await
         .map_err(query("list unfinished deploys"))?;
 
@@ -1026,14 +1057,15 @@ impl engine::Store for Fenced<'_> {
             let deploy = DeployId::from_uuid(row.get("id"));
             let plan: Plan = serde_json::from_value(row.get("plan"))
                 .map_err(|error| corrupt("deploy_plans.plan", error))?;
-            let steps: Vec<String> = sqlx::query_scalar(
-                "SELECT step FROM deploy_steps WHERE deploy_id = $1 ORDER BY position",
-            )
-            .bind(deploy.as_uuid())
-            .fetch_all(pool)
-            .await
-            .map_err(query("list deploy steps"))?;
+            let steps: Vec<String> = row.get("steps");
             let elapsed: i64 = row.get("elapsed");
+            {
+                let mut cache = self.inner.cache();
+                cache.make_room();
+                cache
+                    .deploy_envs
+                    .insert(deploy, EnvId::from_uuid(row.get("env_id")));
+            }
             unfinished.push(DeployProgress {
                 deploy,
                 plan,
@@ -1053,13 +1085,11 @@ impl engine::Store for Fenced<'_> {
         let (inner, term) = (self.inner, self.term);
         match action {
             Action::RunReleaseCommand { instance, .. } => {
-                inner.start_instance(term, plan.env, instance).await
+                inner.start_instances(term, plan.env, &[instance]).await
             }
             Action::StartInstances { instances } => {
-                for instance in instances {
-                    inner.start_instance(term, plan.env, instance).await?;
-                }
-                Ok(())
+                let instances: Vec<_> = instances.iter().collect();
+                inner.start_instances(term, plan.env, &instances).await
             }
             Action::WaitHealthy { .. } => Ok(()),
             Action::UpdateRoutes { add, remove, .. } => {
