@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 
 use futures::StreamExt;
 
@@ -30,8 +31,8 @@ pub struct Fence(pub i64);
 pub struct DeployProgress {
     /// The deploy.
     pub deploy: DeployId,
-    /// Its plan.
-    pub plan: Plan,
+    /// Its plan, shared because a stored plan never changes and is kept between passes.
+    pub plan: Arc<Plan>,
     /// Step outcomes, in the order they were recorded.
     pub records: Vec<StepRecord>,
     /// Seconds since the last record (or since the plan was recorded): how long the current
@@ -372,7 +373,7 @@ mod tests {
             };
             Ok(vec![DeployProgress {
                 deploy: plan.deploy,
-                plan,
+                plan: Arc::new(plan),
                 records: memory.records.clone(),
                 step_elapsed_secs: 0,
             }])

@@ -90,18 +90,23 @@ const CACHE_ENTRIES: usize = 65_536;
 
 /// Values that never change once written, kept between passes so a pass does not read them
 /// again for every action: an env's org, a deploy's env, a release's spec (releases are
-/// immutable) and a host's /64 (kept when the host registers again).
+/// immutable), a host's /64 (kept when the host registers again) and a deploy's stored plan.
 #[derive(Debug, Default)]
 struct Cache {
     orgs: HashMap<EnvId, OrgId>,
     deploy_envs: HashMap<DeployId, EnvId>,
     releases: HashMap<ReleaseId, Arc<kiln_api::ReleaseSpec>>,
     host_slots: HashMap<HostId, u32>,
+    plans: HashMap<DeployId, Arc<Plan>>,
 }
 
 impl Cache {
     fn entries(&self) -> usize {
-        self.orgs.len() + self.deploy_envs.len() + self.releases.len() + self.host_slots.len()
+        self.orgs.len()
+            + self.deploy_envs.len()
+            + self.releases.len()
+            + self.host_slots.len()
+            + self.plans.len()
     }
 
     fn make_room(&mut self) {
@@ -144,7 +149,11 @@ impl Orchestrator {
         self.plan_pending(term).await?;
         self.replace_lost(term).await?;
         self.reconcile_scale(term).await?;
-        let fenced = Fenced { inner: self, term };
+        let fenced = Fenced {
+            inner: self,
+            term,
+            observed: Mutex::default(),
+        };
         engine::run_pass(&fenced, Fence(term))
             .await
             .map_err(|error| match error {
@@ -856,6 +865,38 @@ impl Orchestrator {
         Ok(())
     }
 
+    /// Reads the reported state of each instance in `instances` that has not stopped, from the
+    /// projection.
+    async fn running_states(
+        &self,
+        instances: &[InstanceId],
+    ) -> Result<BTreeMap<InstanceId, Observed>, OrchestratorError> {
+        if instances.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let ids: Vec<Uuid> = instances.iter().map(|id| id.as_uuid()).collect();
+        let rows = sqlx::query("SELECT id, state, detail FROM instances WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(self.store.pool())
+            .await
+            .map_err(query("read instance states"))?;
+        let mut observed = BTreeMap::new();
+        for row in rows {
+            let state: String = row.get("state");
+            let state: kiln_api::InstanceState =
+                serde_json::from_value(serde_json::Value::String(state.clone()))
+                    .map_err(|_| corrupt("instances.state", &state))?;
+            if state.is_terminal() {
+                continue;
+            }
+            observed.insert(
+                InstanceId::from_uuid(row.get("id")),
+                convert::observed(state, None, row.get("detail")),
+            );
+        }
+        Ok(observed)
+    }
+
     /// Reads the last state report of each instance that has one from the instance's stream.
     /// Unlike the projection it keeps the exit code and output lines, and it outlives the
     /// instance's removal.
@@ -1014,6 +1055,36 @@ struct LastReport {
 struct Fenced<'a> {
     inner: &'a Orchestrator,
     term: i64,
+    /// States of the instances that unfinished plans wait on, read once when the pass starts,
+    /// without stopped instances (those are read from their last report when asked for).
+    /// A state a little older than the pass only delays a step to the next pass, which the
+    /// report that changed it triggers.
+    observed: Mutex<HashMap<InstanceId, Observed>>,
+}
+
+impl Fenced<'_> {
+    /// Reads the states of every instance the unfinished plans wait on, in one query.
+    async fn prefetch_observations(
+        &self,
+        unfinished: &[DeployProgress],
+    ) -> Result<(), OrchestratorError> {
+        let mut watched = Vec::new();
+        for progress in unfinished {
+            for step in &progress.plan.steps {
+                for action in step.actions.iter().chain(&step.undo) {
+                    match action {
+                        Action::WaitHealthy { instances, .. } => watched.extend(instances),
+                        Action::RunReleaseCommand { instance, .. } => watched.push(instance.id),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        let observed = self.inner.running_states(&watched).await?;
+        *self.observed.lock().unwrap_or_else(PoisonError::into_inner) =
+            observed.into_iter().collect();
+        Ok(())
+    }
 }
 
 fn parse_record(text: &str) -> Option<StepRecord> {
@@ -1038,8 +1109,17 @@ impl engine::Store for Fenced<'_> {
     type Error = OrchestratorError;
 
     async fn unfinished(&self) -> Result<Vec<DeployProgress>, OrchestratorError> {
+        // Plans never change once stored, so only those not cached yet are read and parsed.
+        let cached: Vec<Uuid> = self
+            .inner
+            .cache()
+            .plans
+            .keys()
+            .map(|deploy| deploy.as_uuid())
+            .collect();
         let rows = sqlx::query(
-            "SELECT d.id, d.env_id, p.plan,
+            "SELECT d.id, d.env_id,
+                    CASE WHEN d.id = ANY($1) THEN NULL ELSE p.plan END AS plan,
                     EXTRACT(EPOCH FROM now() - COALESCE(s.last, p.created_at))::bigint AS elapsed,
                     COALESCE(s.steps, ARRAY[]::text[]) AS steps
              FROM deploys d JOIN deploy_plans p ON p.deploy_id = d.id
@@ -1048,6 +1128,7 @@ impl engine::Store for Fenced<'_> {
                  FROM deploy_steps WHERE deploy_id = d.id) s ON true
              WHERE d.state IN ('pending', 'in_progress') ORDER BY d.created_at",
         )
+        .bind(&cached)
         .fetch_all(self.inner.store.pool())
         .await
         .map_err(query("list unfinished deploys"))?;
@@ -1055,17 +1136,27 @@ impl engine::Store for Fenced<'_> {
         let mut unfinished = Vec::with_capacity(rows.len());
         for row in rows {
             let deploy = DeployId::from_uuid(row.get("id"));
-            let plan: Plan = serde_json::from_value(row.get("plan"))
-                .map_err(|error| corrupt("deploy_plans.plan", error))?;
+            let env = EnvId::from_uuid(row.get("env_id"));
+            let value: Option<serde_json::Value> = row.get("plan");
+            let plan = match value {
+                Some(value) => {
+                    let plan: Arc<Plan> = Arc::new(
+                        serde_json::from_value(value)
+                            .map_err(|error| corrupt("deploy_plans.plan", error))?,
+                    );
+                    let mut cache = self.inner.cache();
+                    cache.make_room();
+                    cache.plans.insert(deploy, Arc::clone(&plan));
+                    cache.deploy_envs.insert(deploy, env);
+                    plan
+                }
+                None => {
+                    let cached = self.inner.cache().plans.get(&deploy).cloned();
+                    cached.ok_or_else(|| corrupt("deploy_plans.plan", "a cached plan vanished"))?
+                }
+            };
             let steps: Vec<String> = row.get("steps");
             let elapsed: i64 = row.get("elapsed");
-            {
-                let mut cache = self.inner.cache();
-                cache.make_room();
-                cache
-                    .deploy_envs
-                    .insert(deploy, EnvId::from_uuid(row.get("env_id")));
-            }
             unfinished.push(DeployProgress {
                 deploy,
                 plan,
@@ -1073,6 +1164,7 @@ impl engine::Store for Fenced<'_> {
                 step_elapsed_secs: u64::try_from(elapsed).unwrap_or(0),
             });
         }
+        self.prefetch_observations(&unfinished).await?;
         Ok(unfinished)
     }
 
@@ -1125,26 +1217,17 @@ impl engine::Store for Fenced<'_> {
         &self,
         instances: &[InstanceId],
     ) -> Result<BTreeMap<InstanceId, Observed>, OrchestratorError> {
-        let ids: Vec<Uuid> = instances.iter().map(|id| id.as_uuid()).collect();
-        let rows = sqlx::query("SELECT id, state, detail FROM instances WHERE id = ANY($1)")
-            .bind(ids)
-            .fetch_all(self.inner.store.pool())
-            .await
-            .map_err(query("read instance states"))?;
-        let mut observed = BTreeMap::new();
-        for row in rows {
-            let state: String = row.get("state");
-            let state: kiln_api::InstanceState =
-                serde_json::from_value(serde_json::Value::String(state.clone()))
-                    .map_err(|_| corrupt("instances.state", &state))?;
-            if state.is_terminal() {
-                continue;
+        {
+            let prefetched = self.observed.lock().unwrap_or_else(PoisonError::into_inner);
+            let found: BTreeMap<InstanceId, Observed> = instances
+                .iter()
+                .filter_map(|id| Some((*id, prefetched.get(id)?.clone())))
+                .collect();
+            if found.len() == instances.len() {
+                return Ok(found);
             }
-            observed.insert(
-                InstanceId::from_uuid(row.get("id")),
-                convert::observed(state, None, row.get("detail")),
-            );
         }
+        let mut observed = self.inner.running_states(instances).await?;
 
         // The projection keeps no exit code and drops removed instances, so stopped ones are
         // read from their last report in the log.
