@@ -23,6 +23,7 @@ use sqlx::Row;
 use super::error::ApiError;
 use super::events::wait_duration;
 use super::extract::{JsonBody, LossyJsonBody, QueryParams};
+use super::host_changes::{ChangeIndex, HostChanges};
 use super::{AppState, scope};
 use crate::auth::Caller;
 use crate::secrets::Sealed;
@@ -134,6 +135,66 @@ pub async fn assignments(
     let wait = wait_duration(query.wait)?;
     let after = query.after.unwrap_or(0);
 
+    let feed = HostChanges::of(&state.store, &state.notifier).await?;
+    let mut index = feed.subscribe();
+    let covered = {
+        let current = index.borrow_and_update();
+        after != 0 && after >= current.from && after <= current.head
+    };
+    let changed = if covered {
+        wait_for_change(&mut index, host_id, after, wait).await
+    } else {
+        wait_for_change_in_log(&state, host_id, after, wait).await?
+    };
+    let cursor = match changed {
+        Some(head) => head,
+        None => state.store.head().await?.max(after),
+    };
+
+    let assignments = load_assignments(&state, host_id).await?;
+    Ok(Json(HostAssignments {
+        host_id,
+        cursor,
+        assignments,
+    }))
+}
+
+/// Waits until the host change feed counts an event after `after` that concerns `host`, and
+/// returns the feed's head then, or `None` after `wait`.
+async fn wait_for_change(
+    index: &mut tokio::sync::watch::Receiver<std::sync::Arc<ChangeIndex>>,
+    host: HostId,
+    after: u64,
+    wait: std::time::Duration,
+) -> Option<u64> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        {
+            let current = index.borrow_and_update();
+            if current.changed_after(host, after) {
+                return Some(current.head);
+            }
+        }
+        tokio::select! {
+            changed = index.changed() => {
+                if changed.is_err() {
+                    tokio::time::sleep_until(deadline).await;
+                    return None;
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => return None,
+        }
+    }
+}
+
+/// Waits like [`wait_for_change`] for a cursor the feed does not cover (0, older than the
+/// feed's start or newer than its last read), checking the log after every notification.
+async fn wait_for_change_in_log(
+    state: &AppState,
+    host_id: HostId,
+    after: u64,
+    wait: std::time::Duration,
+) -> Result<Option<u64>, ApiError> {
     let changed = state
         .notifier
         .wait_for(wait, || {
@@ -146,8 +207,6 @@ pub async fn assignments(
                 }
                 // An event that names another host (its instances' placements and reports)
                 // never changes this host's assignments, so it does not end the long poll.
-                // Without this, every state report of an env's instance on one host would
-                // make every other host of that env reload its complete set.
                 let relevant: bool = sqlx::query_scalar(
                     "SELECT EXISTS (
                          SELECT 1 FROM events
@@ -167,17 +226,7 @@ pub async fn assignments(
             }
         })
         .await?;
-    let cursor = match changed {
-        Some(head) => head,
-        None => state.store.head().await?.max(after),
-    };
-
-    let assignments = load_assignments(&state, host_id).await?;
-    Ok(Json(HostAssignments {
-        host_id,
-        cursor,
-        assignments,
-    }))
+    Ok(changed)
 }
 
 /// `POST /v1/host/instances/{instance}/state`.
