@@ -147,8 +147,8 @@ pub async fn run_singleton_work(
     interval: Duration,
 ) {
     let mut listening = true;
-    // Kept between passes for its cache of values that never change (an env's org, a
-    // release's spec); rebuilt when leadership is lost, with the settings read again.
+    // Kept between passes for its cache of values that never change, such as a release's
+    // spec. It is rebuilt when leadership is lost, with the settings read again.
     let mut orchestrator = None;
     loop {
         let state = *leadership.borrow_and_update();

@@ -1,4 +1,5 @@
-//! Which hosts' assignments changed, worked out once per append for every waiting host.
+//! The host change feed: the hosts whose assignments new events concern, read once per append
+//! for every waiting host.
 //!
 //! An agent long-polls `GET /v1/host/assignments` until an event concerns its host. Checking
 //! that with a query per waiting agent after every append costs a query per host per event,
@@ -28,7 +29,7 @@ const FEED_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// The hosts whose assignments changed after `from`, as last read by the feed.
 #[derive(Debug, Clone, Default)]
 pub struct ChangeIndex {
-    /// The log head when the feed started; the index says nothing about earlier events.
+    /// The log head when the feed started; the index covers no earlier event.
     pub from: u64,
     /// The log head of the last read: every event up to it has been counted.
     pub head: u64,
@@ -88,7 +89,7 @@ impl HostChanges {
     }
 }
 
-/// Finds the feed of the notifier whose channel `changes` is, and forgets the feeds of
+/// Finds the feed of the notifier whose channel `changes` is, and drops the feeds of
 /// notifiers that are gone.
 fn find_feed(changes: &watch::Receiver<u64>) -> Option<HostChanges> {
     let mut feeds = FEEDS.lock().unwrap_or_else(PoisonError::into_inner);

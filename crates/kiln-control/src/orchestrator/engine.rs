@@ -120,10 +120,10 @@ pub struct PassReport {
     pub waiting: usize,
 }
 
-/// Deploys of different envs advanced at the same time within one pass. Each deploy's
-/// actions are a chain of short transactions that mostly wait on database round trips, so
-/// overlapping them keeps the database busy; the IPAM lock still serializes placements, and
-/// the UNIQUE constraints on addresses hold however the transactions interleave.
+/// Maximum envs whose deploys advance at the same time within one pass. Each deploy's actions
+/// are a chain of short transactions that mostly wait on database round trips, so overlapping
+/// them keeps the database busy. The IPAM lock still serializes placements, and the UNIQUE
+/// constraints on addresses hold however the transactions interleave.
 pub const CONCURRENT_DEPLOYS: usize = 16;
 
 /// Runs one pass over every unfinished deploy.

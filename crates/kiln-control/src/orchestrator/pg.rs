@@ -85,12 +85,13 @@ pub struct Orchestrator {
     cache: Arc<Mutex<Cache>>,
 }
 
-/// Entries the cache holds before it is emptied, so a long-lived leader's memory stays bounded.
+/// Maximum entries in the cache before it is emptied, so a long-lived leader's memory stays
+/// bounded.
 const CACHE_ENTRIES: usize = 65_536;
 
 /// Values that never change once written, kept between passes so a pass does not read them
-/// again for every action: an env's org, a deploy's env, a release's spec (releases are
-/// immutable), a host's /64 (kept when the host registers again) and a deploy's stored plan.
+/// again for every action. They are an env's org, a deploy's env, a release's spec (releases
+/// are immutable), a host's /64 (kept when the host registers again) and a deploy's plan.
 #[derive(Debug, Default)]
 struct Cache {
     orgs: HashMap<EnvId, OrgId>,
@@ -232,7 +233,7 @@ impl Orchestrator {
 
     /// Plans every pending deploy of an env with no deploy in progress.
     ///
-    /// Every deploy is planned against one snapshot of the cluster read at the start, and each
+    /// Every deploy is planned against one snapshot of the cluster read at the start. Each
     /// plan's new instances are reserved in it before the next deploy is planned, so two plans
     /// of one pass never count the same free memory. The plans are then stored concurrently,
     /// each with its own transaction.
@@ -643,7 +644,7 @@ impl Orchestrator {
             slots.insert(instance.host, self.host_slot(instance.host).await?);
         }
 
-        // Every instance appends to a stream of its own that no other writer knows yet, so
+        // Every instance appends to a new stream of its own that no other writer has seen, so
         // holding the append lock across several appends cannot deadlock with an agent's
         // report.
         let mut tx = self.begin(term).await?;

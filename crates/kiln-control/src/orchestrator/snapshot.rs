@@ -19,7 +19,7 @@ use super::convert;
 use super::pg::{Orchestrator, OrchestratorError};
 use crate::store::streams;
 
-/// The cluster as the planner sees it, with each env's running instances.
+/// The cluster as the planner reads it, with each env's running instances.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Cluster {
     /// Hosts, and the instances that hold or will hold resources on them.
