@@ -120,23 +120,18 @@ pub struct PassReport {
     pub waiting: usize,
 }
 
-/// Maximum envs whose deploys advance at the same time within one pass. Each deploy's actions
-/// are a chain of short transactions that mostly wait on database round trips, so overlapping
-/// them keeps the database busy. The IPAM lock still serializes placements, and the UNIQUE
-/// constraints on addresses hold however the transactions interleave.
-pub const CONCURRENT_DEPLOYS: usize = 16;
-
 /// Runs one pass over every unfinished deploy.
 ///
 /// Deploys of one env run one after another, oldest first, because a later deploy of an env
 /// starts from the instances the earlier one leaves. Deploys of different envs touch disjoint
-/// instances, routes and streams, so up to [`CONCURRENT_DEPLOYS`] envs advance at once. The
+/// instances, routes and streams, so up to `concurrency` envs advance at once. The
 /// error stops only its env's deploys: the other envs still get their turn, and the pass
 /// returns the first error once they are done. The next pass resumes every deploy from its
 /// records.
 pub async fn run_pass<S: Store + Sync>(
     store: &S,
     fence: Fence,
+    concurrency: usize,
 ) -> Result<PassReport, EngineError<S::Error>> {
     let mut by_env: Vec<Vec<DeployProgress>> = Vec::new();
     let mut env_index = BTreeMap::new();
@@ -152,7 +147,7 @@ pub async fn run_pass<S: Store + Sync>(
     for deploys in by_env {
         runs.push(advance_env(store, fence, deploys));
     }
-    let mut reports = futures::stream::iter(runs).buffer_unordered(CONCURRENT_DEPLOYS);
+    let mut reports = futures::stream::iter(runs).buffer_unordered(concurrency.max(1));
 
     let mut report = PassReport::default();
     let mut first_error = None;
@@ -180,7 +175,7 @@ pub async fn run_concurrently<F, E>(futures: Vec<F>, limit: usize) -> Result<(),
 where
     F: Future<Output = Result<(), E>>,
 {
-    let mut results = futures::stream::iter(futures).buffer_unordered(limit);
+    let mut results = futures::stream::iter(futures).buffer_unordered(limit.max(1));
     let mut first_error = None;
     while let Some(result) = results.next().await {
         if let Err(error) = result {
@@ -538,7 +533,7 @@ mod tests {
     async fn pass_completes_rolling_deploy() {
         let (plan, old) = rolling_plan();
         let store = store_for(&plan, &old);
-        let report = run_pass(&store, Fence(1)).await.unwrap();
+        let report = run_pass(&store, Fence(1), 4).await.unwrap();
         assert_eq!(report.finished, vec![(plan.deploy, Outcome::Succeeded)]);
 
         let memory = store.0.lock().unwrap();
@@ -558,7 +553,7 @@ mod tests {
         let store = store_for(&plan, &old);
         store.0.lock().unwrap().unhealthy_release = Some(plan.to_release);
 
-        let report = run_pass(&store, Fence(1)).await.unwrap();
+        let report = run_pass(&store, Fence(1), 4).await.unwrap();
         assert!(matches!(report.finished[..], [(_, Outcome::Failed { .. })]));
 
         let memory = store.0.lock().unwrap();
@@ -578,7 +573,7 @@ mod tests {
         let (plan, old) = rolling_plan();
         let store = store_for(&plan, &old);
         store.0.lock().unwrap().newest_fence = 2;
-        assert!(run_pass(&store, Fence(1)).await.is_err());
+        assert!(run_pass(&store, Fence(1), 4).await.is_err());
         assert!(store.0.lock().unwrap().records.is_empty());
     }
 
@@ -595,7 +590,7 @@ mod tests {
                 ..plan.clone()
             });
         }
-        run_pass(&store, Fence(1)).await.unwrap();
+        run_pass(&store, Fence(1), 4).await.unwrap();
         {
             let mut memory = store.0.lock().unwrap();
             memory.plan = Some(plan.clone());
@@ -606,7 +601,7 @@ mod tests {
             .apply(Fence(2), &plan, &plan.steps[4].actions[0])
             .await
             .unwrap();
-        run_pass(&store, Fence(2)).await.unwrap();
+        run_pass(&store, Fence(2), 4).await.unwrap();
 
         let memory = store.0.lock().unwrap();
         assert_eq!(memory.finished, Some(Outcome::Succeeded));

@@ -25,7 +25,7 @@ use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::convert;
-use super::engine::{self, CONCURRENT_DEPLOYS, DeployProgress, Fence, Outcome, PassReport};
+use super::engine::{self, DeployProgress, Fence, Outcome, PassReport};
 use crate::ipam::{self, IpamStoreError};
 use crate::leader::{FenceError, check_fence};
 use crate::store::{ExpectedVersion, NewEvent, Store, StoreError, streams};
@@ -148,6 +148,17 @@ impl Orchestrator {
         })
     }
 
+    /// Returns how many deploys (or removals, or plan writes) a pass runs at once: half the
+    /// connection pool, so the API's requests, agents' state reports among them, keep the
+    /// other half. Each deploy's actions are short transactions that mostly wait on round
+    /// trips, so overlapping them keeps the database busy. The IPAM lock still serializes
+    /// placements, and the UNIQUE constraints on addresses hold however they interleave.
+    fn concurrency(&self) -> usize {
+        usize::try_from(self.store.pool().options().get_max_connections() / 2)
+            .unwrap_or(1)
+            .max(1)
+    }
+
     fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -173,7 +184,7 @@ impl Orchestrator {
             term,
             observed: Mutex::default(),
         };
-        engine::run_pass(&fenced, Fence(term))
+        engine::run_pass(&fenced, Fence(term), self.concurrency())
             .await
             .map_err(|error| match error {
                 engine::EngineError::Store(error) => error,
@@ -209,7 +220,7 @@ impl Orchestrator {
             let org = OrgId::from_uuid(row.get("org_id"));
             removals.push(self.remove_instance(term, instance, env_id, host_id, org));
         }
-        engine::run_concurrently(removals, CONCURRENT_DEPLOYS).await
+        engine::run_concurrently(removals, self.concurrency()).await
     }
 
     /// Removes one stopped instance: frees its addresses, unroutes it and appends
@@ -322,7 +333,7 @@ impl Orchestrator {
         for (deploy, env, result) in planned {
             stores.push(self.store_plan(term, deploy, env, result));
         }
-        engine::run_concurrently(stores, CONCURRENT_DEPLOYS).await
+        engine::run_concurrently(stores, self.concurrency()).await
     }
 
     /// Starts a replacement deploy for each env with running instances on lost hosts.
