@@ -135,10 +135,10 @@ async fn hold_leadership(
 /// bursts (an agent reports several instances at once); the gap lets one pass handle a burst.
 const EVENT_PASS_GAP: Duration = Duration::from_millis(20);
 
-/// Longest gap between two full passes while appends keep waking the leader. Passes woken by
-/// appends only move deploys on; lease expiry, lost-host replacement, scale reconciliation and
-/// idempotency pruning read every host or env, so they run at most this often in between
-/// interval passes.
+/// Time after which a pass woken by an append is a full pass again. Passes woken by appends
+/// only move deploys on. Lease expiry, lost-host replacement, scale reconciliation and
+/// idempotency pruning read every host or env, so between interval passes they run only once
+/// per this gap while appends keep waking the leader.
 const FULL_PASS_GAP: Duration = Duration::from_millis(250);
 
 /// Runs the leader's work while this replica leads: expiring host leases, orchestrating

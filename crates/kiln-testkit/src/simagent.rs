@@ -389,8 +389,8 @@ async fn report(
     report: Report,
 ) {
     let new_state = report.state;
-    // Recorded before the request, because the control plane may answer a watch with this
-    // state before the request returns: a watch that saw a run-once instance exited and
+    // Recorded before the request, because the control plane may return this state to a
+    // watch before the request returns. A watch that saw a run-once instance exited and
     // found it still running here would stop it and report a second, made-up exit.
     {
         let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);

@@ -75,7 +75,7 @@ pub(super) fn corrupt(what: &'static str, value: impl ToString) -> OrchestratorE
     }
 }
 
-/// What one orchestrator pass covers.
+/// The tasks one orchestrator pass covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PassScope {
     /// Every task of a pass: removals, planning, lost-host replacement, scale reconciliation
@@ -673,9 +673,9 @@ impl Orchestrator {
             slots.insert(instance.host, self.host_slot(instance.host).await?);
         }
 
-        // Every instance appends to a new stream of its own that no other writer has seen, so
-        // holding the append lock across several appends cannot deadlock with an agent's
-        // report.
+        // Every instance appends to a new stream of its own, and agents report only on placed
+        // instances, so holding the append lock across several appends cannot deadlock with
+        // an agent's report.
         let mut tx = self.begin(term).await?;
         for instance in &new {
             let slot = slots[&instance.host];

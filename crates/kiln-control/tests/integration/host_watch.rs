@@ -75,7 +75,7 @@ async fn host_watch_wakes_for_its_changes() {
     assert!(configured.cursor > placed.cursor);
     assert_eq!(configured.assignments[0].env_vars["MODE"], "changed");
 
-    // h2 holds nothing of the env, so the same changes leave its set empty.
+    // h2 runs no instance of the env, so the same changes leave its set empty.
     let other = second
         .client
         .watch_assignments(&WatchQuery {
