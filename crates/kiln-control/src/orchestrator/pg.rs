@@ -677,9 +677,10 @@ impl Orchestrator {
         // instances, so holding the append lock across several appends cannot deadlock with
         // an agent's report.
         let mut tx = self.begin(term).await?;
+        for (host, slot) in &slots {
+            ipam::adopt_host_slot(&mut tx, &self.ipam, *host, *slot).await?;
+        }
         for instance in &new {
-            let slot = slots[&instance.host];
-            ipam::adopt_host_slot(&mut tx, &self.ipam, instance.host, slot).await?;
             let pair =
                 ipam::instance_addresses(&mut tx, &self.ipam, env, instance.host, instance.id)
                     .await?;
