@@ -175,3 +175,23 @@ async fn read_changes(
         .collect();
     Ok(Some((head, hosts)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn change_index_compares_with_cursor() {
+        let (host, other) = (HostId::new(), HostId::new());
+        let index = ChangeIndex {
+            from: 10,
+            head: 20,
+            changed: HashMap::from([(host, 15)]),
+        };
+
+        assert!(index.changed_after(host, 14));
+        assert!(!index.changed_after(host, 15));
+        assert!(!index.changed_after(host, 20));
+        assert!(!index.changed_after(other, 10));
+    }
+}

@@ -245,3 +245,74 @@ impl Orchestrator {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use kiln_core::{DeployId, EnvId, HostId, InstanceId, ProcessName, ReleaseId};
+    use kiln_scheduler::plan::{Action, Plan, PlanKind, PlannedInstance, Step};
+    use kiln_scheduler::{ClusterSnapshot, Resources};
+
+    use super::*;
+
+    fn planned(host: HostId, release: ReleaseId, process: &str) -> PlannedInstance {
+        PlannedInstance {
+            id: InstanceId::new(),
+            release,
+            process: ProcessName::new(process).unwrap(),
+            host,
+            resources: Resources {
+                memory_mib: 256,
+                vcpus: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn reserve_counts_started_instances() {
+        let (host, release) = (HostId::new(), ReleaseId::new());
+        let command = planned(host, release, "release-command");
+        let web = planned(host, release, "web");
+        let plan = Plan {
+            deploy: DeployId::new(),
+            env: EnvId::new(),
+            kind: PlanKind::Deploy,
+            base_version: 1,
+            from_release: None,
+            to_release: release,
+            steps: vec![
+                Step {
+                    name: "release-command".to_owned(),
+                    actions: vec![Action::RunReleaseCommand {
+                        instance: command.clone(),
+                        timeout_secs: 60,
+                    }],
+                    undo: Vec::new(),
+                },
+                Step {
+                    name: "web/1/start".to_owned(),
+                    actions: vec![
+                        Action::StartInstances {
+                            instances: vec![web.clone()],
+                        },
+                        Action::WaitHealthy {
+                            instances: vec![web.id],
+                            deadline_secs: 60,
+                        },
+                    ],
+                    undo: Vec::new(),
+                },
+            ],
+        };
+        let mut cluster = Cluster {
+            snapshot: ClusterSnapshot::default(),
+            env_instances: HashMap::new(),
+        };
+
+        cluster.reserve(&plan);
+
+        let reserved: Vec<InstanceId> = cluster.snapshot.instances.iter().map(|i| i.id).collect();
+        assert_eq!(reserved, vec![command.id, web.id]);
+        assert!(cluster.snapshot.instances.iter().all(|i| i.env == plan.env));
+        assert!(cluster.snapshot.instances.iter().all(|i| i.host == host));
+    }
+}
