@@ -42,6 +42,12 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time every deploy gets to finish.
 const DEPLOYS_TIMEOUT: Duration = Duration::from_secs(900);
 
+/// Time between a simulated agent's heartbeats: the real agent's default `heartbeat_secs`.
+const AGENT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Long-poll wait of a simulated agent's assignments watch, in seconds: the real agent's.
+const AGENT_WATCH_WAIT_SECS: u64 = 30;
+
 /// Time between two checks of the deploys' states.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -100,11 +106,15 @@ async fn main() -> anyhow::Result<()> {
                 name: format!("h{n}"),
             })
             .await?;
+        // Heartbeats and long polls as often as the real agent's defaults, not the faster
+        // ones of the orchestration tests, so the background load per host is a real host's.
         let config = SimAgentConfig {
             capacity: HostCapacity {
                 vcpus: 64,
                 memory_mib: 1024 * 1024,
             },
+            heartbeat_interval: AGENT_HEARTBEAT_INTERVAL,
+            watch_wait_secs: AGENT_WATCH_WAIT_SECS,
             ..SimAgentConfig::default()
         };
         agents.push(SimAgent::start(&control.url, &created.token.secret, config).await?);

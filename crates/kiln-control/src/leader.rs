@@ -11,6 +11,7 @@ use std::time::Duration;
 use sqlx::{Connection, PgConnection, Postgres, Transaction};
 use tokio::sync::watch;
 
+use crate::orchestrator::pg::PassScope;
 use crate::store::{Store, StoreError};
 
 /// Key of the advisory lock held by the leader.
@@ -134,6 +135,12 @@ async fn hold_leadership(
 /// bursts (an agent reports several instances at once); the gap lets one pass handle a burst.
 const EVENT_PASS_GAP: Duration = Duration::from_millis(20);
 
+/// Time after which a pass woken by an append is a full pass again. Passes woken by appends
+/// only move deploys on. Lease expiry, lost-host replacement, scale reconciliation and
+/// idempotency pruning read every host or env, so between interval passes they run only once
+/// per this gap while appends keep waking the leader.
+const FULL_PASS_GAP: Duration = Duration::from_millis(250);
+
 /// Runs the leader's work while this replica leads: expiring host leases, orchestrating
 /// deploys and pruning old idempotency records.
 ///
@@ -148,17 +155,31 @@ pub async fn run_singleton_work(
     route_drain_deadline: Duration,
 ) {
     let mut listening = true;
+    // Kept between passes for its cache of values that never change, such as a release's
+    // spec. It is rebuilt when leadership is lost, with the settings read again.
+    let mut orchestrator = None;
+    let mut last_full: Option<tokio::time::Instant> = None;
+    let mut woken_by_append = false;
     loop {
         let state = *leadership.borrow_and_update();
         // Mark the events seen before the pass, so an append during the pass wakes the next.
         events.borrow_and_update();
+        if !matches!(state, Leadership::Leader { .. }) {
+            orchestrator = None;
+        }
+        let full = !woken_by_append || last_full.is_none_or(|at| at.elapsed() >= FULL_PASS_GAP);
+        if full {
+            last_full = Some(tokio::time::Instant::now());
+        }
         if let Leadership::Leader { term } = state
-            && let Err(error) = singleton_pass(&store, term, route_drain_deadline).await
+            && let Err(error) =
+                singleton_pass(&store, term, &mut orchestrator, full, route_drain_deadline).await
         {
             tracing::warn!(error = %crate::api::error::error_chain(&error), term, "leader work failed");
         }
 
         let is_leader = matches!(state, Leadership::Leader { .. });
+        woken_by_append = false;
         tokio::select! {
             changed = leadership.changed() => {
                 if changed.is_err() {
@@ -167,7 +188,10 @@ pub async fn run_singleton_work(
             }
             changed = events.changed(), if listening && is_leader => {
                 match changed {
-                    Ok(()) => tokio::time::sleep(EVENT_PASS_GAP).await,
+                    Ok(()) => {
+                        woken_by_append = true;
+                        tokio::time::sleep(EVENT_PASS_GAP).await;
+                    }
                     // The notifier is gone; the interval alone drives the passes from now on.
                     Err(_) => listening = false,
                 }
@@ -191,11 +215,51 @@ pub enum SingletonError {
     Orchestrator(#[from] crate::orchestrator::pg::OrchestratorError),
 }
 
+/// Runs one pass of leader work; `full` adds the work that reads every host or env (see
+/// [`FULL_PASS_GAP`]).
 async fn singleton_pass(
     store: &Store,
     term: i64,
+    orchestrator: &mut Option<crate::orchestrator::pg::Orchestrator>,
+    full: bool,
     route_drain_deadline: Duration,
 ) -> Result<(), SingletonError> {
+    if full {
+        expire_leases(store, term).await?;
+    }
+
+    if orchestrator.is_none()
+        && let Some(settings) = crate::bootstrap::load_settings(store).await?
+    {
+        *orchestrator = Some(
+            crate::orchestrator::pg::Orchestrator::new(
+                store.clone(),
+                settings.ula_prefix,
+                kiln_scheduler::plan::Timeouts::default(),
+            )?
+            .with_route_drain_deadline(route_drain_deadline),
+        );
+    }
+    if let Some(orchestrator) = orchestrator {
+        let scope = if full {
+            PassScope::Full
+        } else {
+            PassScope::Deploys
+        };
+        orchestrator.run_once(term, scope).await?;
+    }
+
+    if full {
+        sqlx::query("DELETE FROM idempotency_keys WHERE created_at < now() - interval '24 hours'")
+            .execute(store.pool())
+            .await
+            .map_err(StoreError::database("prune idempotency keys"))?;
+    }
+    Ok(())
+}
+
+/// Appends `HostLost` for every host whose lease expired.
+async fn expire_leases(store: &Store, term: i64) -> Result<(), SingletonError> {
     let expired: Vec<uuid::Uuid> = sqlx::query_scalar(
         "SELECT h.id FROM hosts h JOIN host_leases l ON l.host_id = h.id
          WHERE l.expires_at < now() AND h.state IN ('ready', 'cordoned', 'draining')",
@@ -223,19 +287,5 @@ async fn singleton_pass(
         tracing::warn!(%host_id, term, "host lease expired");
     }
 
-    if let Some(settings) = crate::bootstrap::load_settings(store).await? {
-        let orchestrator = crate::orchestrator::pg::Orchestrator::new(
-            store.clone(),
-            settings.ula_prefix,
-            kiln_scheduler::plan::Timeouts::default(),
-        )?
-        .with_route_drain_deadline(route_drain_deadline);
-        orchestrator.run_once(term).await?;
-    }
-
-    sqlx::query("DELETE FROM idempotency_keys WHERE created_at < now() - interval '24 hours'")
-        .execute(store.pool())
-        .await
-        .map_err(StoreError::database("prune idempotency keys"))?;
     Ok(())
 }

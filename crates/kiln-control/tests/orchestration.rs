@@ -780,3 +780,78 @@ async fn stop_proceeds_after_route_drain_deadline() {
     assert_eq!(second.state, DeployState::Succeeded, "{:?}", second.failure);
     assert!(stop_seq(&control, &cluster, old).await.is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_deploys_never_overcommit_memory() {
+    let cluster = bootstrap();
+    let control = start_control(&cluster);
+    let pool = sqlx::PgPool::connect(&cluster.database_url).await.unwrap();
+
+    // A 2048 MiB host keeps 1024 MiB back, so it fits three 256 MiB instances with their
+    // 64 MiB overhead each: six instances on two hosts, three two-instance deploys.
+    let config = SimAgentConfig {
+        capacity: kiln_api::HostCapacity {
+            vcpus: 16,
+            memory_mib: 2048,
+        },
+        ..SimAgentConfig::default()
+    };
+    let mut agents = Vec::new();
+    for name in ["h1", "h2"] {
+        agents.push(add_host(&control, &cluster, name, config.clone()).await);
+    }
+    let client = Client::new(&control.url, &cluster.org_token).unwrap();
+    let app = kiln_core::AppName::new("shop").unwrap();
+    client
+        .create_app(&cluster.org, &kiln_api::CreateApp { name: app.clone() })
+        .await
+        .unwrap();
+
+    // Six deploys posted back to back, so the orchestrator plans several in one pass before
+    // any of their instances is placed.
+    let mut deploys = Vec::new();
+    for n in 0..6 {
+        let name = kiln_core::EnvName::new(format!("e{n}")).unwrap();
+        client
+            .create_env(
+                &cluster.org,
+                &app,
+                &kiln_api::CreateEnv { name: name.clone() },
+            )
+            .await
+            .unwrap();
+        let env = EnvPath::new(cluster.org.clone(), app.clone(), name);
+        let created = deploy(&client, &env, release(2, 0, &format!("r{n}"))).await;
+        deploys.push((env, created));
+    }
+
+    let mut succeeded = 0;
+    for (env, created) in &deploys {
+        let finished = wait_deploy(&client, env, created).await;
+        match finished.state {
+            DeployState::Succeeded => succeeded += 1,
+            DeployState::Failed => {
+                let failure = finished.failure.unwrap_or_default();
+                assert!(failure.contains("MiB free"), "{failure}");
+            }
+            other => panic!("deploy {} ended {other:?}", created.id),
+        }
+    }
+    assert_eq!(succeeded, 3, "three deploys fill both hosts");
+
+    let per_host: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT host_id::text, count(*) FROM instances WHERE desired = 'running' GROUP BY host_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    for (host, count) in &per_host {
+        assert!(
+            *count <= 3,
+            "host {host} holds {count} instances: {per_host:?}"
+        );
+    }
+    for agent in &agents {
+        assert!(agent.duplicate_starts().is_empty());
+    }
+}

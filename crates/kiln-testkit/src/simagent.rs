@@ -389,6 +389,13 @@ async fn report(
     report: Report,
 ) {
     let new_state = report.state;
+    // Recorded before the request, because the control plane may return this state to a
+    // watch before the request returns. A watch that saw a run-once instance exited and
+    // found it still running here would stop it and report a second, made-up exit.
+    {
+        let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.instances.insert(instance, new_state);
+    }
     let request = ReportInstanceState {
         state: new_state,
         detail: Some("simulated".to_owned()),
@@ -409,6 +416,4 @@ async fn report(
             }
         }
     }
-    let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
-    state.instances.insert(instance, new_state);
 }

@@ -23,6 +23,7 @@ use sqlx::Row;
 use super::error::ApiError;
 use super::events::wait_duration;
 use super::extract::{JsonBody, LossyJsonBody, QueryParams};
+use super::host_changes::{ChangeIndex, HostChanges};
 use super::{AppState, scope};
 use crate::auth::Caller;
 use crate::secrets::Sealed;
@@ -134,33 +135,17 @@ pub async fn assignments(
     let wait = wait_duration(query.wait)?;
     let after = query.after.unwrap_or(0);
 
-    let changed = state
-        .notifier
-        .wait_for(wait, || {
-            let pool = state.store.pool().clone();
-            let store = state.store.clone();
-            async move {
-                let head = store.head().await?;
-                if after == 0 || head < after {
-                    return Ok(Some(head));
-                }
-                let relevant: bool = sqlx::query_scalar(
-                    "SELECT EXISTS (
-                         SELECT 1 FROM events
-                         WHERE seq > $1 AND seq <= $2
-                           AND (host_id = $3
-                                OR env_id IN (SELECT env_id FROM instances WHERE host_id = $3)))",
-                )
-                .bind(after as i64)
-                .bind(head as i64)
-                .bind(host_id.as_uuid())
-                .fetch_one(&pool)
-                .await
-                .map_err(StoreError::database("check host changes"))?;
-                Ok(relevant.then_some(head))
-            }
-        })
-        .await?;
+    let feed = HostChanges::of(&state.store, &state.notifier).await?;
+    let mut index = feed.subscribe();
+    let covered = {
+        let current = index.borrow_and_update();
+        after != 0 && after >= current.from && after <= current.head
+    };
+    let changed = if covered {
+        wait_for_change(&mut index, host_id, after, wait).await
+    } else {
+        wait_for_change_in_log(&state, host_id, after, wait).await?
+    };
     let cursor = match changed {
         Some(head) => head,
         None => state.store.head().await?.max(after),
@@ -172,6 +157,76 @@ pub async fn assignments(
         cursor,
         assignments,
     }))
+}
+
+/// Waits until the host change feed counts an event after `after` that concerns `host`, and
+/// returns the feed's head then, or `None` after `wait`.
+async fn wait_for_change(
+    index: &mut tokio::sync::watch::Receiver<std::sync::Arc<ChangeIndex>>,
+    host: HostId,
+    after: u64,
+    wait: std::time::Duration,
+) -> Option<u64> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        {
+            let current = index.borrow_and_update();
+            if current.changed_after(host, after) {
+                return Some(current.head);
+            }
+        }
+        tokio::select! {
+            changed = index.changed() => {
+                if changed.is_err() {
+                    tokio::time::sleep_until(deadline).await;
+                    return None;
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => return None,
+        }
+    }
+}
+
+/// Waits like [`wait_for_change`] for a cursor the feed does not cover (0, older than the
+/// feed's start or newer than its last read), checking the log after every notification.
+async fn wait_for_change_in_log(
+    state: &AppState,
+    host_id: HostId,
+    after: u64,
+    wait: std::time::Duration,
+) -> Result<Option<u64>, ApiError> {
+    let changed = state
+        .notifier
+        .wait_for(wait, || {
+            let pool = state.store.pool().clone();
+            let store = state.store.clone();
+            async move {
+                let head = store.head().await?;
+                if after == 0 || head < after {
+                    return Ok(Some(head));
+                }
+                // An event that names another host (its instances' placements and reports)
+                // never changes this host's assignments, so it does not end the long poll.
+                let relevant: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (
+                         SELECT 1 FROM events
+                         WHERE seq > $1 AND seq <= $2
+                           AND (host_id = $3
+                                OR (host_id IS NULL
+                                    AND env_id IN (SELECT env_id FROM instances
+                                                   WHERE host_id = $3))))",
+                )
+                .bind(after as i64)
+                .bind(head as i64)
+                .bind(host_id.as_uuid())
+                .fetch_one(&pool)
+                .await
+                .map_err(StoreError::database("check host changes"))?;
+                Ok(relevant.then_some(head))
+            }
+        })
+        .await?;
+    Ok(changed)
 }
 
 /// `POST /v1/host/instances/{instance}/state`.
@@ -527,11 +582,35 @@ async fn load_assignments(state: &AppState, host_id: HostId) -> Result<Vec<Assig
     .map_err(ApiError::database("load assignments"))?;
 
     let corrupt = |what: &str| ApiError::internal(what);
+    let config_rows = sqlx::query(
+        "SELECT env_id, name, value FROM config_vars
+         WHERE env_id IN (SELECT env_id FROM instances WHERE host_id = $1)",
+    )
+    .bind(host_id.as_uuid())
+    .fetch_all(pool)
+    .await
+    .map_err(ApiError::database("read config vars"))?;
+    let mut config: HashMap<EnvId, BTreeMap<String, String>> = HashMap::new();
+    for row in &config_rows {
+        config
+            .entry(EnvId::from_uuid(row.get("env_id")))
+            .or_default()
+            .insert(row.get("name"), row.get("value"));
+    }
+
+    // Many instances on one host share a release, so each spec is parsed once.
+    let mut specs: HashMap<ReleaseId, kiln_api::types::ReleaseSpec> = HashMap::new();
     let mut assignments = Vec::with_capacity(rows.len());
     for row in &rows {
         let env_id = EnvId::from_uuid(row.get("env_id"));
-        let spec: kiln_api::types::ReleaseSpec = serde_json::from_value(row.get("spec"))
-            .map_err(|_| corrupt("stored release spec is invalid"))?;
+        let release_id = ReleaseId::from_uuid(row.get("release_id"));
+        let spec = match specs.entry(release_id) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => entry.insert(
+                serde_json::from_value(row.get("spec"))
+                    .map_err(|_| corrupt("stored release spec is invalid"))?,
+            ),
+        };
         let process = ProcessName::new(row.get::<String, _>("process"))
             .map_err(|_| corrupt("stored process name is invalid"))?;
         let mut kill_signal = spec.kill_signal.clone();
@@ -558,7 +637,12 @@ async fn load_assignments(state: &AppState, host_id: HostId) -> Result<Vec<Assig
         };
 
         let mut env_vars = spec.env.clone();
-        env_vars.extend(super::config::load(pool, env_id).await?.vars);
+        if let Some(vars) = config.get(&env_id) {
+            env_vars.extend(
+                vars.iter()
+                    .map(|(name, value)| (name.clone(), value.clone())),
+            );
+        }
 
         let ports = spec
             .services
@@ -596,7 +680,7 @@ async fn load_assignments(state: &AppState, host_id: HostId) -> Result<Vec<Assig
             env_id,
             env: EnvName::new(row.get::<String, _>("env_name"))
                 .map_err(|_| corrupt("stored environment name is invalid"))?,
-            release_id: ReleaseId::from_uuid(row.get("release_id")),
+            release_id,
             release_version: version as u64,
             process,
             image: kiln_api::types::ImageRef {

@@ -10,6 +10,7 @@ pub mod error;
 pub mod events;
 pub mod extract;
 pub mod host_agent;
+pub mod host_changes;
 pub mod hosts;
 pub mod idempotency;
 pub mod ingress;

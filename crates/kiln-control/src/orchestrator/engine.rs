@@ -11,6 +11,9 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
+
+use futures::StreamExt;
 
 use kiln_core::{DeployId, InstanceId};
 use kiln_scheduler::plan::{Action, Plan};
@@ -28,8 +31,8 @@ pub struct Fence(pub i64);
 pub struct DeployProgress {
     /// The deploy.
     pub deploy: DeployId,
-    /// Its plan.
-    pub plan: Plan,
+    /// Its plan, shared because a stored plan never changes and is kept between passes.
+    pub plan: Arc<Plan>,
     /// Step outcomes, in the order they were recorded.
     pub records: Vec<StepRecord>,
     /// Seconds since the last record (or since the plan was recorded): how long the current
@@ -131,12 +134,78 @@ pub struct PassReport {
 }
 
 /// Runs one pass over every unfinished deploy.
-pub async fn run_pass<S: Store>(
+///
+/// Deploys of one env run one after another, oldest first, because a later deploy of an env
+/// starts from the instances the earlier one leaves. Deploys of different envs touch disjoint
+/// instances, routes and streams, so up to `concurrency` envs advance at once. The
+/// error stops only its env's deploys: the other envs still get their turn, and the pass
+/// returns the first error once they are done. The next pass resumes every deploy from its
+/// records.
+pub async fn run_pass<S: Store + Sync>(
     store: &S,
     fence: Fence,
+    concurrency: usize,
+) -> Result<PassReport, EngineError<S::Error>> {
+    let mut by_env: Vec<Vec<DeployProgress>> = Vec::new();
+    let mut env_index = BTreeMap::new();
+    for progress in store.unfinished().await.map_err(EngineError::Store)? {
+        let index = *env_index.entry(progress.plan.env).or_insert_with(|| {
+            by_env.push(Vec::new());
+            by_env.len() - 1
+        });
+        by_env[index].push(progress);
+    }
+
+    let mut runs = Vec::with_capacity(by_env.len());
+    for deploys in by_env {
+        runs.push(advance_env(store, fence, deploys));
+    }
+    let mut reports = futures::stream::iter(runs).buffer_unordered(concurrency.max(1));
+
+    let mut report = PassReport::default();
+    let mut first_error = None;
+    while let Some(result) = reports.next().await {
+        match result {
+            Ok(env_report) => {
+                report.steps += env_report.steps;
+                report.waiting += env_report.waiting;
+                report.finished.extend(env_report.finished);
+            }
+            Err(error) => {
+                first_error.get_or_insert(error);
+            }
+        }
+    }
+    match first_error {
+        Some(error) => Err(error),
+        None => Ok(report),
+    }
+}
+
+/// Runs `futures` with at most `limit` at a time, and returns the first error once every one
+/// has finished.
+pub async fn run_concurrently<F, E>(futures: Vec<F>, limit: usize) -> Result<(), E>
+where
+    F: Future<Output = Result<(), E>>,
+{
+    let mut results = futures::stream::iter(futures).buffer_unordered(limit.max(1));
+    let mut first_error = None;
+    while let Some(result) = results.next().await {
+        if let Err(error) = result {
+            first_error.get_or_insert(error);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Moves the deploys of one env forward, oldest first.
+async fn advance_env<S: Store>(
+    store: &S,
+    fence: Fence,
+    deploys: Vec<DeployProgress>,
 ) -> Result<PassReport, EngineError<S::Error>> {
     let mut report = PassReport::default();
-    for progress in store.unfinished().await.map_err(EngineError::Store)? {
+    for progress in deploys {
         advance(store, fence, progress, &mut report).await?;
     }
     Ok(report)
@@ -322,7 +391,7 @@ mod tests {
             };
             Ok(vec![DeployProgress {
                 deploy: plan.deploy,
-                plan,
+                plan: Arc::new(plan),
                 records: memory.records.clone(),
                 step_elapsed_secs: 0,
             }])
@@ -487,7 +556,7 @@ mod tests {
     async fn pass_completes_rolling_deploy() {
         let (plan, old) = rolling_plan();
         let store = store_for(&plan, &old);
-        let report = run_pass(&store, Fence(1)).await.unwrap();
+        let report = run_pass(&store, Fence(1), 4).await.unwrap();
         assert_eq!(report.finished, vec![(plan.deploy, Outcome::Succeeded)]);
 
         let memory = store.0.lock().unwrap();
@@ -507,7 +576,7 @@ mod tests {
         let store = store_for(&plan, &old);
         store.0.lock().unwrap().unhealthy_release = Some(plan.to_release);
 
-        let report = run_pass(&store, Fence(1)).await.unwrap();
+        let report = run_pass(&store, Fence(1), 4).await.unwrap();
         assert!(matches!(report.finished[..], [(_, Outcome::Failed { .. })]));
 
         let memory = store.0.lock().unwrap();
@@ -527,7 +596,7 @@ mod tests {
         let (plan, old) = rolling_plan();
         let store = store_for(&plan, &old);
         store.0.lock().unwrap().newest_fence = 2;
-        assert!(run_pass(&store, Fence(1)).await.is_err());
+        assert!(run_pass(&store, Fence(1), 4).await.is_err());
         assert!(store.0.lock().unwrap().records.is_empty());
     }
 
@@ -544,7 +613,7 @@ mod tests {
                 ..plan.clone()
             });
         }
-        run_pass(&store, Fence(1)).await.unwrap();
+        run_pass(&store, Fence(1), 4).await.unwrap();
         {
             let mut memory = store.0.lock().unwrap();
             memory.plan = Some(plan.clone());
@@ -555,7 +624,7 @@ mod tests {
             .apply(Fence(2), &plan, &plan.steps[4].actions[0])
             .await
             .unwrap();
-        run_pass(&store, Fence(2)).await.unwrap();
+        run_pass(&store, Fence(2), 4).await.unwrap();
 
         let memory = store.0.lock().unwrap();
         assert_eq!(memory.finished, Some(Outcome::Succeeded));

@@ -6,3 +6,4 @@ pub mod convert;
 pub mod engine;
 pub mod pg;
 pub mod preview;
+mod snapshot;

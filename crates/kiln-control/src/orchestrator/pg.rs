@@ -7,8 +7,9 @@
 //! IPAM allocations and events change together or not at all, and a deposed leader writes
 //! nothing.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv6Addr;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use ipnet::Ipv6Net;
 use kiln_api::{
@@ -16,11 +17,10 @@ use kiln_api::{
 };
 use kiln_core::{DeployId, EnvId, HostId, Hostname, InstanceId, OrgId, ProcessName, ReleaseId};
 use kiln_scheduler::plan::{
-    Action, EnvInstance, EnvState, Intent, Plan, PlanRequest, RELEASE_COMMAND_STEP, Strategy,
-    Timeouts, plan,
+    Action, Intent, Plan, PlanRequest, RELEASE_COMMAND_STEP, Strategy, Timeouts, plan,
 };
 use kiln_scheduler::progress::{Observed, StepRecord};
-use kiln_scheduler::{ClusterSnapshot, Ipam, PlacedInstance, Resources, SchedulerConfig};
+use kiln_scheduler::{Ipam, SchedulerConfig};
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
@@ -64,15 +64,26 @@ pub enum OrchestratorError {
     },
 }
 
-fn query(operation: &'static str) -> impl FnOnce(sqlx::Error) -> OrchestratorError {
+pub(super) fn query(operation: &'static str) -> impl FnOnce(sqlx::Error) -> OrchestratorError {
     move |source| OrchestratorError::Query { operation, source }
 }
 
-fn corrupt(what: &'static str, value: impl ToString) -> OrchestratorError {
+pub(super) fn corrupt(what: &'static str, value: impl ToString) -> OrchestratorError {
     OrchestratorError::Corrupt {
         what,
         value: value.to_string(),
     }
+}
+
+/// The tasks one orchestrator pass covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PassScope {
+    /// Every task of a pass: removals, planning, lost-host replacement, scale reconciliation
+    /// and the engine.
+    Full,
+    /// Removals, planning and the engine only: the passes that follow appends, which move
+    /// deploys on as agents report.
+    Deploys,
 }
 
 /// The orchestrator of one control plane replica.
@@ -82,8 +93,41 @@ pub struct Orchestrator {
     ipam: Ipam,
     pub(super) config: SchedulerConfig,
     pub(super) timeouts: Timeouts,
+    cache: Arc<Mutex<Cache>>,
     /// Longest wait for ingresses to apply a route change before instances stop anyway.
     route_drain_deadline: std::time::Duration,
+}
+
+/// Maximum entries in the cache before it is emptied, so a long-lived leader's memory stays
+/// bounded.
+const CACHE_ENTRIES: usize = 65_536;
+
+/// Values that never change once written, kept between passes so a pass does not read them
+/// again for every action. They are an env's org, a deploy's env, a release's spec (releases
+/// are immutable), a host's /64 (kept when the host registers again) and a deploy's plan.
+#[derive(Debug, Default)]
+struct Cache {
+    orgs: HashMap<EnvId, OrgId>,
+    deploy_envs: HashMap<DeployId, EnvId>,
+    releases: HashMap<ReleaseId, Arc<kiln_api::ReleaseSpec>>,
+    host_slots: HashMap<HostId, u32>,
+    plans: HashMap<DeployId, Arc<Plan>>,
+}
+
+impl Cache {
+    fn entries(&self) -> usize {
+        self.orgs.len()
+            + self.deploy_envs.len()
+            + self.releases.len()
+            + self.host_slots.len()
+            + self.plans.len()
+    }
+
+    fn make_room(&mut self) {
+        if self.entries() >= CACHE_ENTRIES {
+            *self = Self::default();
+        }
+    }
 }
 
 impl Orchestrator {
@@ -102,6 +146,7 @@ impl Orchestrator {
             ipam,
             config: SchedulerConfig::default(),
             timeouts,
+            cache: Arc::default(),
             route_drain_deadline: crate::ingress_acks::DEFAULT_DRAIN_DEADLINE,
         })
     }
@@ -113,17 +158,43 @@ impl Orchestrator {
         self
     }
 
-    /// Runs one pass as the leader of `term`.
-    // TODO(performance): a pass handles deploys one after another, with a round trip per query
-    // and a full cluster snapshot per planned deploy. bench/deploys measured 16 placements per
-    // second end to end on 2 loaded cores, far below its 3,750 target.
-    pub async fn run_once(&self, term: i64) -> Result<PassReport, OrchestratorError> {
+    /// Returns how many deploys (or removals, or plan writes) a pass runs at once: half the
+    /// connection pool, so the API's requests, agents' state reports among them, keep the
+    /// other half. Each deploy's actions are short transactions that mostly wait on round
+    /// trips, so overlapping them keeps the database busy. The IPAM lock still serializes
+    /// placements, and the UNIQUE constraints on addresses hold however they interleave.
+    fn concurrency(&self) -> usize {
+        usize::try_from(self.store.pool().options().get_max_connections() / 2)
+            .unwrap_or(1)
+            .max(1)
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs one pass as the leader of `term`. With `PassScope::Deploys` the pass skips the
+    /// replacement of lost instances and the scale reconciliation, which read every env.
+    // TODO(performance): every instance costs several dozen statements end to end (placement,
+    // four state reports through the API, routes and step records), so bench/deploys stays two
+    // orders of magnitude below its 3,750 placements per second target on 2 shared cores.
+    pub async fn run_once(
+        &self,
+        term: i64,
+        scope: PassScope,
+    ) -> Result<PassReport, OrchestratorError> {
         self.remove_stopped(term).await?;
         self.plan_pending(term).await?;
-        self.replace_lost(term).await?;
-        self.reconcile_scale(term).await?;
-        let fenced = Fenced { inner: self, term };
-        engine::run_pass(&fenced, Fence(term))
+        if scope == PassScope::Full {
+            self.replace_lost(term).await?;
+            self.reconcile_scale(term).await?;
+        }
+        let fenced = Fenced {
+            inner: self,
+            term,
+            observed: Mutex::default(),
+        };
+        engine::run_pass(&fenced, Fence(term), self.concurrency())
             .await
             .map_err(|error| match error {
                 engine::EngineError::Store(error) => error,
@@ -151,41 +222,60 @@ impl Orchestrator {
         .await
         .map_err(query("list stopped instances"))?;
 
-        for row in rows {
+        let mut removals = Vec::with_capacity(rows.len());
+        for row in &rows {
             let instance = InstanceId::from_uuid(row.get("id"));
             let env_id = EnvId::from_uuid(row.get("env_id"));
             let host_id = HostId::from_uuid(row.get("host_id"));
             let org = OrgId::from_uuid(row.get("org_id"));
-
-            let mut tx = self.begin(term).await?;
-            ipam::release_instance(&mut tx, instance).await?;
-            sqlx::query("DELETE FROM routed_instances WHERE instance_id = $1")
-                .bind(instance.as_uuid())
-                .execute(&mut *tx)
-                .await
-                .map_err(query("unroute a removed instance"))?;
-            let event = Event::InstanceRemoved {
-                instance_id: instance,
-                env_id,
-                host_id,
-            };
-            Store::append_in(
-                &mut tx,
-                &streams::instance(instance),
-                ExpectedVersion::Any,
-                vec![NewEvent::org(org, event)],
-                ACTOR,
-            )
-            .await?;
-            tx.commit()
-                .await
-                .map_err(query("commit instance removal"))?;
-            tracing::info!(%instance, %host_id, "instance removed");
+            removals.push(self.remove_instance(term, instance, env_id, host_id, org));
         }
+        engine::run_concurrently(removals, self.concurrency()).await
+    }
+
+    /// Removes one stopped instance: frees its addresses, unroutes it and appends
+    /// `InstanceRemoved`, in one transaction.
+    async fn remove_instance(
+        &self,
+        term: i64,
+        instance: InstanceId,
+        env_id: EnvId,
+        host_id: HostId,
+        org: OrgId,
+    ) -> Result<(), OrchestratorError> {
+        let mut tx = self.begin(term).await?;
+        ipam::release_instance(&mut tx, instance).await?;
+        sqlx::query("DELETE FROM routed_instances WHERE instance_id = $1")
+            .bind(instance.as_uuid())
+            .execute(&mut *tx)
+            .await
+            .map_err(query("unroute a removed instance"))?;
+        let event = Event::InstanceRemoved {
+            instance_id: instance,
+            env_id,
+            host_id,
+        };
+        Store::append_in(
+            &mut tx,
+            &streams::instance(instance),
+            ExpectedVersion::Any,
+            vec![NewEvent::org(org, event)],
+            ACTOR,
+        )
+        .await?;
+        tx.commit()
+            .await
+            .map_err(query("commit instance removal"))?;
+        tracing::info!(%instance, %host_id, "instance removed");
         Ok(())
     }
 
     /// Plans every pending deploy of an env with no deploy in progress.
+    ///
+    /// Every deploy is planned against one snapshot of the cluster read at the start. Each
+    /// plan's new instances are reserved in it before the next deploy is planned, so two plans
+    /// of one pass never count the same free memory. The plans are then stored concurrently,
+    /// each with its own transaction.
     async fn plan_pending(&self, term: i64) -> Result<(), OrchestratorError> {
         let rows = sqlx::query(
             "SELECT d.id, d.env_id, d.release_id, d.previous_release_id, d.strategy FROM deploys d
@@ -198,8 +288,13 @@ impl Orchestrator {
         .fetch_all(self.store.pool())
         .await
         .map_err(query("list pending deploys"))?;
+        if rows.is_empty() {
+            return Ok(());
+        }
 
+        let mut cluster = self.cluster().await?;
         let mut planned_envs = BTreeSet::new();
+        let mut planned = Vec::new();
         for row in rows {
             let deploy = DeployId::from_uuid(row.get("id"));
             let env = EnvId::from_uuid(row.get("env_id"));
@@ -211,12 +306,12 @@ impl Orchestrator {
             let strategy: String = row.get("strategy");
 
             let target = self.load_release(release).await?;
-            let scale = self.env_scale(env).await?;
+            let env_row = self.env_row(env).await?;
             let strategy = match strategy.as_str() {
                 "immediate" => Strategy::Immediate,
                 _ => convert::planner_strategy(DeployStrategy::Rolling, target.max_surge.max(1)),
             };
-            let mut release_spec = convert::planner_release(release, &target, &scale);
+            let mut release_spec = convert::planner_release(release, &target, &env_row.scale);
             if release_spec.release_command.is_some()
                 && self.release_command_succeeded(release).await?
             {
@@ -229,10 +324,26 @@ impl Orchestrator {
                 strategy,
             };
             let previous = previous.map(ReleaseId::from_uuid);
-            self.record_plan(term, deploy, env, intent, Some(previous))
+            let state = self
+                .env_state(env, env_row, Some(previous), &cluster)
                 .await?;
+            let request = PlanRequest {
+                deploy,
+                intent,
+                timeouts: self.timeouts,
+            };
+            let result = plan(&cluster.snapshot, self.config, &state, &request);
+            if let Ok(plan) = &result {
+                cluster.reserve(plan);
+            }
+            planned.push((deploy, env, result));
         }
-        Ok(())
+
+        let mut stores = Vec::with_capacity(planned.len());
+        for (deploy, env, result) in planned {
+            stores.push(self.store_plan(term, deploy, env, result));
+        }
+        engine::run_concurrently(stores, self.concurrency()).await
     }
 
     /// Starts a replacement deploy for each env with running instances on lost hosts.
@@ -288,8 +399,17 @@ impl Orchestrator {
     /// it is planned. A scale deploy that could not be planned or failed is not retried until
     /// the env is scaled again, so a scale the cluster cannot hold does not fail once a pass.
     async fn reconcile_scale(&self, term: i64) -> Result<(), OrchestratorError> {
-        let envs: Vec<(Uuid, Uuid)> = sqlx::query_as(
-            "SELECT e.id, e.current_release_id FROM envs e
+        // One query reads every candidate env with its desired scale and its running counts,
+        // so a pass over many settled envs costs one round trip, not several per env.
+        let rows = sqlx::query(
+            "SELECT e.id, e.current_release_id, e.scale,
+                    COALESCE((SELECT jsonb_object_agg(c.process, c.count) FROM (
+                                  SELECT i.process, count(*) AS count FROM instances i
+                                  WHERE i.env_id = e.id AND i.release_id = e.current_release_id
+                                    AND i.desired = 'running'
+                                  GROUP BY i.process) c),
+                             '{}'::jsonb) AS running
+             FROM envs e
              WHERE e.current_release_id IS NOT NULL
                AND NOT EXISTS (SELECT 1 FROM deploys d WHERE d.env_id = e.id
                                AND d.state IN ('pending', 'in_progress'))
@@ -309,10 +429,14 @@ impl Orchestrator {
         .await
         .map_err(query("list envs to reconcile scale"))?;
 
-        for (env, release) in envs {
-            let env = EnvId::from_uuid(env);
-            let release = ReleaseId::from_uuid(release);
-            let counts = self.scale_difference(env, release).await?;
+        for row in rows {
+            let env = EnvId::from_uuid(row.get("id"));
+            let release = ReleaseId::from_uuid(row.get("current_release_id"));
+            let scale: BTreeMap<ProcessName, u32> = serde_json::from_value(row.get("scale"))
+                .map_err(|error| corrupt("envs.scale", error))?;
+            let running: BTreeMap<String, i64> = serde_json::from_value(row.get("running"))
+                .map_err(|error| corrupt("instances.process", error))?;
+            let counts = self.scale_difference(release, &scale, &running).await?;
             if counts.is_empty() {
                 continue;
             }
@@ -344,26 +468,16 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// The desired count of each process type of `release` whose number of instances in `env`
-    /// (of that release, wanted running) differs from it.
+    /// The desired count of each process type of `release` whose number of instances
+    /// (`running`, of that release, wanted running) differs from it.
     async fn scale_difference(
         &self,
-        env: EnvId,
         release: ReleaseId,
+        scale: &BTreeMap<ProcessName, u32>,
+        running: &BTreeMap<String, i64>,
     ) -> Result<BTreeMap<ProcessName, u32>, OrchestratorError> {
         let spec = self.load_release(release).await?;
-        let scale = self.env_scale(env).await?;
-        let desired = convert::planner_release(release, &spec, &scale);
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT process, count(*) FROM instances
-             WHERE env_id = $1 AND release_id = $2 AND desired = 'running' GROUP BY process",
-        )
-        .bind(env.as_uuid())
-        .bind(release.as_uuid())
-        .fetch_all(self.store.pool())
-        .await
-        .map_err(query("count an env's instances"))?;
-        let running: BTreeMap<String, i64> = rows.into_iter().collect();
+        let desired = convert::planner_release(release, &spec, scale);
         Ok(desired
             .processes
             .into_iter()
@@ -391,10 +505,23 @@ impl Orchestrator {
             intent,
             timeouts: self.timeouts,
         };
+        let result = plan(&cluster, self.config, &state, &request);
+        self.store_plan(term, deploy, env, result).await
+    }
+
+    /// Stores a deploy's plan and marks the deploy in progress, or fails the deploy with the
+    /// planner's reason.
+    async fn store_plan(
+        &self,
+        term: i64,
+        deploy: DeployId,
+        env: EnvId,
+        result: Result<Plan, kiln_scheduler::plan::PlanError>,
+    ) -> Result<(), OrchestratorError> {
         let org = self.env_org(env).await?;
         let mut tx = self.begin(term).await?;
 
-        let (state_event, failure) = match plan(&cluster, self.config, &state, &request) {
+        let (state_event, failure) = match result {
             Ok(plan) => {
                 let json = serde_json::to_value(&plan).map_err(|error| corrupt("plan", error))?;
                 sqlx::query(
@@ -452,17 +579,26 @@ impl Orchestrator {
         .map_err(query("check a release command's result"))
     }
 
-    async fn load_release(
+    pub(super) async fn load_release(
         &self,
         id: ReleaseId,
-    ) -> Result<kiln_api::ReleaseSpec, OrchestratorError> {
+    ) -> Result<Arc<kiln_api::ReleaseSpec>, OrchestratorError> {
+        if let Some(spec) = self.cache().releases.get(&id) {
+            return Ok(Arc::clone(spec));
+        }
         let spec: serde_json::Value = sqlx::query_scalar("SELECT spec FROM releases WHERE id = $1")
             .bind(id.as_uuid())
             .fetch_optional(self.store.pool())
             .await
             .map_err(query("read a release"))?
             .ok_or_else(|| corrupt("releases", format!("release {id} not found")))?;
-        serde_json::from_value(spec).map_err(|error| corrupt("releases.spec", error))
+        let spec: Arc<kiln_api::ReleaseSpec> = Arc::new(
+            serde_json::from_value(spec).map_err(|error| corrupt("releases.spec", error))?,
+        );
+        let mut cache = self.cache();
+        cache.make_room();
+        cache.releases.insert(id, Arc::clone(&spec));
+        Ok(spec)
     }
 
     pub(super) async fn env_scale(
@@ -477,128 +613,20 @@ impl Orchestrator {
         serde_json::from_value(scale).map_err(|error| corrupt("envs.scale", error))
     }
 
-    async fn env_org(&self, env: EnvId) -> Result<OrgId, OrchestratorError> {
+    pub(super) async fn env_org(&self, env: EnvId) -> Result<OrgId, OrchestratorError> {
+        if let Some(org) = self.cache().orgs.get(&env) {
+            return Ok(*org);
+        }
         let org: Uuid = sqlx::query_scalar("SELECT org_id FROM envs WHERE id = $1")
             .bind(env.as_uuid())
             .fetch_one(self.store.pool())
             .await
             .map_err(query("read an env's org"))?;
-        Ok(OrgId::from_uuid(org))
-    }
-
-    /// Reads the cluster and the env as the planner needs them.
-    pub(super) async fn snapshot(
-        &self,
-        env: EnvId,
-        previous: Option<Option<ReleaseId>>,
-    ) -> Result<(ClusterSnapshot, EnvState), OrchestratorError> {
-        let pool = self.store.pool();
-        let hosts = sqlx::query("SELECT id, name, state, vcpus, memory_mib FROM hosts ORDER BY id")
-            .fetch_all(pool)
-            .await
-            .map_err(query("list hosts"))?;
-        let mut cluster = ClusterSnapshot::default();
-        for row in hosts {
-            let (Some(vcpus), Some(memory)) = (
-                row.get::<Option<i32>, _>("vcpus"),
-                row.get::<Option<i64>, _>("memory_mib"),
-            ) else {
-                continue;
-            };
-            let state: String = row.get("state");
-            let state = match state.as_str() {
-                "ready" => kiln_scheduler::HostState::Ready,
-                "cordoned" => kiln_scheduler::HostState::Cordoned,
-                "draining" => kiln_scheduler::HostState::Draining,
-                "lost" => kiln_scheduler::HostState::Dead,
-                _ => continue,
-            };
-            cluster.hosts.push(kiln_scheduler::Host {
-                id: HostId::from_uuid(row.get("id")),
-                name: row.get("name"),
-                memory_mib: u64::try_from(memory).unwrap_or(0),
-                cpus: u32::try_from(vcpus).unwrap_or(0),
-                state,
-            });
-        }
-
-        let rows = sqlx::query(
-            "SELECT i.id, i.env_id, i.release_id, i.process, i.host_id, r.spec FROM instances i
-             JOIN releases r ON r.id = i.release_id
-             WHERE i.desired = 'running' ORDER BY i.id",
-        )
-        .fetch_all(pool)
-        .await
-        .map_err(query("list instances"))?;
-        let mut specs: BTreeMap<Uuid, kiln_api::ReleaseSpec> = BTreeMap::new();
-        let mut env_instances = Vec::new();
-        for row in rows {
-            let release: Uuid = row.get("release_id");
-            if let std::collections::btree_map::Entry::Vacant(entry) = specs.entry(release) {
-                let spec = serde_json::from_value(row.get("spec"))
-                    .map_err(|error| corrupt("releases.spec", error))?;
-                entry.insert(spec);
-            }
-            let process: String = row.get("process");
-            let process = ProcessName::new(process.clone())
-                .map_err(|_| corrupt("instances.process", process))?;
-            let Some(spec) = specs.get(&release) else {
-                return Err(corrupt("releases", format!("release {release} not found")));
-            };
-            // An instance whose process the release lacks is its release command's.
-            let resources = spec.processes.get(&process).map_or_else(
-                || convert::release_command_resources(spec),
-                |process| Resources {
-                    memory_mib: u64::from(process.memory_mib),
-                    vcpus: process.vcpus,
-                },
-            );
-            let instance = PlacedInstance {
-                id: InstanceId::from_uuid(row.get("id")),
-                env: EnvId::from_uuid(row.get("env_id")),
-                process,
-                host: HostId::from_uuid(row.get("host_id")),
-                resources,
-            };
-            if instance.env == env {
-                env_instances.push(EnvInstance {
-                    id: instance.id,
-                    release: ReleaseId::from_uuid(release),
-                    process: instance.process.clone(),
-                    host: instance.host,
-                    resources,
-                });
-            }
-            cluster.instances.push(instance);
-        }
-
-        let current: Option<Uuid> =
-            sqlx::query_scalar("SELECT current_release_id FROM envs WHERE id = $1")
-                .bind(env.as_uuid())
-                .fetch_one(pool)
-                .await
-                .map_err(query("read an env's release"))?;
-        let scale = self.env_scale(env).await?;
-        let current = match previous {
-            Some(previous) => previous,
-            None => current.map(ReleaseId::from_uuid),
-        };
-        let current = match current {
-            Some(id) => {
-                let spec = self.load_release(id).await?;
-                Some(convert::planner_release(id, &spec, &scale))
-            }
-            None => None,
-        };
-        let version = self.store.stream_version(&streams::env(env)).await?;
-
-        let state = EnvState {
-            env,
-            version,
-            current,
-            instances: env_instances,
-        };
-        Ok((cluster, state))
+        let org = OrgId::from_uuid(org);
+        let mut cache = self.cache();
+        cache.make_room();
+        cache.orgs.insert(env, org);
+        Ok(org)
     }
 
     async fn instance_env(
@@ -619,65 +647,77 @@ impl Orchestrator {
         }))
     }
 
-    async fn start_instance(
+    /// Places `instances` of `env` in one transaction: addresses from IPAM and an
+    /// `InstancePlaced` event each.
+    async fn start_instances(
         &self,
         term: i64,
         env: EnvId,
-        instance: &kiln_scheduler::plan::PlannedInstance,
+        instances: &[&kiln_scheduler::plan::PlannedInstance],
     ) -> Result<(), OrchestratorError> {
         // An instance is placed at most once: its stream outlives its removal, so a step run
         // again after a restart never starts a release command (or any instance) twice.
-        if self
-            .store
-            .stream_version(&streams::instance(instance.id))
-            .await?
-            > 0
-        {
+        let names: Vec<String> = instances
+            .iter()
+            .map(|instance| streams::instance(instance.id))
+            .collect();
+        let placed: Vec<String> = sqlx::query_scalar("SELECT id FROM streams WHERE id = ANY($1)")
+            .bind(&names)
+            .fetch_all(self.store.pool())
+            .await
+            .map_err(query("check instance placements"))?;
+        let placed: BTreeSet<String> = placed.into_iter().collect();
+        let new: Vec<_> = instances
+            .iter()
+            .zip(&names)
+            .filter(|(_, name)| !placed.contains(*name))
+            .map(|(instance, _)| *instance)
+            .collect();
+        if new.is_empty() {
             return Ok(());
         }
-        let org = self.env_org(env).await?;
-        let prefix: Option<String> =
-            sqlx::query_scalar("SELECT ipv6_prefix FROM hosts WHERE id = $1")
-                .bind(instance.host.as_uuid())
-                .fetch_one(self.store.pool())
-                .await
-                .map_err(query("read a host's prefix"))?;
-        let prefix = prefix.ok_or_else(|| {
-            corrupt(
-                "hosts.ipv6_prefix",
-                format!("host {} has none", instance.host),
-            )
-        })?;
-        let net: Ipv6Net = prefix
-            .parse()
-            .map_err(|_| corrupt("hosts.ipv6_prefix", &prefix))?;
-        let slot = u32::from(net.network().segments()[3]);
 
+        let org = self.env_org(env).await?;
+        let mut slots = BTreeMap::new();
+        for instance in &new {
+            slots.insert(instance.host, self.host_slot(instance.host).await?);
+        }
+
+        // Every instance appends to a new stream of its own, and agents report only on placed
+        // instances, so holding the append lock across several appends cannot deadlock with
+        // an agent's report.
         let mut tx = self.begin(term).await?;
-        ipam::adopt_host_slot(&mut tx, &self.ipam, instance.host, slot).await?;
-        let pair =
-            ipam::instance_addresses(&mut tx, &self.ipam, env, instance.host, instance.id).await?;
-        let event = Event::InstancePlaced {
-            instance_id: instance.id,
-            env_id: env,
-            release_id: instance.release,
-            process: instance.process.clone(),
-            host_id: instance.host,
-            ipv6: pair.ipv6,
-            ipv4: pair.ipv4,
-        };
-        Store::append_in(
-            &mut tx,
-            &streams::instance(instance.id),
-            ExpectedVersion::NoStream,
-            vec![NewEvent::org(org, event)],
-            ACTOR,
-        )
-        .await?;
+        for (host, slot) in &slots {
+            ipam::adopt_host_slot(&mut tx, &self.ipam, *host, *slot).await?;
+        }
+        for instance in &new {
+            let pair =
+                ipam::instance_addresses(&mut tx, &self.ipam, env, instance.host, instance.id)
+                    .await?;
+            let event = Event::InstancePlaced {
+                instance_id: instance.id,
+                env_id: env,
+                release_id: instance.release,
+                process: instance.process.clone(),
+                host_id: instance.host,
+                ipv6: pair.ipv6,
+                ipv4: pair.ipv4,
+            };
+            Store::append_in(
+                &mut tx,
+                &streams::instance(instance.id),
+                ExpectedVersion::NoStream,
+                vec![NewEvent::org(org, event)],
+                ACTOR,
+            )
+            .await?;
+        }
         tx.commit()
             .await
-            .map_err(query("commit an instance placement"))?;
-        tracing::info!(instance = %instance.id, host = %instance.host, "instance placed");
+            .map_err(query("commit instance placements"))?;
+        for instance in &new {
+            tracing::info!(instance = %instance.id, host = %instance.host, "instance placed");
+        }
         Ok(())
     }
 
@@ -873,6 +913,38 @@ impl Orchestrator {
         Ok(())
     }
 
+    /// Reads the reported state of each instance in `instances` that has not stopped, from the
+    /// projection.
+    async fn running_states(
+        &self,
+        instances: &[InstanceId],
+    ) -> Result<BTreeMap<InstanceId, Observed>, OrchestratorError> {
+        if instances.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let ids: Vec<Uuid> = instances.iter().map(|id| id.as_uuid()).collect();
+        let rows = sqlx::query("SELECT id, state, detail FROM instances WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(self.store.pool())
+            .await
+            .map_err(query("read instance states"))?;
+        let mut observed = BTreeMap::new();
+        for row in rows {
+            let state: String = row.get("state");
+            let state: kiln_api::InstanceState =
+                serde_json::from_value(serde_json::Value::String(state.clone()))
+                    .map_err(|_| corrupt("instances.state", &state))?;
+            if state.is_terminal() {
+                continue;
+            }
+            observed.insert(
+                InstanceId::from_uuid(row.get("id")),
+                convert::observed(state, None, row.get("detail")),
+            );
+        }
+        Ok(observed)
+    }
+
     /// Reads the last state report of each instance that has one from the instance's stream.
     /// Unlike the projection it keeps the exit code and output lines, and it outlives the
     /// instance's removal.
@@ -975,12 +1047,42 @@ impl Orchestrator {
     }
 
     async fn deploy_env(&self, deploy: DeployId) -> Result<EnvId, OrchestratorError> {
+        if let Some(env) = self.cache().deploy_envs.get(&deploy) {
+            return Ok(*env);
+        }
         let env: Uuid = sqlx::query_scalar("SELECT env_id FROM deploys WHERE id = $1")
             .bind(deploy.as_uuid())
             .fetch_one(self.store.pool())
             .await
             .map_err(query("read a deploy"))?;
-        Ok(EnvId::from_uuid(env))
+        let env = EnvId::from_uuid(env);
+        let mut cache = self.cache();
+        cache.make_room();
+        cache.deploy_envs.insert(deploy, env);
+        Ok(env)
+    }
+
+    /// Reads the subnet number of a host's /64 (the fourth group of its prefix).
+    async fn host_slot(&self, host: HostId) -> Result<u32, OrchestratorError> {
+        if let Some(slot) = self.cache().host_slots.get(&host) {
+            return Ok(*slot);
+        }
+        let prefix: Option<String> =
+            sqlx::query_scalar("SELECT ipv6_prefix FROM hosts WHERE id = $1")
+                .bind(host.as_uuid())
+                .fetch_one(self.store.pool())
+                .await
+                .map_err(query("read a host's prefix"))?;
+        let prefix =
+            prefix.ok_or_else(|| corrupt("hosts.ipv6_prefix", format!("host {host} has none")))?;
+        let net: Ipv6Net = prefix
+            .parse()
+            .map_err(|_| corrupt("hosts.ipv6_prefix", &prefix))?;
+        let slot = u32::from(net.network().segments()[3]);
+        let mut cache = self.cache();
+        cache.make_room();
+        cache.host_slots.insert(host, slot);
+        Ok(slot)
     }
 }
 
@@ -1001,6 +1103,36 @@ struct LastReport {
 struct Fenced<'a> {
     inner: &'a Orchestrator,
     term: i64,
+    /// States of the instances that unfinished plans wait on, read once when the pass starts,
+    /// without stopped instances (those are read from their last report when asked for).
+    /// A state a little older than the pass only delays a step to the next pass, which the
+    /// report that changed it triggers.
+    observed: Mutex<HashMap<InstanceId, Observed>>,
+}
+
+impl Fenced<'_> {
+    /// Reads the states of every instance the unfinished plans wait on, in one query.
+    async fn prefetch_observations(
+        &self,
+        unfinished: &[DeployProgress],
+    ) -> Result<(), OrchestratorError> {
+        let mut watched = Vec::new();
+        for progress in unfinished {
+            for step in &progress.plan.steps {
+                for action in step.actions.iter().chain(&step.undo) {
+                    match action {
+                        Action::WaitHealthy { instances, .. } => watched.extend(instances),
+                        Action::RunReleaseCommand { instance, .. } => watched.push(instance.id),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        let observed = self.inner.running_states(&watched).await?;
+        *self.observed.lock().unwrap_or_else(PoisonError::into_inner) =
+            observed.into_iter().collect();
+        Ok(())
+    }
 }
 
 /// The routes of `env` as its latest `RoutesChanged` event set them, if it has one.
@@ -1044,31 +1176,53 @@ impl engine::Store for Fenced<'_> {
     type Error = OrchestratorError;
 
     async fn unfinished(&self) -> Result<Vec<DeployProgress>, OrchestratorError> {
-        let pool = self.inner.store.pool();
+        // Plans never change once stored, so only those not cached yet are read and parsed.
+        let cached: Vec<Uuid> = self
+            .inner
+            .cache()
+            .plans
+            .keys()
+            .map(|deploy| deploy.as_uuid())
+            .collect();
         let rows = sqlx::query(
-            "SELECT d.id, p.plan,
-                    EXTRACT(EPOCH FROM now() - COALESCE(
-                        (SELECT max(s.time) FROM deploy_steps s WHERE s.deploy_id = d.id),
-                        p.created_at))::bigint AS elapsed
+            "SELECT d.id, d.env_id,
+                    CASE WHEN d.id = ANY($1) THEN NULL ELSE p.plan END AS plan,
+                    EXTRACT(EPOCH FROM now() - COALESCE(s.last, p.created_at))::bigint AS elapsed,
+                    COALESCE(s.steps, ARRAY[]::text[]) AS steps
              FROM deploys d JOIN deploy_plans p ON p.deploy_id = d.id
+             LEFT JOIN LATERAL (
+                 SELECT array_agg(step ORDER BY position) AS steps, max(time) AS last
+                 FROM deploy_steps WHERE deploy_id = d.id) s ON true
              WHERE d.state IN ('pending', 'in_progress') ORDER BY d.created_at",
         )
-        .fetch_all(pool)
+        .bind(&cached)
+        .fetch_all(self.inner.store.pool())
         .await
         .map_err(query("list unfinished deploys"))?;
 
         let mut unfinished = Vec::with_capacity(rows.len());
         for row in rows {
             let deploy = DeployId::from_uuid(row.get("id"));
-            let plan: Plan = serde_json::from_value(row.get("plan"))
-                .map_err(|error| corrupt("deploy_plans.plan", error))?;
-            let steps: Vec<String> = sqlx::query_scalar(
-                "SELECT step FROM deploy_steps WHERE deploy_id = $1 ORDER BY position",
-            )
-            .bind(deploy.as_uuid())
-            .fetch_all(pool)
-            .await
-            .map_err(query("list deploy steps"))?;
+            let env = EnvId::from_uuid(row.get("env_id"));
+            let value: Option<serde_json::Value> = row.get("plan");
+            let plan = match value {
+                Some(value) => {
+                    let plan: Arc<Plan> = Arc::new(
+                        serde_json::from_value(value)
+                            .map_err(|error| corrupt("deploy_plans.plan", error))?,
+                    );
+                    let mut cache = self.inner.cache();
+                    cache.make_room();
+                    cache.plans.insert(deploy, Arc::clone(&plan));
+                    cache.deploy_envs.insert(deploy, env);
+                    plan
+                }
+                None => {
+                    let cached = self.inner.cache().plans.get(&deploy).cloned();
+                    cached.ok_or_else(|| corrupt("deploy_plans.plan", "a cached plan vanished"))?
+                }
+            };
+            let steps: Vec<String> = row.get("steps");
             let elapsed: i64 = row.get("elapsed");
             unfinished.push(DeployProgress {
                 deploy,
@@ -1077,6 +1231,7 @@ impl engine::Store for Fenced<'_> {
                 step_elapsed_secs: u64::try_from(elapsed).unwrap_or(0),
             });
         }
+        self.prefetch_observations(&unfinished).await?;
         Ok(unfinished)
     }
 
@@ -1089,13 +1244,11 @@ impl engine::Store for Fenced<'_> {
         let (inner, term) = (self.inner, self.term);
         match action {
             Action::RunReleaseCommand { instance, .. } => {
-                inner.start_instance(term, plan.env, instance).await
+                inner.start_instances(term, plan.env, &[instance]).await
             }
             Action::StartInstances { instances } => {
-                for instance in instances {
-                    inner.start_instance(term, plan.env, instance).await?;
-                }
-                Ok(())
+                let instances: Vec<_> = instances.iter().collect();
+                inner.start_instances(term, plan.env, &instances).await
             }
             Action::WaitHealthy { .. } => Ok(()),
             Action::UpdateRoutes { add, remove, .. } => {
@@ -1131,26 +1284,17 @@ impl engine::Store for Fenced<'_> {
         &self,
         instances: &[InstanceId],
     ) -> Result<BTreeMap<InstanceId, Observed>, OrchestratorError> {
-        let ids: Vec<Uuid> = instances.iter().map(|id| id.as_uuid()).collect();
-        let rows = sqlx::query("SELECT id, state, detail FROM instances WHERE id = ANY($1)")
-            .bind(ids)
-            .fetch_all(self.inner.store.pool())
-            .await
-            .map_err(query("read instance states"))?;
-        let mut observed = BTreeMap::new();
-        for row in rows {
-            let state: String = row.get("state");
-            let state: kiln_api::InstanceState =
-                serde_json::from_value(serde_json::Value::String(state.clone()))
-                    .map_err(|_| corrupt("instances.state", &state))?;
-            if state.is_terminal() {
-                continue;
+        {
+            let prefetched = self.observed.lock().unwrap_or_else(PoisonError::into_inner);
+            let found: BTreeMap<InstanceId, Observed> = instances
+                .iter()
+                .filter_map(|id| Some((*id, prefetched.get(id)?.clone())))
+                .collect();
+            if found.len() == instances.len() {
+                return Ok(found);
             }
-            observed.insert(
-                InstanceId::from_uuid(row.get("id")),
-                convert::observed(state, None, row.get("detail")),
-            );
         }
+        let mut observed = self.inner.running_states(instances).await?;
 
         // The projection keeps no exit code and drops removed instances, so stopped ones are
         // read from their last report in the log.
