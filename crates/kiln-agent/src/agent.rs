@@ -627,7 +627,14 @@ where
             command,
             env,
             secrets,
-            startup_scripts: assignment.startup_scripts.clone(),
+            startup_scripts: assignment
+                .startup_scripts
+                .iter()
+                .map(|script| kiln_vmm::proto::StartupScript {
+                    command: script.command.clone(),
+                    timeout_secs: script.timeout_secs,
+                })
+                .collect(),
             kill_signal: assignment.kill_signal.clone(),
             logs,
         };

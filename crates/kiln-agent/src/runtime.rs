@@ -87,7 +87,7 @@ pub struct VmSpec {
     /// Secret values, delivered to the guest only (never written to the host's disk).
     pub secrets: Option<InstanceSecrets>,
     /// Scripts run in the guest before the workload.
-    pub startup_scripts: Vec<String>,
+    pub startup_scripts: Vec<kiln_vmm::proto::StartupScript>,
     /// Signal sent to the workload to stop it, such as `SIGTERM`.
     pub kill_signal: String,
     /// Where the driver sends the console and the workload's stdout and stderr.

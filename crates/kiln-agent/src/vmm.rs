@@ -370,11 +370,15 @@ async fn forward_events<Vm>(entry: Arc<Entry<Vm>>, mut events: GuestEvents, logs
             GuestMessage::StartupScriptFailed {
                 index,
                 code,
+                timed_out,
                 output,
             } => {
-                logs.agent_line(&format!(
-                    "startup script {index} failed with {code:?}: {output}"
-                ));
+                let how = if timed_out {
+                    "timed out".to_owned()
+                } else {
+                    format!("failed with {code:?}")
+                };
+                logs.agent_line(&format!("startup script {index} {how}: {output}"));
             }
             GuestMessage::ListeningSockets { sockets } => {
                 let parsed = sockets

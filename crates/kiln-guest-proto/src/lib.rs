@@ -72,6 +72,9 @@ pub enum GuestMessage {
         index: usize,
         /// Exit status of the script as `sh` reported it, or `None` when killed by a signal.
         code: Option<i32>,
+        /// Whether it was killed because it ran past its timeout.
+        #[serde(default)]
+        timed_out: bool,
         /// The script's combined stdout and stderr, truncated to [`MAX_LOG_LINE_BYTES`].
         output: String,
     },
@@ -155,8 +158,8 @@ pub struct InstanceConfig {
     /// Network identity; `None` leaves only the loopback device up.
     pub network: Option<NetworkConfig>,
     /// Shell scripts run in order with `/bin/sh -c` as root before the workload; the first
-    /// failure stops the boot.
-    pub startup_scripts: Vec<String>,
+    /// failure (or timeout) stops the boot.
+    pub startup_scripts: Vec<StartupScript>,
     /// Signal number sent to the workload on a graceful stop (SIGTERM is 15).
     pub kill_signal: i32,
     /// Random bytes from the host, credited to the guest's entropy pool before anything runs.
@@ -181,6 +184,17 @@ impl std::fmt::Debug for InstanceConfig {
             .field("kill_signal", &self.kill_signal)
             .finish_non_exhaustive()
     }
+}
+
+/// A script run before the workload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartupScript {
+    /// Shell command, run with `/bin/sh -c`.
+    pub command: String,
+    /// Seconds the script may run before it is killed; `None` waits as long as it takes.
+    #[serde(default)]
+    pub timeout_secs: Option<u32>,
 }
 
 /// A named secret value.

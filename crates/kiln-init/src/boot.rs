@@ -3,12 +3,17 @@
 
 use std::io::Read;
 use std::os::unix::fs::{PermissionsExt, chown};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use kiln_guest_proto::{
     ExitStatus, GuestMessage, HostMessage, InstanceConfig, MAX_LOG_LINE_BYTES, PROTOCOL_VERSION,
+    StartupScript,
 };
 
 use crate::channel::{self, Channel, Transport};
@@ -228,35 +233,66 @@ fn write_secrets(config: &InstanceConfig) -> SysResult<()> {
     Ok(())
 }
 
-/// Runs one startup script as root; returns the failure report when it exits unsuccessfully.
-fn run_startup_script(index: usize, script: &str) -> SysResult<Option<GuestMessage>> {
+/// Runs one startup script as root; returns the failure report when it exits unsuccessfully
+/// or runs past its timeout.
+fn run_startup_script(index: usize, script: &StartupScript) -> SysResult<Option<GuestMessage>> {
     let describe = || format!("start startup script {index} with /bin/sh");
 
-    // Stdout and stderr share one pipe so the report shows the output in order.
+    // Stdout and stderr share one pipe so the report shows the output in order. The script
+    // gets a process group of its own, so a timeout kills what it started in the background
+    // too (which would otherwise hold the pipe open).
     let (mut reader, writer) = context(std::io::pipe(), describe)?;
     let writer_copy = context(writer.try_clone(), describe)?;
     let mut command = Command::new("/bin/sh");
     command
         .arg("-c")
-        .arg(script)
+        .arg(&script.command)
         .stdin(Stdio::null())
         .stdout(writer)
-        .stderr(writer_copy);
+        .stderr(writer_copy)
+        .process_group(0);
     let child = context(command.spawn(), describe)?;
     // The command holds the pipe's write ends; dropping it lets the read end see EOF.
     drop(command);
 
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let (finished, watchdog) = std::sync::mpsc::channel::<()>();
+    if let Some(secs) = script.timeout_secs {
+        let group = libc::pid_t::try_from(child.id()).unwrap_or(0);
+        let timed_out = Arc::clone(&timed_out);
+        std::thread::spawn(move || {
+            let timeout = Duration::from_secs(u64::from(secs));
+            if watchdog.recv_timeout(timeout) == Err(RecvTimeoutError::Timeout) && group > 0 {
+                timed_out.store(true, Ordering::SeqCst);
+                sys::kill(-group, libc::SIGKILL);
+            }
+        });
+    }
+
     let mut output = Vec::new();
     let _ = reader.read_to_end(&mut output);
     let status = supervise::wait_child(child.id());
-    if status.code == Some(0) {
+    drop(finished);
+    let timed_out = timed_out.load(Ordering::SeqCst);
+    if status.code == Some(0) && !timed_out {
         return Ok(None);
     }
 
-    output.truncate(MAX_LOG_LINE_BYTES);
+    if timed_out {
+        let note = format!(
+            "\nkilled after {} s, the script's timeout",
+            script.timeout_secs.unwrap_or(0)
+        );
+        output.extend_from_slice(note.as_bytes());
+    }
+    // Keep the end: the last lines say why the script failed.
+    if output.len() > MAX_LOG_LINE_BYTES {
+        output.drain(..output.len() - MAX_LOG_LINE_BYTES);
+    }
     Ok(Some(GuestMessage::StartupScriptFailed {
         index,
         code: status.code,
+        timed_out,
         output: String::from_utf8_lossy(&output).into_owned(),
     }))
 }

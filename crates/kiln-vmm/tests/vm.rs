@@ -197,7 +197,7 @@ async fn workload_identity_secrets_network_and_sigterm() {
     config.secrets_as_env = true;
     config.hostname = "web-1".to_owned();
     config.network = Some(net.network_config());
-    config.startup_scripts = vec!["echo yes > /tmp/startup-ran".to_owned()];
+    config.startup_scripts = vec![script("echo yes > /tmp/startup-ran", None)];
 
     let mut test = boot(RootfsBuilder::new(), config, Some(net.tap.clone()), None).await;
     test.wait_line("READY").await;
@@ -324,7 +324,7 @@ async fn other_env_unseeded_guest_exit_code() {
 #[tokio::test]
 async fn failing_startup_script_stops_boot() {
     let mut config = guest::instance_config(&["/bin/echo", "workload ran"]);
-    config.startup_scripts = vec!["true".to_owned(), "echo broken; exit 4".to_owned()];
+    config.startup_scripts = vec![script("true", None), script("echo broken; exit 4", None)];
 
     let mut test = boot(RootfsBuilder::new(), config, None, None).await;
     let message = tokio::time::timeout(OUTPUT_TIMEOUT, test.events.as_mut().unwrap().recv())
@@ -335,10 +335,12 @@ async fn failing_startup_script_stops_boot() {
         Some(GuestMessage::StartupScriptFailed {
             index,
             code,
+            timed_out,
             output,
         }) => {
             assert_eq!(index, 1);
             assert_eq!(code, Some(4));
+            assert!(!timed_out);
             assert_eq!(output, "broken\n");
         }
         other => panic!("expected StartupScriptFailed, got {other:?}"),
@@ -350,6 +352,41 @@ async fn failing_startup_script_stops_boot() {
         matches!(next, Some(GuestMessage::BootFailed { .. })),
         "got {next:?}"
     );
+}
+
+#[tokio::test]
+async fn startup_script_past_timeout_is_killed() {
+    let mut config = guest::instance_config(&["/bin/echo", "workload ran"]);
+    // The background sleep holds the output pipe open: only killing the script's whole
+    // process group ends the wait.
+    config.startup_scripts = vec![script("echo started; sleep 600 & sleep 600", Some(1))];
+
+    let mut test = boot(RootfsBuilder::new(), config, None, None).await;
+    let message = tokio::time::timeout(OUTPUT_TIMEOUT, test.events.as_mut().unwrap().recv())
+        .await
+        .unwrap();
+
+    match message {
+        Some(GuestMessage::StartupScriptFailed {
+            index,
+            timed_out,
+            output,
+            ..
+        }) => {
+            assert_eq!(index, 0);
+            assert!(timed_out);
+            assert!(output.starts_with("started\n"), "{output}");
+            assert!(output.contains("killed after 1 s"), "{output}");
+        }
+        other => panic!("expected StartupScriptFailed, got {other:?}"),
+    }
+}
+
+fn script(command: &str, timeout_secs: Option<u32>) -> kiln_vmm::proto::StartupScript {
+    kiln_vmm::proto::StartupScript {
+        command: command.to_owned(),
+        timeout_secs,
+    }
 }
 
 /// A root workload that ignores SIGTERM and floods both the serial console and its stdout.

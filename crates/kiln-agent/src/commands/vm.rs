@@ -405,9 +405,15 @@ fn handle_message(message: GuestMessage) -> Option<u8> {
         GuestMessage::StartupScriptFailed {
             index,
             code,
+            timed_out,
             output,
         } => {
-            eprintln!("kiln-agent: startup script {index} failed (exit {code:?}):\n{output}");
+            let how = if timed_out {
+                "timed out".to_owned()
+            } else {
+                format!("failed (exit {code:?})")
+            };
+            eprintln!("kiln-agent: startup script {index} {how}:\n{output}");
         }
         GuestMessage::BootFailed { message } => {
             eprintln!("kiln-agent: the guest failed to boot: {message}");

@@ -9,7 +9,7 @@ use kiln_core::{ProcessName, ReleaseId};
 use serde::{Deserialize, Serialize};
 
 use super::instances::DesiredState;
-use super::releases::{HealthCheck, ImageRef, ServiceProtocol, VolumeSpec};
+use super::releases::{HealthCheck, ImageRef, ServiceProtocol, StartupScript, VolumeSpec};
 
 /// A port a process listens on, with its health check.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,8 +85,9 @@ pub struct Assignment {
     pub kill_signal: String,
     /// Seconds between the kill signal and a forced stop.
     pub kill_timeout_secs: u32,
-    /// Scripts run inside the microVM before the workload.
-    pub startup_scripts: Vec<String>,
+    /// Scripts run inside the microVM before the workload: the release's scripts that apply
+    /// to this instance's process type, in order.
+    pub startup_scripts: Vec<StartupScript>,
     /// Whether to run or stop it.
     pub desired: DesiredState,
     /// Runs once, as a release command: not health-checked and not restarted. Its exit code

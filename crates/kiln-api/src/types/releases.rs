@@ -172,8 +172,8 @@ pub struct ReleaseSpec {
     #[serde(default = "default_kill_timeout")]
     pub kill_timeout_secs: u32,
     /// Scripts run inside the microVM, in order, before the workload.
-    #[serde(default)]
-    pub startup_scripts: Vec<String>,
+    #[serde(default, deserialize_with = "startup_scripts")]
+    pub startup_scripts: Vec<StartupScript>,
     /// Command run once per release in its own microVM before the rollout.
     #[serde(default)]
     pub release_command: Option<Vec<String>>,
@@ -181,6 +181,54 @@ pub struct ReleaseSpec {
     /// [`ReleaseCommandLimits::default`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release_command_limits: Option<ReleaseCommandLimits>,
+}
+
+/// A script run inside the microVM before the workload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct StartupScript {
+    /// Shell command, run with `/bin/sh -c` as root.
+    pub command: String,
+    /// Seconds the script may run before it is killed and the instance fails to start;
+    /// absent lets it run as long as it takes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u32>,
+    /// Process types it runs for; empty means every process type and the release command.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub processes: Vec<ProcessName>,
+}
+
+impl StartupScript {
+    /// Returns true when the script runs before instances of `process`.
+    pub fn applies_to(&self, process: &ProcessName) -> bool {
+        self.processes.is_empty() || self.processes.contains(process)
+    }
+}
+
+/// Reads startup scripts, accepting the bare command strings that releases stored before
+/// scripts had a timeout and process types.
+fn startup_scripts<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<StartupScript>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Stored {
+        Command(String),
+        Script(StartupScript),
+    }
+    let stored = Vec::<Stored>::deserialize(deserializer)?;
+    Ok(stored
+        .into_iter()
+        .map(|script| match script {
+            Stored::Command(command) => StartupScript {
+                command,
+                timeout_secs: None,
+                processes: Vec::new(),
+            },
+            Stored::Script(script) => script,
+        })
+        .collect())
 }
 
 /// Timeout and size of the microVM that runs a release command.

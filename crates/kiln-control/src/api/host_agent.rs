@@ -669,6 +669,12 @@ async fn load_assignments(state: &AppState, host_id: HostId) -> Result<Vec<Assig
         let version: i64 = row.get("version");
         let secrets_version: i64 = row.get("secrets_version");
 
+        let startup_scripts = spec
+            .startup_scripts
+            .iter()
+            .filter(|script| script.applies_to(&process))
+            .cloned()
+            .collect();
         assignments.push(Assignment {
             instance_id: InstanceId::from_uuid(row.get("id")),
             org_id: OrgId::from_uuid(row.get("org_id")),
@@ -709,7 +715,7 @@ async fn load_assignments(state: &AppState, host_id: HostId) -> Result<Vec<Assig
             volumes: spec.volumes.clone(),
             kill_signal,
             kill_timeout_secs,
-            startup_scripts: spec.startup_scripts.clone(),
+            startup_scripts,
             desired,
             run_once,
         });

@@ -290,6 +290,33 @@ fn validate_spec(spec: &ReleaseSpec) -> Result<(), ApiError> {
             ));
         }
     }
+    for (index, script) in spec.startup_scripts.iter().enumerate() {
+        if script.command.trim().is_empty() {
+            return Err(ApiError::invalid(
+                "spec.startup_scripts",
+                format!("startup script {index} has an empty command"),
+            ));
+        }
+        if script.timeout_secs == Some(0) {
+            return Err(ApiError::invalid(
+                "spec.startup_scripts",
+                format!("startup script {index} has a timeout of 0 s; give it at least 1 s"),
+            ));
+        }
+        if let Some(process) = script
+            .processes
+            .iter()
+            .find(|process| !spec.processes.contains_key(*process))
+        {
+            return Err(ApiError::invalid(
+                "spec.startup_scripts",
+                format!(
+                    "startup script {index} names process type {process}, which the release \
+                     does not define"
+                ),
+            ));
+        }
+    }
     for volume in &spec.volumes {
         if !volume.mount_path.starts_with('/') || volume.size_mib == 0 {
             return Err(ApiError::invalid(

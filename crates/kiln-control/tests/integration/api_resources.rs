@@ -650,3 +650,83 @@ async fn process_stop_settings_reach_assignments() {
     assert_eq!(stop(web), Some(("SIGTERM".to_owned(), 10)));
     assert_eq!(stop(worker), Some(("SIGQUIT".to_owned(), 90)));
 }
+
+#[tokio::test]
+async fn startup_scripts_reach_their_process_types() {
+    let server = TestServer::start().await;
+    let client = server.org_client();
+    let env = harness::create_app_and_env(&server).await;
+    let path = harness::env_path(&server.org);
+    // The first script is stored the way releases stored scripts before they had a timeout
+    // and process types: a bare command.
+    let spec = |only: &str| -> ReleaseSpec {
+        serde_json::from_value(serde_json::json!({
+            "processes": {
+                "web": {"count": 1, "vcpus": 1, "memory_mib": 256},
+                "worker": {"count": 1, "vcpus": 1, "memory_mib": 256},
+            },
+            "startup_scripts": [
+                "echo every process",
+                {"command": "echo worker only", "timeout_secs": 30, "processes": [only]},
+            ],
+        }))
+        .unwrap()
+    };
+
+    let error = client
+        .create_release(
+            &path,
+            &CreateRelease {
+                image: harness::image(),
+                spec: spec("db"),
+                description: String::new(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Some(kiln_api::ErrorCode::InvalidValue));
+    assert!(error.to_string().contains("process type db"), "{error}");
+
+    let release = client
+        .create_release(
+            &path,
+            &CreateRelease {
+                image: harness::image(),
+                spec: spec("worker"),
+                description: String::new(),
+            },
+        )
+        .await
+        .unwrap();
+    let host = register_host(&server, "h1").await;
+    let web = place_instance(&server, &env, &release, &host.host, 60).await;
+    let worker = place_named_instance(&server, &env, &release, &host.host, 61, "worker").await;
+    let assignments = host
+        .client
+        .watch_assignments(&WatchQuery::default())
+        .await
+        .unwrap()
+        .assignments;
+    let scripts = |instance| -> Vec<(String, Option<u32>)> {
+        assignments
+            .iter()
+            .find(|assignment| assignment.instance_id == instance)
+            .map(|assignment| {
+                assignment
+                    .startup_scripts
+                    .iter()
+                    .map(|script| (script.command.clone(), script.timeout_secs))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+
+    assert_eq!(scripts(web), [("echo every process".to_owned(), None)]);
+    assert_eq!(
+        scripts(worker),
+        [
+            ("echo every process".to_owned(), None),
+            ("echo worker only".to_owned(), Some(30)),
+        ]
+    );
+}

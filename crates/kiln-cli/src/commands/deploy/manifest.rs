@@ -9,7 +9,7 @@ use std::path::Path;
 
 use kiln_api::{
     DeployStrategy, HealthCheck, HealthCheckKind, ProcessSpec, ReleaseCommandLimits, ReleaseSpec,
-    ServiceProtocol, ServiceSpec, VolumeSpec,
+    ServiceProtocol, ServiceSpec, StartupScript, VolumeSpec,
 };
 use kiln_core::manifest::{Deploy, Manifest, ManifestErrors, Probe, Protocol, ResolvedManifest};
 use kiln_core::{AppName, EnvName};
@@ -165,9 +165,8 @@ fn release_spec(manifest: &ResolvedManifest) -> ReleaseSpec {
 
     // Each process type sends its own kill signal and timeout; the release-wide ones (the
     // first process type's signal, the longest timeout) serve servers that predate them.
-    // TODO(correctness): the API's release spec has a shell command per startup script and no
-    // per-process volume, script timeout or process filter, so those manifest details do not
-    // reach the server yet.
+    // TODO(correctness): the API's VolumeSpec has no process type, so the release does not say
+    // which process type a manifest volume belongs to (agents do not mount volumes yet).
     let kill_signal = manifest.processes.values().next().map_or_else(
         || "SIGTERM".to_owned(),
         |p| p.kill_signal.as_str().to_owned(),
@@ -191,7 +190,11 @@ fn release_spec(manifest: &ResolvedManifest) -> ReleaseSpec {
         startup_scripts: manifest
             .startup
             .iter()
-            .map(|script| shell_command(&script.command))
+            .map(|script| StartupScript {
+                command: shell_command(&script.command),
+                timeout_secs: Some(whole_secs(script.timeout)),
+                processes: script.processes.clone(),
+            })
             .collect(),
         release_command: manifest.release_command.as_ref().map(|r| r.command.clone()),
         release_command_limits: manifest.release_command.as_ref().map(|release| {
@@ -241,6 +244,33 @@ fn whole_secs(duration: std::time::Duration) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn startup_scripts_keep_timeout_and_processes() {
+        let source = r#"app = "shop"
+
+[processes.web]
+command = ["/app/web"]
+
+[processes.worker]
+command = ["/app/worker"]
+
+[[startup]]
+command = ["/bin/sh", "-c", "ulimit -n 65536"]
+timeout = "2m"
+processes = ["worker"]
+"#;
+        let manifest = Manifest::parse_named("kiln.toml", source).unwrap();
+        let spec = release_spec(&manifest.resolve(&EnvName::new("prod").unwrap()));
+        assert_eq!(
+            spec.startup_scripts,
+            [StartupScript {
+                command: "/bin/sh -c 'ulimit -n 65536'".to_owned(),
+                timeout_secs: Some(120),
+                processes: vec![kiln_core::ProcessName::new("worker").unwrap()],
+            }]
+        );
+    }
 
     #[test]
     fn http_health_check_keeps_status_and_tls() {
