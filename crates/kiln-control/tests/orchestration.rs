@@ -117,6 +117,87 @@ async fn failing_release_rolls_back() {
     assert_eq!(current.current_release_id, Some(good.release_id));
 }
 
+/// Sets config var `FOO` and secret `TOKEN` of `env` to `value`.
+async fn set_config_and_secret(client: &Client, env: &EnvPath, value: &str) {
+    client
+        .update_config(
+            env,
+            &kiln_api::UpdateConfig {
+                set: BTreeMap::from([("FOO".to_owned(), value.to_owned())]),
+                unset: Vec::new(),
+            },
+        )
+        .await
+        .unwrap();
+    client
+        .set_secret(
+            env,
+            "TOKEN",
+            &kiln_api::SetSecret {
+                value: value.to_owned(),
+            },
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_rollback_restores_config_and_secrets() {
+    let cluster = bootstrap();
+    let control = start_control(&cluster);
+    // Instances of release v3, the rollback below, fail at boot.
+    let behavior: kiln_testkit::simagent::Behavior = std::sync::Arc::new(|assignment| {
+        if assignment.release_version == 3 {
+            Outcome::Fail
+        } else {
+            Outcome::Healthy
+        }
+    });
+    let config = SimAgentConfig {
+        behavior,
+        ..SimAgentConfig::default()
+    };
+    let _h1 = add_host(&control, &cluster, "h1", config).await;
+    let (client, env) = create_env(&control, &cluster).await;
+
+    set_config_and_secret(&client, &env, "one").await;
+    let first = deploy(&client, &env, release(1, 0, "a")).await;
+    assert_eq!(
+        wait_deploy(&client, &env, &first).await.state,
+        DeployState::Succeeded
+    );
+    set_config_and_secret(&client, &env, "two").await;
+    let second = deploy(&client, &env, release(1, 0, "b")).await;
+    assert_eq!(
+        wait_deploy(&client, &env, &second).await.state,
+        DeployState::Succeeded
+    );
+
+    let rollback = client
+        .create_deploy(
+            &env,
+            &CreateDeploy {
+                target: DeployTarget::ReleaseVersion(1),
+                strategy: None,
+            },
+        )
+        .await
+        .unwrap();
+    let rollback = wait_deploy(&client, &env, &rollback.deploy).await;
+    assert_eq!(rollback.state, DeployState::Failed);
+
+    // It failed, so the env runs v2 again, with v2's config and secrets. The config went
+    // through two more versions: v1's values for the rollback, then v2's again.
+    let current = client.get_env(&env).await.unwrap();
+    assert_eq!(current.current_release_id, Some(second.release_id));
+    let config = client.get_config(&env).await.unwrap();
+    assert_eq!(config.vars["FOO"], "two");
+    assert_eq!(config.version, 4);
+    let secrets = client.list_secrets(&env).await.unwrap().items;
+    assert_eq!(secrets.len(), 1);
+    assert_eq!(secrets[0].version, 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_host_instances_rescheduled() {
     let cluster = bootstrap();

@@ -24,6 +24,11 @@ impl ApiError {
         }
     }
 
+    /// Returns the user-facing message.
+    pub fn message(&self) -> &str {
+        &self.body.message
+    }
+
     /// Attaches structured details.
     pub fn with_details(mut self, details: serde_json::Value) -> Self {
         self.body = self.body.with_details(details);

@@ -77,40 +77,13 @@ pub async fn prepare(
 
 /// Builds the rollback release of `old` and the changes that restore its config vars and
 /// secrets.
-// TODO(correctness): a failed rollback deploy keeps the restored config vars and secrets.
 async fn rollback(
     pool: &sqlx::PgPool,
     env: EnvId,
     old: Release,
     id: ReleaseId,
 ) -> Result<Prepared, ApiError> {
-    let restored = config_at(pool, env, old.config_version).await?;
-    let now = super::config::load(pool, env).await?;
-
-    let set: BTreeMap<String, String> = restored
-        .iter()
-        .filter(|(name, value)| now.vars.get(*name) != Some(*value))
-        .map(|(name, value)| (name.clone(), value.clone()))
-        .collect();
-    let unset: Vec<String> = now
-        .vars
-        .keys()
-        .filter(|name| !restored.contains_key(*name))
-        .cloned()
-        .collect();
-
-    let mut events = Vec::new();
-    let mut config_version = now.version;
-    if !set.is_empty() || !unset.is_empty() {
-        config_version += 1;
-        events.push(Event::ConfigChanged {
-            env_id: env,
-            version: config_version,
-            set,
-            unset,
-        });
-    }
-    events.extend(restore_secrets(pool, env, old.id).await?);
+    let (mut events, config_version) = restore(pool, env, &old).await?;
 
     let count: i64 = sqlx::query_scalar("SELECT release_count FROM envs WHERE id = $1")
         .bind(env.as_uuid())
@@ -169,6 +142,45 @@ pub async fn config_at(
         vars.extend(set);
     }
     Ok(vars)
+}
+
+/// The events that set the environment's config vars and secrets back to what `release` was
+/// made with (none when they already are), and the config version they leave. A rollback
+/// appends them before its release; a failed rollback deploy appends them for the release it
+/// returns to.
+pub async fn restore(
+    pool: &sqlx::PgPool,
+    env: EnvId,
+    release: &Release,
+) -> Result<(Vec<Event>, u64), ApiError> {
+    let restored = config_at(pool, env, release.config_version).await?;
+    let now = super::config::load(pool, env).await?;
+
+    let set: BTreeMap<String, String> = restored
+        .iter()
+        .filter(|(name, value)| now.vars.get(*name) != Some(*value))
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
+    let unset: Vec<String> = now
+        .vars
+        .keys()
+        .filter(|name| !restored.contains_key(*name))
+        .cloned()
+        .collect();
+
+    let mut events = Vec::new();
+    let mut config_version = now.version;
+    if !set.is_empty() || !unset.is_empty() {
+        config_version += 1;
+        events.push(Event::ConfigChanged {
+            env_id: env,
+            version: config_version,
+            set,
+            unset,
+        });
+    }
+    events.extend(restore_secrets(pool, env, release.id).await?);
+    Ok((events, config_version))
 }
 
 /// The events that point the environment's secrets back at the versions `release` had: a

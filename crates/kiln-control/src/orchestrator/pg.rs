@@ -54,6 +54,15 @@ pub enum OrchestratorError {
         #[source]
         source: sqlx::Error,
     },
+    /// The config vars and secrets of the release a failed rollback returns to could not be
+    /// restored.
+    #[error("failed to restore the config and secrets of release {release}: {message}")]
+    Restore {
+        /// The release returned to.
+        release: ReleaseId,
+        /// The API layer's message.
+        message: String,
+    },
     /// A stored value does not parse.
     #[error("invalid stored value in {what}: {value}")]
     Corrupt {
@@ -1172,6 +1181,57 @@ fn record_text(record: &StepRecord) -> String {
     }
 }
 
+impl Fenced<'_> {
+    /// When a failed deploy was a rollback, sets the env's config vars and secrets back to
+    /// those of `previous`, the release it returns to, because the rollback changed them
+    /// before its release was made. Running it again appends nothing, so a crash between this
+    /// and the deploy's end is harmless.
+    async fn restore_after_rollback(
+        &self,
+        deploy: DeployId,
+        env: EnvId,
+        previous: ReleaseId,
+    ) -> Result<(), OrchestratorError> {
+        let pool = self.inner.store.pool();
+        let rollback: Option<Uuid> = sqlx::query_scalar(
+            "SELECT r.rollback_of FROM deploys d JOIN releases r ON r.id = d.release_id
+             WHERE d.id = $1",
+        )
+        .bind(deploy.as_uuid())
+        .fetch_one(pool)
+        .await
+        .map_err(query("read whether a deploy was a rollback"))?;
+        if rollback.is_none() {
+            return Ok(());
+        }
+
+        let restore_failed = |error: crate::api::error::ApiError| OrchestratorError::Restore {
+            release: previous,
+            message: error.message().to_owned(),
+        };
+        let Some(release) = crate::api::releases::by_id(pool, previous)
+            .await
+            .map_err(restore_failed)?
+        else {
+            return Err(corrupt("deploys.previous_release_id", previous));
+        };
+        let events = match crate::api::targets::restore(pool, env, &release).await {
+            Ok((events, _)) => events,
+            // A value the release pinned is gone: there is nothing to restore it from, and
+            // the deploy must still end.
+            Err(error) if error.code() == kiln_api::ErrorCode::FailedPrecondition => {
+                tracing::warn!(%deploy, %env, release = %previous, error = error.message(), "secrets of the release returned to were not restored");
+                return Ok(());
+            }
+            Err(error) => return Err(restore_failed(error)),
+        };
+        for event in events {
+            self.inner.append_env_event(self.term, env, event).await?;
+        }
+        Ok(())
+    }
+}
+
 impl engine::Store for Fenced<'_> {
     type Error = OrchestratorError;
 
@@ -1406,9 +1466,11 @@ impl engine::Store for Fenced<'_> {
                     .await
                     .map_err(query("read a deploy's previous release"))?;
             if let Some(previous) = previous {
+                let previous = ReleaseId::from_uuid(previous);
+                self.restore_after_rollback(deploy, env, previous).await?;
                 let event = Event::EnvReleaseChanged {
                     env_id: env,
-                    release_id: ReleaseId::from_uuid(previous),
+                    release_id: previous,
                 };
                 self.inner.append_env_event(self.term, env, event).await?;
             }
