@@ -199,6 +199,68 @@ async fn failed_rollback_restores_config_and_secrets() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_restart_of_rollback_release_keeps_config() {
+    let cluster = bootstrap();
+    let control = start_control(&cluster);
+    // Every instance fails to boot once `failing` is set.
+    let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&failing);
+    let behavior: kiln_testkit::simagent::Behavior = std::sync::Arc::new(move |_| {
+        if flag.load(std::sync::atomic::Ordering::SeqCst) {
+            Outcome::Fail
+        } else {
+            Outcome::Healthy
+        }
+    });
+    let config = SimAgentConfig {
+        behavior,
+        ..SimAgentConfig::default()
+    };
+    let _h1 = add_host(&control, &cluster, "h1", config).await;
+    let (client, env) = create_env(&control, &cluster).await;
+
+    set_config_and_secret(&client, &env, "one").await;
+    let first = deploy(&client, &env, release(1, 0, "a")).await;
+    assert_eq!(
+        wait_deploy(&client, &env, &first).await.state,
+        DeployState::Succeeded
+    );
+    set_config_and_secret(&client, &env, "two").await;
+    let second = deploy(&client, &env, release(1, 0, "b")).await;
+    assert_eq!(
+        wait_deploy(&client, &env, &second).await.state,
+        DeployState::Succeeded
+    );
+    let rollback = client
+        .create_deploy(
+            &env,
+            &CreateDeploy {
+                target: DeployTarget::ReleaseVersion(1),
+                strategy: None,
+            },
+        )
+        .await
+        .unwrap();
+    let rollback = wait_deploy(&client, &env, &rollback.deploy).await;
+    assert_eq!(rollback.state, DeployState::Succeeded);
+
+    // A change after the rollback, then a restart of the rollback release that fails: the
+    // env keeps the change, because a restart never changed config or secrets.
+    set_config_and_secret(&client, &env, "three").await;
+    failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    let restart = client
+        .restart_env(&env, &kiln_api::RestartEnv { process: None })
+        .await
+        .unwrap();
+    let restart = wait_deploy(&client, &env, &restart.deploy).await;
+    assert_eq!(restart.state, DeployState::Failed);
+
+    assert_eq!(client.get_config(&env).await.unwrap().vars["FOO"], "three");
+    let secrets = client.list_secrets(&env).await.unwrap().items;
+    assert_eq!(secrets[0].version, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_host_instances_rescheduled() {
     let cluster = bootstrap();
     let control = start_control(&cluster);

@@ -14,7 +14,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Version of this protocol. A host and guest with different versions do not talk.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Maximum size of one frame's JSON body in bytes. Larger frames are rejected before any
 /// allocation, so a peer cannot make the other side reserve unbounded memory.

@@ -136,7 +136,13 @@ pub async fn follow_routes(
                 "applied routes from the control plane"
             ),
             Err(error) => {
-                tracing::error!(error = %error_chain(&error), cursor = table.cursor, "route table from the control plane not applied, keeping the old routes");
+                // The cursor stays, because asking for the table after a cursor acknowledges
+                // that table to the control plane, which then stops instances it no longer
+                // routes to. The table is fetched again after a pause.
+                tracing::error!(error = %error_chain(&error), cursor = table.cursor, retry_in = ?backoff, "route table from the control plane not applied, keeping the old routes");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
             }
         }
         cursor = table.cursor;

@@ -6,9 +6,9 @@ use std::os::unix::fs::{PermissionsExt, chown};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use kiln_guest_proto::{
@@ -269,12 +269,34 @@ fn run_startup_script(index: usize, script: &StartupScript) -> SysResult<Option<
         });
     }
 
-    let mut output = Vec::new();
-    let _ = reader.read_to_end(&mut output);
+    // The output is read on a thread of its own, so a process that left the group (setsid)
+    // and keeps the pipe open cannot hold the boot past the script's own end.
+    let output = Arc::new(Mutex::new(Vec::new()));
+    let (read_all, output_done) = std::sync::mpsc::channel::<()>();
+    {
+        let output = Arc::clone(&output);
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(read) = reader.read(&mut chunk) {
+                if read == 0 {
+                    break;
+                }
+                output
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .extend_from_slice(&chunk[..read]);
+            }
+            let _ = read_all.send(());
+        });
+    }
     let status = supervise::wait_child(child.id());
     drop(finished);
-    let timed_out = timed_out.load(Ordering::SeqCst);
-    if status.code == Some(0) && !timed_out {
+    let _ = output_done.recv_timeout(supervise::OUTPUT_DRAIN_TIMEOUT);
+    let mut output = std::mem::take(&mut *output.lock().unwrap_or_else(PoisonError::into_inner));
+
+    // A script that exited 0 just as the watchdog fired still succeeded.
+    let timed_out = timed_out.load(Ordering::SeqCst) && status.code != Some(0);
+    if status.code == Some(0) {
         return Ok(None);
     }
 

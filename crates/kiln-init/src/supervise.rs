@@ -22,7 +22,7 @@ use crate::sys::{self, SysResult, context};
 
 /// How long to keep forwarding output after the workload exited, for output still buffered
 /// in its pipes or held open by a process it left behind.
-const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `PATH` given to a workload whose image sets none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";

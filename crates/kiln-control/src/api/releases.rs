@@ -276,17 +276,35 @@ fn validate_spec(spec: &ReleaseSpec) -> Result<(), ApiError> {
     for name in spec.env.keys() {
         validate_var_name("spec.env", name)?;
     }
-    let signals = std::iter::once(("spec.kill_signal", &spec.kill_signal)).chain(
-        spec.processes
-            .values()
-            .filter_map(|process| process.kill_signal.as_ref())
-            .map(|signal| ("spec.processes.kill_signal", signal)),
+    let signals = std::iter::once(("spec.kill_signal".to_owned(), &spec.kill_signal)).chain(
+        spec.processes.iter().filter_map(|(name, process)| {
+            let field = format!("spec.processes.{name}.kill_signal");
+            process.kill_signal.as_ref().map(|signal| (field, signal))
+        }),
     );
     for (field, signal) in signals {
-        if !is_signal_name(signal) {
+        if !KILL_SIGNALS.contains(&signal.as_str()) {
             return Err(ApiError::invalid(
-                field,
-                format!("invalid kill signal {signal:?}: expected a name such as SIGTERM"),
+                &field,
+                format!(
+                    "invalid kill signal {signal:?} in {field}: use one of {}",
+                    KILL_SIGNALS.join(", ")
+                ),
+            ));
+        }
+    }
+    let timeouts = std::iter::once(spec.kill_timeout_secs).chain(
+        spec.processes
+            .values()
+            .filter_map(|process| process.kill_timeout_secs),
+    );
+    for timeout in timeouts {
+        if timeout > MAX_KILL_TIMEOUT_SECS {
+            return Err(ApiError::invalid(
+                "spec.kill_timeout_secs",
+                format!(
+                    "kill timeout {timeout} s is longer than {MAX_KILL_TIMEOUT_SECS} s; use a shorter one"
+                ),
             ));
         }
     }
@@ -459,11 +477,11 @@ pub fn release_from_row(row: &sqlx::postgres::PgRow) -> Result<Release, ApiError
     })
 }
 
-/// Whether `signal` looks like a signal name (`SIGTERM`, `SIGRTMIN1`).
-fn is_signal_name(signal: &str) -> bool {
-    signal.starts_with("SIG")
-        && signal.len() <= 12
-        && signal
-            .chars()
-            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
-}
+/// Signals an agent can send to ask an instance to stop. SIGKILL is not one, because the
+/// process cannot catch it, and the agent sends it anyway when the kill timeout ends.
+const KILL_SIGNALS: [&str; 7] = [
+    "SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGWINCH",
+];
+
+/// Longest time between the stop signal and the kill, one hour.
+const MAX_KILL_TIMEOUT_SECS: u32 = 3600;

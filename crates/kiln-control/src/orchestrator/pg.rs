@@ -1182,29 +1182,89 @@ fn record_text(record: &StepRecord) -> String {
 }
 
 impl Fenced<'_> {
-    /// When a failed deploy was a rollback, sets the env's config vars and secrets back to
-    /// those of `previous`, the release it returns to, because the rollback changed them
-    /// before its release was made. Running it again appends nothing, so a crash between this
-    /// and the deploy's end is harmless.
-    async fn restore_after_rollback(
+    /// Puts the release that ran before failed deploy `deploy` back as the env's release.
+    /// When the deploy was a rollback, which set the env's config vars and secrets to the old
+    /// release's before it made its release, they are set back to the previous release's in
+    /// the same append. The events are computed from the current state and appended at the
+    /// stream version they were computed from (retried on a conflict with a user's change),
+    /// so a retried end appends nothing twice and never interleaves with a config change.
+    // NOTE: config or secret changes saved but not deployed before the rollback are not
+    // restored; the env gets the values of the release it returns to.
+    async fn return_to_previous(
         &self,
         deploy: DeployId,
         env: EnvId,
-        previous: ReleaseId,
     ) -> Result<(), OrchestratorError> {
         let pool = self.inner.store.pool();
-        let rollback: Option<Uuid> = sqlx::query_scalar(
-            "SELECT r.rollback_of FROM deploys d JOIN releases r ON r.id = d.release_id
-             WHERE d.id = $1",
+        let row = sqlx::query(
+            "SELECT d.previous_release_id, d.release_id, r.rollback_of
+             FROM deploys d JOIN releases r ON r.id = d.release_id WHERE d.id = $1",
         )
         .bind(deploy.as_uuid())
         .fetch_one(pool)
         .await
-        .map_err(query("read whether a deploy was a rollback"))?;
-        if rollback.is_none() {
+        .map_err(query("read a deploy's releases"))?;
+        let Some(previous) = row.get::<Option<Uuid>, _>("previous_release_id") else {
             return Ok(());
-        }
+        };
+        let previous = ReleaseId::from_uuid(previous);
+        // A scale, restart or host replacement targets the release that runs; only a deploy
+        // that made a rollback release changed the config and secrets.
+        let rollback = row.get::<Uuid, _>("release_id") != previous.as_uuid()
+            && row.get::<Option<Uuid>, _>("rollback_of").is_some();
 
+        let stream = streams::env(env);
+        let org = self.inner.env_org(env).await?;
+        for _ in 0..RESTORE_ATTEMPTS {
+            let version = self.inner.store.stream_version(&stream).await?;
+            let mut events = if rollback {
+                self.restore_events(deploy, env, previous).await?
+            } else {
+                Vec::new()
+            };
+            events.push(Event::EnvReleaseChanged {
+                env_id: env,
+                release_id: previous,
+            });
+
+            let mut tx = self.inner.begin(self.term).await?;
+            let events = events
+                .into_iter()
+                .map(|event| NewEvent::org(org, event))
+                .collect();
+            match Store::append_in(
+                &mut tx,
+                &stream,
+                ExpectedVersion::Exact(version),
+                events,
+                ACTOR,
+            )
+            .await
+            {
+                Ok(_) => {
+                    tx.commit()
+                        .await
+                        .map_err(query("commit a failed deploy's release"))?;
+                    return Ok(());
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Err(OrchestratorError::Restore {
+            release: previous,
+            message: format!("the environment kept changing in {RESTORE_ATTEMPTS} attempts"),
+        })
+    }
+
+    /// The events that set the env's config vars and secrets back to those of `previous`.
+    async fn restore_events(
+        &self,
+        deploy: DeployId,
+        env: EnvId,
+        previous: ReleaseId,
+    ) -> Result<Vec<Event>, OrchestratorError> {
+        let pool = self.inner.store.pool();
         let restore_failed = |error: crate::api::error::ApiError| OrchestratorError::Restore {
             release: previous,
             message: error.message().to_owned(),
@@ -1215,22 +1275,22 @@ impl Fenced<'_> {
         else {
             return Err(corrupt("deploys.previous_release_id", previous));
         };
-        let events = match crate::api::targets::restore(pool, env, &release).await {
-            Ok((events, _)) => events,
+        match crate::api::targets::restore(pool, env, &release).await {
+            Ok((events, _)) => Ok(events),
             // A value the release pinned is gone: there is nothing to restore it from, and
             // the deploy must still end.
             Err(error) if error.code() == kiln_api::ErrorCode::FailedPrecondition => {
-                tracing::warn!(%deploy, %env, release = %previous, error = error.message(), "secrets of the release returned to were not restored");
-                return Ok(());
+                tracing::warn!(%deploy, %env, release = %previous, error = error.message(), "config and secrets of the release returned to were not restored");
+                Ok(Vec::new())
             }
-            Err(error) => return Err(restore_failed(error)),
-        };
-        for event in events {
-            self.inner.append_env_event(self.term, env, event).await?;
+            Err(error) => Err(restore_failed(error)),
         }
-        Ok(())
     }
 }
+
+/// Attempts at appending a failed deploy's return to its previous release while users change
+/// the env's config at the same time.
+const RESTORE_ATTEMPTS: usize = 5;
 
 impl engine::Store for Fenced<'_> {
     type Error = OrchestratorError;
@@ -1459,21 +1519,7 @@ impl engine::Store for Fenced<'_> {
         // The API names the target as the env's release when the deploy is requested, so a
         // failed deploy puts the previous release back.
         if state == DeployState::Failed {
-            let previous: Option<Uuid> =
-                sqlx::query_scalar("SELECT previous_release_id FROM deploys WHERE id = $1")
-                    .bind(deploy.as_uuid())
-                    .fetch_one(self.inner.store.pool())
-                    .await
-                    .map_err(query("read a deploy's previous release"))?;
-            if let Some(previous) = previous {
-                let previous = ReleaseId::from_uuid(previous);
-                self.restore_after_rollback(deploy, env, previous).await?;
-                let event = Event::EnvReleaseChanged {
-                    env_id: env,
-                    release_id: previous,
-                };
-                self.inner.append_env_event(self.term, env, event).await?;
-            }
+            self.return_to_previous(deploy, env).await?;
         }
 
         let event = Event::DeployStateChanged {

@@ -619,6 +619,12 @@ async fn process_stop_settings_reach_assignments() {
         .unwrap_err();
     assert_eq!(error.code(), Some(kiln_api::ErrorCode::InvalidValue));
     assert!(error.to_string().contains("sigquit"), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("spec.processes.worker.kill_signal"),
+        "{error}"
+    );
 
     let release = client
         .create_release(
