@@ -687,7 +687,7 @@ where
         if starting && in_grace {
             timeout = timeout.min(STARTING_PROBE_TIMEOUT);
         }
-        let result = probe_within(target, &check, timeout).await;
+        let result = probe_within(target, &check, timeout, assignment.hostname.as_deref()).await;
 
         let next_in = if starting && result.is_err() {
             interval.min(STARTING_PROBE_INTERVAL)

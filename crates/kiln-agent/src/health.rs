@@ -73,22 +73,29 @@ pub enum ProbeFailure {
 /// Probes `target` once as `check` says.
 pub async fn probe(target: SocketAddr, check: &HealthCheck) -> Result<(), ProbeFailure> {
     let timeout = Duration::from_secs(u64::from(check.timeout_secs.max(1)));
-    probe_within(target, check, timeout).await
+    probe_within(target, check, timeout, None).await
 }
 
-/// Probes `target` once with the kind of `check`, and `timeout` in place of its timeout.
+/// Probes `target` once with the kind of `check`, and `timeout` in place of its timeout. An
+/// HTTPS check sends `hostname` (the environment's hostname) as SNI, because an app may pick
+/// its certificate by it; without one it sends none.
 pub async fn probe_within(
     target: SocketAddr,
     check: &HealthCheck,
     timeout: Duration,
+    hostname: Option<&str>,
 ) -> Result<(), ProbeFailure> {
-    match tokio::time::timeout(timeout, probe_inner(target, &check.kind)).await {
+    match tokio::time::timeout(timeout, probe_inner(target, &check.kind, hostname)).await {
         Ok(result) => result,
         Err(_) => Err(ProbeFailure::Timeout { target, timeout }),
     }
 }
 
-async fn probe_inner(target: SocketAddr, kind: &HealthCheckKind) -> Result<(), ProbeFailure> {
+async fn probe_inner(
+    target: SocketAddr,
+    kind: &HealthCheckKind,
+    hostname: Option<&str>,
+) -> Result<(), ProbeFailure> {
     let connect_failed = |error: std::io::Error| ProbeFailure::Connect {
         target,
         reason: error.to_string(),
@@ -106,7 +113,9 @@ async fn probe_inner(target: SocketAddr, kind: &HealthCheckKind) -> Result<(), P
     let status_line = if *tls {
         // The certificate names the public hostname, not the instance address, so there is
         // nothing to verify it against; the check is about the app answering.
-        let name = ServerName::IpAddress(target.ip().into());
+        let name = hostname
+            .and_then(|hostname| ServerName::try_from(hostname.to_owned()).ok())
+            .unwrap_or_else(|| ServerName::IpAddress(target.ip().into()));
         let tls_failed = |reason: String| ProbeFailure::Tls { target, reason };
         let mut stream = tls_connector()
             .map_err(tls_failed)?
@@ -478,6 +487,54 @@ mod tests {
             ),
             "{failure}"
         );
+    }
+
+    #[tokio::test]
+    async fn https_probe_sends_hostname_as_sni() {
+        let certified =
+            rcgen::generate_simple_self_signed(vec!["app.example.com".to_owned()]).unwrap();
+        let key =
+            rustls::pki_types::PrivateKeyDer::Pkcs8(certified.key_pair.serialize_der().into());
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let signing = provider.key_provider.load_private_key(key).unwrap();
+        let mut resolver = rustls::server::ResolvesServerCertUsingSni::new();
+        resolver
+            .add(
+                "app.example.com",
+                rustls::sign::CertifiedKey::new(vec![certified.cert.der().clone()], signing),
+            )
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(resolver));
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("[::1]:0").await.unwrap();
+        let target = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let Ok(mut stream) = acceptor.accept(stream).await else {
+                    continue;
+                };
+                let mut request = [0u8; 1024];
+                let _ = stream.read(&mut request).await;
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await;
+                let _ = stream.shutdown().await;
+            }
+        });
+        let check = check(http("/", Some(200), true));
+        let timeout = Duration::from_secs(2);
+
+        probe_within(target, &check, timeout, Some("app.example.com"))
+            .await
+            .unwrap();
+        let failure = probe_within(target, &check, timeout, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(failure, ProbeFailure::Tls { .. }), "{failure}");
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match commands::run(cli.command).await {
+    match Box::pin(commands::run(cli.command)).await {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");

@@ -241,6 +241,7 @@ mod tests {
             volumes: Vec::new(),
             kill_signal: "SIGTERM".to_owned(),
             kill_timeout_secs: 10,
+            hostname: None,
             startup_scripts: Vec::new(),
             desired,
             run_once: false,

@@ -79,6 +79,7 @@ fn assignment(port: u16) -> Assignment {
         volumes: Vec::new(),
         kill_signal: "SIGTERM".to_owned(),
         kill_timeout_secs: 10,
+        hostname: None,
         startup_scripts: Vec::new(),
         desired: DesiredState::Running,
         run_once: false,

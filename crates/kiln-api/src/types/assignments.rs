@@ -85,6 +85,10 @@ pub struct Assignment {
     pub kill_signal: String,
     /// Seconds between the kill signal and a forced stop.
     pub kill_timeout_secs: u32,
+    /// The environment's platform hostname, which HTTPS health checks send as SNI; absent
+    /// from control planes that predate it.
+    #[serde(default)]
+    pub hostname: Option<String>,
     /// Scripts run inside the microVM before the workload: the release's scripts that apply
     /// to this instance's process type, in order.
     pub startup_scripts: Vec<StartupScript>,

@@ -564,7 +564,7 @@ async fn free_prefix(pool: &sqlx::PgPool, ula_prefix: Ipv6Addr) -> Result<String
 async fn load_assignments(state: &AppState, host_id: HostId) -> Result<Vec<Assignment>, ApiError> {
     let pool = state.store.pool();
     let rows = sqlx::query(
-        "SELECT i.id, i.process, i.ipv6, i.ipv4, i.desired, i.state, i.env_id, e.name AS env_name, r.secrets_version,
+        "SELECT i.id, i.process, i.ipv6, i.ipv4, i.desired, i.state, i.env_id, e.name AS env_name, e.hostname AS env_hostname, r.secrets_version,
                 e.app_id, a.name AS app_name, e.org_id, o.name AS org_name,
                 r.id AS release_id, r.version, r.image_ref, r.image_digest, r.spec, h.ipv6_prefix
          FROM instances i
@@ -715,6 +715,7 @@ async fn load_assignments(state: &AppState, host_id: HostId) -> Result<Vec<Assig
             volumes: spec.volumes.clone(),
             kill_signal,
             kill_timeout_secs,
+            hostname: row.get("env_hostname"),
             startup_scripts,
             desired,
             run_once,
