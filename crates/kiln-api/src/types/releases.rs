@@ -211,24 +211,41 @@ impl StartupScript {
 fn startup_scripts<'de, D: serde::Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Vec<StartupScript>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Stored {
-        Command(String),
-        Script(StartupScript),
+    /// A script as a bare command string or as a table. Unlike an untagged enum, an invalid
+    /// table keeps its own error, which names the field.
+    struct Stored(StartupScript);
+
+    impl<'de> Deserialize<'de> for Stored {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            deserializer.deserialize_any(StoredVisitor)
+        }
     }
-    let stored = Vec::<Stored>::deserialize(deserializer)?;
-    Ok(stored
-        .into_iter()
-        .map(|script| match script {
-            Stored::Command(command) => StartupScript {
-                command,
+
+    struct StoredVisitor;
+
+    impl<'de> serde::de::Visitor<'de> for StoredVisitor {
+        type Value = Stored;
+
+        fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            formatter.write_str("a startup script: a command string or a table with `command`")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, command: &str) -> Result<Stored, E> {
+            Ok(Stored(StartupScript {
+                command: command.to_owned(),
                 timeout_secs: None,
                 processes: Vec::new(),
-            },
-            Stored::Script(script) => script,
-        })
-        .collect())
+            }))
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Stored, A::Error> {
+            StartupScript::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                .map(Stored)
+        }
+    }
+
+    let stored = Vec::<Stored>::deserialize(deserializer)?;
+    Ok(stored.into_iter().map(|Stored(script)| script).collect())
 }
 
 /// Timeout and size of the microVM that runs a release command.
@@ -306,4 +323,38 @@ pub struct CreateRelease {
     /// Free-form description.
     #[serde(default)]
     pub description: String,
+}
+
+#[cfg(test)]
+mod startup_script_tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    struct Scripts {
+        #[serde(deserialize_with = "startup_scripts")]
+        scripts: Vec<StartupScript>,
+    }
+
+    #[test]
+    fn startup_scripts_read_strings_and_tables() {
+        let parsed: Scripts = serde_json::from_value(serde_json::json!({
+            "scripts": ["echo old", {"command": "echo new", "timeout_secs": 5}],
+        }))
+        .unwrap();
+        assert_eq!(parsed.scripts[0].command, "echo old");
+        assert_eq!(parsed.scripts[0].timeout_secs, None);
+        assert_eq!(parsed.scripts[1].timeout_secs, Some(5));
+    }
+
+    #[test]
+    fn startup_script_typo_names_field() {
+        let error = serde_json::from_value::<Scripts>(serde_json::json!({
+            "scripts": [{"command": "echo", "timeout": 5}],
+        }))
+        .unwrap_err();
+        assert!(
+            error.to_string().contains("unknown field `timeout`"),
+            "{error}"
+        );
+    }
 }
