@@ -141,6 +141,24 @@ async fn set_config_and_secret(client: &Client, env: &EnvPath, value: &str) {
         .unwrap();
 }
 
+/// Deploys v1 with config and secret value `one`, then v2 with `two`, and returns v2's
+/// deploy.
+async fn deploy_one_then_two(client: &Client, env: &EnvPath) -> Deploy {
+    set_config_and_secret(client, env, "one").await;
+    let first = deploy(client, env, release(1, 0, "a")).await;
+    assert_eq!(
+        wait_deploy(client, env, &first).await.state,
+        DeployState::Succeeded
+    );
+    set_config_and_secret(client, env, "two").await;
+    let second = deploy(client, env, release(1, 0, "b")).await;
+    assert_eq!(
+        wait_deploy(client, env, &second).await.state,
+        DeployState::Succeeded
+    );
+    second
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_rollback_restores_config_and_secrets() {
     let cluster = bootstrap();
@@ -160,18 +178,7 @@ async fn failed_rollback_restores_config_and_secrets() {
     let _h1 = add_host(&control, &cluster, "h1", config).await;
     let (client, env) = create_env(&control, &cluster).await;
 
-    set_config_and_secret(&client, &env, "one").await;
-    let first = deploy(&client, &env, release(1, 0, "a")).await;
-    assert_eq!(
-        wait_deploy(&client, &env, &first).await.state,
-        DeployState::Succeeded
-    );
-    set_config_and_secret(&client, &env, "two").await;
-    let second = deploy(&client, &env, release(1, 0, "b")).await;
-    assert_eq!(
-        wait_deploy(&client, &env, &second).await.state,
-        DeployState::Succeeded
-    );
+    let second = deploy_one_then_two(&client, &env).await;
 
     let rollback = client
         .create_deploy(
@@ -219,18 +226,7 @@ async fn failed_restart_of_rollback_release_keeps_config() {
     let _h1 = add_host(&control, &cluster, "h1", config).await;
     let (client, env) = create_env(&control, &cluster).await;
 
-    set_config_and_secret(&client, &env, "one").await;
-    let first = deploy(&client, &env, release(1, 0, "a")).await;
-    assert_eq!(
-        wait_deploy(&client, &env, &first).await.state,
-        DeployState::Succeeded
-    );
-    set_config_and_secret(&client, &env, "two").await;
-    let second = deploy(&client, &env, release(1, 0, "b")).await;
-    assert_eq!(
-        wait_deploy(&client, &env, &second).await.state,
-        DeployState::Succeeded
-    );
+    deploy_one_then_two(&client, &env).await;
     let rollback = client
         .create_deploy(
             &env,
@@ -808,7 +804,7 @@ async fn live_ingress(control: &Control, cluster: &Cluster) -> Client {
     ingress
 }
 
-/// The seq of the event that asked to stop `instance`, if any.
+/// Returns the seq of the event that asked to stop `instance`, if any.
 async fn stop_seq(
     control: &Control,
     cluster: &Cluster,
