@@ -42,7 +42,7 @@ pub const STARTING_PROBE_INTERVAL: Duration = Duration::from_millis(100);
 pub const STARTING_PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 
 /// Health checks that must fail in a row, after the grace period, before an instance is
-/// reported unhealthy. One slow answer on a loaded host is not an outage; three in a row are.
+/// reported unhealthy. One slow response on a loaded host is not an outage, but three are.
 /// They come an interval apart once the instance has passed a check, and every 100 ms
 /// before that.
 pub const UNHEALTHY_AFTER_FAILURES: u32 = 3;

@@ -56,7 +56,7 @@ pub enum ProbeFailure {
         /// The TLS library's message.
         reason: String,
     },
-    /// The HTTP answer did not have the expected status.
+    /// The HTTP response did not have the expected status.
     #[error("GET {path} on {target} returned {status_line:?}, expected {expected}")]
     HttpStatus {
         /// The probed address.
@@ -112,7 +112,7 @@ async fn probe_inner(
 
     let status_line = if *tls {
         // The certificate names the public hostname, not the instance address, so there is
-        // nothing to verify it against; the check is about the app answering.
+        // nothing to verify it against. The check only asks whether the app responds.
         let name = hostname
             .and_then(|hostname| ServerName::try_from(hostname.to_owned()).ok())
             .unwrap_or_else(|| ServerName::IpAddress(target.ip().into()));
@@ -156,7 +156,7 @@ async fn probe_inner(
     })
 }
 
-/// Sends `GET path` over `stream` and returns the first line of the answer.
+/// Sends `GET path` over `stream` and returns the first line of the response.
 async fn status_line<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     target: SocketAddr,
@@ -196,7 +196,7 @@ async fn status_line<S: AsyncRead + AsyncWrite + Unpin>(
         .to_owned())
 }
 
-/// The TLS client of HTTPS checks, built once, or why it cannot be built.
+/// Returns the TLS client of HTTPS checks, built once, or why it cannot be built.
 fn tls_connector() -> Result<TlsConnector, String> {
     static CONNECTOR: OnceLock<Result<TlsConnector, String>> = OnceLock::new();
     CONNECTOR
@@ -436,7 +436,8 @@ mod tests {
         );
     }
 
-    /// A TLS server with a self-signed certificate for another name, answering `response`.
+    /// Starts a TLS server with a self-signed certificate for another name that responds
+    /// with `response`.
     async fn https_server(response: &'static str) -> SocketAddr {
         let certified =
             rcgen::generate_simple_self_signed(vec!["app.example.com".to_owned()]).unwrap();

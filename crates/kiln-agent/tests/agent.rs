@@ -267,7 +267,7 @@ async fn health_failures_below_threshold_keep_instance_healthy() {
     assert_eq!(h.phase(a.instance_id), Some(Phase::Healthy));
     let second = |n: u32| now + Duration::from_secs(u64::from(n));
 
-    // The app stops answering for fewer checks than the threshold, then answers again: the
+    // The app stops responding for fewer checks than the threshold, then responds again. The
     // instance stays healthy throughout, and the count starts over.
     drop(service);
     for n in 1..UNHEALTHY_AFTER_FAILURES {
@@ -279,7 +279,7 @@ async fn health_failures_below_threshold_keep_instance_healthy() {
     assert_eq!(h.phase(a.instance_id), Some(Phase::Healthy));
     assert_eq!(h.agent.tracked()[&a.instance_id].probe_failures, 0);
 
-    // Then it stops answering for good: unhealthy on the threshold-th failure in a row.
+    // Then it stops responding for good, and turns unhealthy on the threshold-th failure.
     drop(service);
     let start = UNHEALTHY_AFTER_FAILURES + 1;
     for n in start..start + UNHEALTHY_AFTER_FAILURES {

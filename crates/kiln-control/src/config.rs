@@ -41,8 +41,8 @@ pub struct Config {
     /// when the server starts, so every replica must list the same prefixes. Default empty,
     /// which disables dedicated IPv4 addresses.
     pub dedicated_ipv4_pool: Vec<ipnet::Ipv4Net>,
-    /// Seconds a deploy waits, before it stops instances taken out of the routes, for every
-    /// ingress to apply the route change; after that it stops them anyway. Default 10.
+    /// Maximum seconds a deploy waits for every ingress to apply a route change before it
+    /// stops the instances taken out of the routes. Default 10.
     pub route_drain_deadline_secs: u64,
 }
 

@@ -85,14 +85,14 @@ pub enum UnpackError {
     },
     /// The image unpacks to more than a limit allows.
     #[error(
-        "layer {layer}: the image unpacks to more than {limit} {what}; if it is meant to be \
+        "layer {layer}: the image unpacks to more than {limit} {quantity}; if it is meant to be \
          this large, raise {setting} in the agent's image store config"
     )]
     TooLarge {
         /// The layer being applied when the limit was reached.
         layer: Digest,
-        /// What is counted: `bytes of file content` or `entries`.
-        what: &'static str,
+        /// Counted quantity: `bytes of file content` or `entries`.
+        quantity: &'static str,
         /// The limit.
         limit: u64,
         /// The config key that sets the limit.
@@ -253,7 +253,7 @@ impl Unpacker {
             if self.stats.entries >= self.limits.max_entries {
                 return Err(UnpackError::TooLarge {
                     layer: layer.digest.clone(),
-                    what: "entries",
+                    quantity: "entries",
                     limit: self.limits.max_entries,
                     setting: "max_unpacked_entries",
                 });
@@ -435,12 +435,12 @@ impl Unpacker {
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 // The header's size is checked first, so an entry that would cross the limit
-                // writes nothing; the copy is bounded too, in case the header understates it.
+                // writes nothing. The copy is bounded too, in case the header understates it.
                 let limit = self.limits.max_bytes;
                 let remaining = limit.saturating_sub(self.stats.bytes);
                 let too_large = || UnpackError::TooLarge {
                     layer: layer.digest.clone(),
-                    what: "bytes of file content",
+                    quantity: "bytes of file content",
                     limit,
                     setting: "max_unpacked_bytes",
                 };

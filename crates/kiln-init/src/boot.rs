@@ -307,7 +307,7 @@ fn run_startup_script(index: usize, script: &StartupScript) -> SysResult<Option<
         );
         output.extend_from_slice(note.as_bytes());
     }
-    // Keep the end: the last lines say why the script failed.
+    // Keep the end, because the last lines show why the script failed.
     if output.len() > MAX_LOG_LINE_BYTES {
         output.drain(..output.len() - MAX_LOG_LINE_BYTES);
     }

@@ -357,7 +357,7 @@ async fn failing_startup_script_stops_boot() {
 #[tokio::test]
 async fn startup_script_past_timeout_is_killed() {
     let mut config = guest::instance_config(&["/bin/echo", "workload ran"]);
-    // The background sleep holds the output pipe open: only killing the script's whole
+    // The background sleep keeps the output pipe open, so only killing the script's whole
     // process group ends the wait.
     config.startup_scripts = vec![script("echo started; sleep 600 & sleep 600", Some(1))];
 

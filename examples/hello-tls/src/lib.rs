@@ -70,7 +70,7 @@ impl StopHandle {
     }
 }
 
-/// How a stopped server ended.
+/// Outcome of a stopped server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Drained {
     /// Connections still open when the drain timeout ran out (0 when all finished).
@@ -190,7 +190,7 @@ impl std::error::Error for StartError {}
 
 /// Serves the HTTP/1.1 requests of one TLS connection until the client closes it, sends
 /// `Connection: close` or a malformed request, or stays idle past [`IDLE_TIMEOUT`]. Once the
-/// server is stopping, the next answer closes the connection.
+/// server is stopping, the next response closes the connection.
 fn serve_connection(
     stream: TcpStream,
     tls: Arc<ServerConfig>,

@@ -240,7 +240,7 @@ fn stop_refuses_new_connections_and_finishes_open_ones() {
     let refused = TcpStream::connect(address);
     assert!(refused.is_err(), "a connection was accepted after the stop");
 
-    // A keep-alive request still gets its answer, which closes the connection.
+    // A keep-alive request still gets its response, which closes the connection.
     open.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .unwrap();
     let (head, body) = read_response(&mut open);

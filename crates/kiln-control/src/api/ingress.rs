@@ -21,7 +21,7 @@ pub async fn routes(
     let wait = wait_duration(query.wait)?;
     let after = query.after.unwrap_or(0);
     if query.after.is_some() {
-        // The ingress asks for what follows the table it applied: that is its acknowledgement.
+        // A request for the table after `after` acknowledges the table at `after`.
         crate::ingress_acks::record(state.store.pool(), caller.token.id, after).await?;
     }
 

@@ -483,5 +483,5 @@ const KILL_SIGNALS: [&str; 7] = [
     "SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGWINCH",
 ];
 
-/// Longest time between the stop signal and the kill, one hour.
+/// Maximum time between the stop signal and the kill, one hour.
 const MAX_KILL_TIMEOUT_SECS: u32 = 3600;

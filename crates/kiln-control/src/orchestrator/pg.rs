@@ -103,7 +103,7 @@ pub struct Orchestrator {
     pub(super) config: SchedulerConfig,
     pub(super) timeouts: Timeouts,
     cache: Arc<Mutex<Cache>>,
-    /// Longest wait for ingresses to apply a route change before instances stop anyway.
+    /// Maximum wait for ingresses to apply a route change before instances stop anyway.
     route_drain_deadline: std::time::Duration,
 }
 
@@ -858,9 +858,9 @@ impl Orchestrator {
             }
         }
 
-        // A step that waits (for the ingresses, before it stops instances) runs its route
-        // update again on every pass; an unchanged table must not append a new event, or
-        // the ingresses would never catch up with the latest one.
+        // A step that waits for the ingresses before it stops instances runs its route update
+        // again on every pass. An unchanged table must append no event, because the ingresses
+        // would otherwise never catch up with the latest one.
         if current_routes(&mut tx, env).await?.as_ref() == Some(&routes) {
             tx.commit().await.map_err(query("commit a route change"))?;
             return Ok(());
@@ -1144,7 +1144,7 @@ impl Fenced<'_> {
     }
 }
 
-/// The routes of `env` as its latest `RoutesChanged` event set them, if it has one.
+/// Reads the routes of `env` as its latest `RoutesChanged` event set them, if it has one.
 async fn current_routes(
     tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
     env: EnvId,
@@ -1188,8 +1188,8 @@ impl Fenced<'_> {
     /// the same append. The events are computed from the current state and appended at the
     /// stream version they were computed from (retried on a conflict with a user's change),
     /// so a retried end appends nothing twice and never interleaves with a config change.
-    // NOTE: config or secret changes saved but not deployed before the rollback are not
-    // restored; the env gets the values of the release it returns to.
+    // NOTE: config or secret changes saved but not deployed before the rollback are lost,
+    // because the env gets the values of the release it returns to.
     async fn return_to_previous(
         &self,
         deploy: DeployId,
@@ -1257,7 +1257,8 @@ impl Fenced<'_> {
         })
     }
 
-    /// The events that set the env's config vars and secrets back to those of `previous`.
+    /// Computes the events that set the env's config vars and secrets back to those of
+    /// `previous`.
     async fn restore_events(
         &self,
         deploy: DeployId,

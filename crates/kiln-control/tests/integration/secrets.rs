@@ -208,7 +208,7 @@ async fn set(client: &kiln_api::Client, path: &kiln_api::client::EnvPath, name: 
 }
 
 #[tokio::test]
-async fn instances_get_their_release_secrets_and_rollback_restores_them() {
+async fn release_secrets_pinned_and_restored() {
     let server = TestServer::start().await;
     let client = server.org_client();
     let env = harness::create_app_and_env(&server).await;
@@ -401,7 +401,7 @@ async fn rollback_refuses_a_value_no_longer_stored() {
     let delivered = host.client.instance_secrets(instance).await.unwrap();
     assert_eq!(delivered.values["API_KEY"], "key-two");
 
-    // A rollback cannot restore it, and says which secret to set.
+    // A rollback cannot restore it, and its error names the secret to set.
     let error = client
         .create_deploy(
             &path,

@@ -38,7 +38,7 @@ const BINARIES: [&str; 4] = ["kiln", "kiln-control", "kiln-agent", "kiln-ingress
 
 /// The app's manifest: the example app with one instance per environment, so a test
 /// controls every instance count itself. The health check's grace period is long because CI
-/// boots these microVMs under QEMU TCG beside the rest of the test suite; an instance is
+/// boots these microVMs under QEMU TCG beside the rest of the test suite. An instance is
 /// still reported healthy on its first passing check.
 const MANIFEST: &str = r#"app = "hello"
 

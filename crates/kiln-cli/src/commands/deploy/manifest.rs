@@ -163,8 +163,8 @@ fn release_spec(manifest: &ResolvedManifest) -> ReleaseSpec {
         Deploy::Immediate => (DeployStrategy::Immediate, 1),
     };
 
-    // Each process type sends its own kill signal and timeout; the release-wide ones (the
-    // first process type's signal, the longest timeout) serve servers that predate them.
+    // Each process type sends its own kill signal and timeout. The release-wide ones (the
+    // first process type's signal, the longest timeout) are for servers that predate them.
     // TODO(correctness): the API's VolumeSpec has no process type, so the release does not say
     // which process type a manifest volume belongs to (agents do not mount volumes yet).
     let kill_signal = manifest.processes.values().next().map_or_else(
