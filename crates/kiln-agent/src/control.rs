@@ -7,7 +7,7 @@ use std::future::Future;
 use kiln_api::ClientError;
 use kiln_api::types::{
     Heartbeat, HostAssignments, HostLease, InstanceSecrets, LogBatch, RegisterHost,
-    ReportInstanceState, WatchQuery,
+    ReportInstanceState, ReportInstanceStates, ReportedInstanceStates, WatchQuery,
 };
 use kiln_core::InstanceId;
 
@@ -38,6 +38,29 @@ pub trait ControlPlane: Clone + Send + Sync + 'static {
         instance: InstanceId,
         report: &ReportInstanceState,
     ) -> impl Future<Output = Result<(), ClientError>> + Send;
+
+    /// Reports state changes of several instances in one call, in order. The default sends
+    /// them one by one, for control planes (test doubles) without the batch endpoint.
+    fn report_batch(
+        &self,
+        batch: &ReportInstanceStates,
+    ) -> impl Future<Output = Result<ReportedInstanceStates, ClientError>> + Send {
+        async move {
+            for report in &batch.reports {
+                let single = ReportInstanceState {
+                    state: report.state,
+                    detail: report.detail.clone(),
+                    exit_code: report.exit_code,
+                    output: report.output.clone(),
+                };
+                self.report(report.instance_id, &single).await?;
+            }
+            Ok(ReportedInstanceStates {
+                recorded: u32::try_from(batch.reports.len()).unwrap_or(u32::MAX),
+                unknown: Vec::new(),
+            })
+        }
+    }
 
     /// Fetches the secret values of an instance placed on this host.
     fn secrets(
@@ -72,6 +95,13 @@ impl ControlPlane for kiln_api::Client {
         report: &ReportInstanceState,
     ) -> Result<(), ClientError> {
         self.report_instance_state(instance, report).await.map(drop)
+    }
+
+    async fn report_batch(
+        &self,
+        batch: &ReportInstanceStates,
+    ) -> Result<ReportedInstanceStates, ClientError> {
+        self.report_instance_states(batch).await
     }
 
     async fn secrets(&self, instance: InstanceId) -> Result<InstanceSecrets, ClientError> {

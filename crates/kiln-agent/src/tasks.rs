@@ -2,11 +2,15 @@
 //! never blocks the reconcile loop: registration and heartbeats, the assignment watcher, the
 //! report outbox and the log shipper.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use kiln_api::types::{Heartbeat, HostAssignments, LogBatch, RegisterHost, ReportInstanceState};
+use kiln_api::types::{
+    Heartbeat, HostAssignments, InstanceStateReport, LogBatch, MAX_STATE_REPORTS, RegisterHost,
+    ReportInstanceState, ReportInstanceStates,
+};
 use kiln_core::InstanceId;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
@@ -23,6 +27,13 @@ pub const MAX_RETRY: Duration = Duration::from_secs(30);
 
 /// Seconds one assignment long-poll waits for a change.
 pub const WATCH_WAIT_SECS: u64 = 30;
+
+/// Most state reports sent in one call: the control plane's limit.
+const REPORT_BATCH: usize = MAX_STATE_REPORTS;
+
+/// Estimated size above which a batch of state reports is not grown further, well below the
+/// control plane's body limit for the call.
+const REPORT_BATCH_BYTES: usize = 1024 * 1024;
 
 /// Lines per shipped batch.
 const BATCH_LINES: usize = 500;
@@ -108,32 +119,118 @@ pub async fn run_watcher<C: ControlPlane>(
     }
 }
 
-/// Sends state reports in order, retrying each until the control plane takes it. A report
-/// the control plane rejects as invalid is dropped (logged), so it cannot block later ones.
+/// Sends state reports in order, as many per call as are queued (up to [`REPORT_BATCH`]
+/// reports and about [`REPORT_BATCH_BYTES`]), so a host starting many instances at once
+/// makes few calls. A queued state that a later report of its instance supersedes is dropped
+/// ([`kiln_api::coalesce_reports`]): after an outage the agent sends each instance's latest
+/// state, not every step it went through. A call that fails is retried until the control
+/// plane takes it. A batch the control plane rejects as invalid is sent again one report at a
+/// time, and only the reports rejected then are dropped (logged), so one bad report cannot
+/// block the others.
 pub async fn run_reporter<C: ControlPlane>(
     control: C,
     mut outbox: mpsc::UnboundedReceiver<(InstanceId, ReportInstanceState)>,
     shared: Arc<Shared>,
 ) {
     let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
-    while let Some((instance, report)) = outbox.recv().await {
+    let mut queued: VecDeque<InstanceStateReport> = VecDeque::new();
+    loop {
+        if queued.is_empty() {
+            let Some((instance, report)) = outbox.recv().await else {
+                return;
+            };
+            queued.push_back(InstanceStateReport::new(instance, report));
+        }
+        while let Ok((instance, report)) = outbox.try_recv() {
+            queued.push_back(InstanceStateReport::new(instance, report));
+        }
+        if queued.len() > 1 {
+            queued = kiln_api::coalesce_reports(queued.into()).into();
+        }
+        let batch = next_batch(&mut queued);
+
         loop {
-            match control.report(instance, &report).await {
-                Ok(()) => {
+            match control.report_batch(&batch).await {
+                Ok(reported) => {
                     shared.reachable.store(true, Ordering::Relaxed);
                     backoff.reset();
+                    if !reported.unknown.is_empty() {
+                        info!(instances = ?reported.unknown, "reports on instances the control plane no longer places here were dropped");
+                    }
                     break;
                 }
                 Err(error) if !error.is_retryable() && error.code().is_some() => {
-                    warn!(%instance, state = ?report.state, error = %error_chain(&error), "state report rejected; dropped");
+                    warn!(reports = batch.reports.len(), error = %error_chain(&error), "state report batch rejected; sending its reports one by one");
+                    for report in &batch.reports {
+                        report_one(&control, report, &shared, &mut backoff).await;
+                    }
                     break;
                 }
                 Err(error) => {
                     shared.reachable.store(false, Ordering::Relaxed);
                     let delay = backoff.next_delay();
-                    warn!(%instance, error = %error_chain(&error), retry_in = ?delay, "state report failed");
+                    warn!(reports = batch.reports.len(), error = %error_chain(&error), retry_in = ?delay, "state report failed");
                     tokio::time::sleep(delay).await;
                 }
+            }
+        }
+    }
+}
+
+/// Takes the oldest queued reports that fit in one call.
+fn next_batch(queued: &mut VecDeque<InstanceStateReport>) -> ReportInstanceStates {
+    let mut reports = Vec::new();
+    let mut bytes = 0;
+    while let Some(report) = queued.front() {
+        // Field names, ids and quoting add well under this much to each report.
+        let size = 256
+            + report.detail.as_ref().map_or(0, String::len)
+            + report
+                .output
+                .iter()
+                .map(|line| line.len() + 4)
+                .sum::<usize>();
+        let full = reports.len() >= REPORT_BATCH || bytes + size > REPORT_BATCH_BYTES;
+        if full && !reports.is_empty() {
+            break;
+        }
+        bytes += size;
+        reports.extend(queued.pop_front());
+    }
+    ReportInstanceStates { reports }
+}
+
+/// Sends one report on its own, retrying while the control plane is unreachable; a
+/// rejected report is dropped.
+async fn report_one<C: ControlPlane>(
+    control: &C,
+    report: &InstanceStateReport,
+    shared: &Shared,
+    backoff: &mut Backoff,
+) {
+    let instance = report.instance_id;
+    let single = ReportInstanceState {
+        state: report.state,
+        detail: report.detail.clone(),
+        exit_code: report.exit_code,
+        output: report.output.clone(),
+    };
+    loop {
+        match control.report(instance, &single).await {
+            Ok(()) => {
+                shared.reachable.store(true, Ordering::Relaxed);
+                backoff.reset();
+                return;
+            }
+            Err(error) if !error.is_retryable() && error.code().is_some() => {
+                warn!(%instance, state = ?single.state, error = %error_chain(&error), "state report rejected; dropped");
+                return;
+            }
+            Err(error) => {
+                shared.reachable.store(false, Ordering::Relaxed);
+                let delay = backoff.next_delay();
+                warn!(%instance, error = %error_chain(&error), retry_in = ?delay, "state report failed");
+                tokio::time::sleep(delay).await;
             }
         }
     }
@@ -174,5 +271,56 @@ pub async fn run_log_shipper<C: ControlPlane>(control: C, shared: Arc<Shared>, i
             interval
         };
         tokio::time::sleep(delay).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kiln_api::InstanceState;
+
+    use super::*;
+
+    fn queued(count: usize, output_bytes: usize) -> VecDeque<InstanceStateReport> {
+        (0..count)
+            .map(|_| InstanceStateReport {
+                instance_id: InstanceId::new(),
+                state: InstanceState::Exited,
+                detail: None,
+                exit_code: Some(1),
+                output: vec!["x".repeat(output_bytes)],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn batches_stop_at_the_report_limit() {
+        let mut reports = queued(REPORT_BATCH + 3, 10);
+        let first = reports.front().map(|report| report.instance_id);
+
+        let batch = next_batch(&mut reports);
+
+        assert_eq!(batch.reports.len(), REPORT_BATCH);
+        assert_eq!(batch.reports[0].instance_id, first.unwrap());
+        assert_eq!(reports.len(), 3);
+        assert_eq!(next_batch(&mut reports).reports.len(), 3);
+        assert!(next_batch(&mut reports).reports.is_empty());
+    }
+
+    #[test]
+    fn batches_stop_at_the_size_limit_but_never_come_out_empty() {
+        let mut reports = queued(40, 50 * 1024);
+        let batch = next_batch(&mut reports);
+        let bytes: usize = batch
+            .reports
+            .iter()
+            .map(|report| serde_json::to_vec(report).unwrap().len())
+            .sum();
+        assert!(bytes <= REPORT_BATCH_BYTES, "{bytes}");
+        assert!(batch.reports.len() < 40);
+
+        // One report larger than the limit still goes out, alone.
+        let mut huge = queued(2, REPORT_BATCH_BYTES + 1);
+        assert_eq!(next_batch(&mut huge).reports.len(), 1);
+        assert_eq!(huge.len(), 1);
     }
 }

@@ -1184,6 +1184,7 @@ impl ControlServer {
                 host_lease: Duration::from_secs(30),
                 log_window_lines: 100,
             }),
+            release_specs: std::sync::Arc::default(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();

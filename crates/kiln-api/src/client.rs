@@ -599,6 +599,19 @@ impl Client {
         self.send(Method::POST, &path, Some(request)).await
     }
 
+    /// `POST /v1/host/instances/states` (host token).
+    pub async fn report_instance_states(
+        &self,
+        request: &ReportInstanceStates,
+    ) -> Result<ReportedInstanceStates, ClientError> {
+        self.send(
+            Method::POST,
+            routes::HOST_SELF_INSTANCE_STATES,
+            Some(request),
+        )
+        .await
+    }
+
     /// `GET /v1/host/instances/{instance}/secrets` (host token).
     pub async fn instance_secrets(
         &self,

@@ -83,6 +83,8 @@ pub const HOST_SELF_HEARTBEAT: &str = "/v1/host/heartbeat";
 pub const HOST_SELF_ASSIGNMENTS: &str = "/v1/host/assignments";
 /// Report an instance state change (host token).
 pub const HOST_SELF_INSTANCE_STATE: &str = "/v1/host/instances/{instance}/state";
+/// Report state changes of several instances in one call (host token).
+pub const HOST_SELF_INSTANCE_STATES: &str = "/v1/host/instances/states";
 /// Secrets of an instance placed on the calling host (host token).
 pub const HOST_SELF_INSTANCE_SECRETS: &str = "/v1/host/instances/{instance}/secrets";
 /// Ship a log batch (host token).
@@ -218,6 +220,7 @@ pub const ROUTES: &[Endpoint] = &[
     ep("POST", HOST_SELF_HEARTBEAT, "heartbeat", "Renew the calling host's lease", Host, Some("Heartbeat"), Some("HostLease"), 200),
     with_query(ep("GET", HOST_SELF_ASSIGNMENTS, "watch_assignments", "The calling host's assignments, long-polling", Host, None, Some("HostAssignments"), 200), "WatchQuery"),
     ep("POST", HOST_SELF_INSTANCE_STATE, "report_instance_state", "Report an instance state change", Host, Some("ReportInstanceState"), Some("Instance"), 200),
+    ep("POST", HOST_SELF_INSTANCE_STATES, "report_instance_states", "Report state changes of several instances", Host, Some("ReportInstanceStates"), Some("ReportedInstanceStates"), 200),
     ep("GET", HOST_SELF_INSTANCE_SECRETS, "get_instance_secrets", "Secret values for an instance on the calling host", Host, None, Some("InstanceSecrets"), 200),
     ep("POST", HOST_SELF_LOGS, "ship_logs", "Ship a batch of log lines", Host, Some("LogBatch"), None, 204),
     with_query(ep("GET", INGRESS_ROUTES, "watch_routes", "The route table, long-polling", Ingress, None, Some("RouteTable"), 200), "WatchQuery"),

@@ -125,6 +125,8 @@ api_types! {
     "RegisterHost" => RegisterHost,
     "Release" => Release,
     "ReportInstanceState" => ReportInstanceState,
+    "ReportInstanceStates" => ReportInstanceStates,
+    "ReportedInstanceStates" => ReportedInstanceStates,
     "RestartEnv" => RestartEnv,
     "RouteTable" => RouteTable,
     "ScaleEnv" => ScaleEnv,

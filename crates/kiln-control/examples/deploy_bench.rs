@@ -15,6 +15,8 @@
 //! Settings come from the environment: `BENCH_CONTROL_BIN` (the `kiln-control` binary,
 //! required), `BENCH_ENVS` (default 200), `BENCH_HOSTS` (default 20), `BENCH_INSTANCES` per
 //! environment (default 2) and `BENCH_CLIENTS`, the concurrent API clients (default 16).
+//! `BENCH_CONTROL_LOG` sets the control plane's `RUST_LOG` (default `warn`); its log is kept in
+//! `BENCH_KEEP_DIR` when that names a directory.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -289,7 +291,8 @@ fn bootstrap(binary: &Path, database_url: &str, dir: &Path) -> anyhow::Result<To
 }
 
 fn start_control(binary: &Path, database_url: &str, dir: &Path) -> anyhow::Result<Control> {
-    let log = std::fs::File::create(dir.join("control.log"))?;
+    let log_dir = std::env::var_os("BENCH_KEEP_DIR").map_or_else(|| dir.to_path_buf(), PathBuf::from);
+    let log = std::fs::File::create(log_dir.join("control.log"))?;
     let mut child = Command::new(binary)
         .arg("serve")
         .arg("--config")
@@ -297,7 +300,10 @@ fn start_control(binary: &Path, database_url: &str, dir: &Path) -> anyhow::Resul
         .args(["--listen", "127.0.0.1:0", "--database-url", database_url])
         .arg("--master-key-file")
         .arg(dir.join("master.key"))
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_CONTROL_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        )
         .stdout(Stdio::piped())
         .stderr(log)
         .spawn()

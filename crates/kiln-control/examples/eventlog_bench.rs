@@ -289,6 +289,7 @@ impl ApiTarget {
                 host_lease: Duration::from_secs(30),
                 log_window_lines: 1000,
             }),
+            release_specs: std::sync::Arc::default(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;

@@ -10,13 +10,15 @@
 //! Every allocation is idempotent per host or instance: asking again returns the same answer,
 //! which is what a resumed deploy step needs.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::{Mutex, PoisonError};
 
 use ipnet::Ipv6Net;
 use kiln_core::{EnvId, HostId, InstanceId};
 use kiln_scheduler::{AddressesInUse, HostPrefixes, InstanceAddresses, Ipam, IpamError};
 use sqlx::{PgConnection, Row};
+use uuid::Uuid;
 
 /// Key of the advisory lock that serializes IPAM allocations ("kilnipam" in ASCII).
 const IPAM_LOCK_KEY: i64 = 0x6b69_6c6e_6970_616d;
@@ -252,6 +254,213 @@ pub async fn instance_addresses(
     Ok(pair)
 }
 
+/// Addresses in use per host as this process knows them: read from the table once per host,
+/// then kept up to date by [`place_instances`] and [`AddressBook::free`].
+///
+/// Only the leader's orchestrator allocates instance addresses, and a new leader builds its
+/// own book after the old leader's transactions have ended (the fencing token sees to that),
+/// so the book misses no allocation. It may count an address as used that a failed
+/// transaction never stored, which only skips that address until [`AddressBook::clear`]. The
+/// table's UNIQUE constraints still reject a duplicate should the book ever be wrong; the
+/// caller then clears it.
+#[derive(Debug, Default)]
+pub struct AddressBook {
+    hosts: Mutex<HashMap<HostId, AddressesInUse>>,
+}
+
+impl AddressBook {
+    fn hosts(&self) -> std::sync::MutexGuard<'_, HashMap<HostId, AddressesInUse>> {
+        self.hosts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Marks the addresses of removed instances free again, once their removal committed.
+    pub fn free(&self, freed: &[(HostId, InstanceAddresses)]) {
+        let mut hosts = self.hosts();
+        for (host, pair) in freed {
+            if let Some(in_use) = hosts.get_mut(host) {
+                in_use.ipv6.remove(&pair.ipv6);
+                in_use.ipv4.remove(&pair.ipv4);
+            }
+        }
+    }
+
+    /// Forgets everything, so every host is read from the table again.
+    pub fn clear(&self) {
+        self.hosts().clear();
+    }
+}
+
+/// Returns the addresses of several instances of `env`, in the order of `instances`, each
+/// given as its host, the host's slot (adopted as [`adopt_host_slot`] does) and the instance.
+/// An instance that has addresses keeps them; the others get the lowest free ones of their
+/// host according to `book`.
+///
+/// Placements take the IPAM lock shared: they exclude slot allocation and host release, not
+/// each other, because `book` hands each address out once. A batch costs five statements
+/// however many instances it has, plus one read of each host the book has not seen yet.
+pub async fn place_instances(
+    conn: &mut PgConnection,
+    ipam: &Ipam,
+    book: &AddressBook,
+    env: EnvId,
+    instances: &[(HostId, u32, InstanceId)],
+) -> Result<Vec<InstanceAddresses>, IpamStoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+        .bind(IPAM_LOCK_KEY)
+        .execute(&mut *conn)
+        .await
+        .map_err(query_failed("take the IPAM lock"))?;
+
+    let mut host_slots: BTreeMap<HostId, u32> = BTreeMap::new();
+    for (host, slot, _) in instances {
+        host_slots.entry(*host).or_insert(*slot);
+    }
+    let hosts: Vec<Uuid> = host_slots.keys().map(|host| host.as_uuid()).collect();
+    let slots: Vec<i32> = host_slots
+        .values()
+        .map(|slot| i32::try_from(*slot).unwrap_or(i32::MAX))
+        .collect();
+    sqlx::query(
+        "INSERT INTO ipam_host_slots (host_id, slot) SELECT * FROM unnest($1::uuid[], $2::int[]) \
+         ON CONFLICT (host_id) DO NOTHING",
+    )
+    .bind(&hosts)
+    .bind(&slots)
+    .execute(&mut *conn)
+    .await
+    .map_err(query_failed("adopt the hosts' slots"))?;
+
+    // The slot a host already had wins over the one passed in, as in `adopt_host_slot`.
+    let rows = sqlx::query("SELECT host_id, slot FROM ipam_host_slots WHERE host_id = ANY($1)")
+        .bind(&hosts)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(query_failed("read the hosts' slots"))?;
+    let mut prefixes: BTreeMap<HostId, HostPrefixes> = BTreeMap::new();
+    for row in rows {
+        let slot: i32 = row.get("slot");
+        let slot = u32::try_from(slot).map_err(|_| IpamStoreError::CorruptRow {
+            column: "ipam_host_slots.slot",
+            value: slot.to_string(),
+        })?;
+        let host = HostId::from_uuid(row.get("host_id"));
+        prefixes.insert(
+            host,
+            ipam.host_prefixes(slot)
+                .map_err(IpamStoreError::Allocation)?,
+        );
+    }
+
+    let ids: Vec<Uuid> = instances.iter().map(|(_, _, id)| id.as_uuid()).collect();
+    let rows = sqlx::query(
+        "SELECT instance_id, ipv6, ipv4 FROM ipam_instance_addresses WHERE instance_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(query_failed("read the instances' addresses"))?;
+    let mut existing: BTreeMap<InstanceId, InstanceAddresses> = BTreeMap::new();
+    for row in rows {
+        let pair = parse_pair(row.get("ipv6"), row.get("ipv4"))?;
+        existing.insert(InstanceId::from_uuid(row.get("instance_id")), pair);
+    }
+
+    let unseen: Vec<Uuid> = {
+        let known = book.hosts();
+        host_slots
+            .keys()
+            .filter(|host| !known.contains_key(host))
+            .map(|host| host.as_uuid())
+            .collect()
+    };
+    if !unseen.is_empty() {
+        let rows = sqlx::query(
+            "SELECT host_id, ipv6, ipv4 FROM ipam_instance_addresses WHERE host_id = ANY($1)",
+        )
+        .bind(&unseen)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(query_failed("read the hosts' addresses in use"))?;
+        let mut read: HashMap<HostId, AddressesInUse> = unseen
+            .iter()
+            .map(|host| (HostId::from_uuid(*host), AddressesInUse::default()))
+            .collect();
+        for row in rows {
+            let pair = parse_pair(row.get("ipv6"), row.get("ipv4"))?;
+            read.entry(HostId::from_uuid(row.get("host_id")))
+                .or_default()
+                .insert(pair);
+        }
+        // Merged, not replaced: a concurrent batch may have allocated on the host since.
+        let mut known = book.hosts();
+        for (host, in_use) in read {
+            let entry = known.entry(host).or_default();
+            entry.ipv6.extend(in_use.ipv6);
+            entry.ipv4.extend(in_use.ipv4);
+        }
+    }
+
+    let mut pairs = Vec::with_capacity(instances.len());
+    let (mut new_ids, mut new_hosts, mut new_v6, mut new_v4) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    {
+        let mut known = book.hosts();
+        for (host, _, instance) in instances {
+            if let Some(pair) = existing.get(instance) {
+                pairs.push(*pair);
+                continue;
+            }
+            let host_prefixes = prefixes.get(host).ok_or_else(|| IpamStoreError::CorruptRow {
+                column: "ipam_host_slots.host_id",
+                value: format!("{host} has no slot after adoption"),
+            })?;
+            let used = known.entry(*host).or_default();
+            let pair = ipam
+                .allocate_instance(host_prefixes, used)
+                .map_err(IpamStoreError::Allocation)?;
+            used.insert(pair);
+            existing.insert(*instance, pair);
+            pairs.push(pair);
+            new_ids.push(instance.as_uuid());
+            new_hosts.push(host.as_uuid());
+            new_v6.push(pair.ipv6.to_string());
+            new_v4.push(pair.ipv4.to_string());
+        }
+    }
+
+    if !new_ids.is_empty() {
+        sqlx::query(
+            "INSERT INTO ipam_instance_addresses (instance_id, env_id, host_id, ipv6, ipv4) \
+             SELECT new.instance_id, $2, new.host_id, new.ipv6, new.ipv4 \
+             FROM unnest($1::uuid[], $3::uuid[], $4::text[], $5::text[]) \
+                  AS new(instance_id, host_id, ipv6, ipv4)",
+        )
+        .bind(&new_ids)
+        .bind(env.as_uuid())
+        .bind(&new_hosts)
+        .bind(&new_v6)
+        .bind(&new_v4)
+        .execute(conn)
+        .await
+        .map_err(query_failed("store the instances' addresses"))?;
+    }
+    Ok(pairs)
+}
+
+/// Frees the addresses of instances that are gone.
+pub async fn release_instances(
+    conn: &mut PgConnection,
+    instances: &[InstanceId],
+) -> Result<(), IpamStoreError> {
+    let ids: Vec<Uuid> = instances.iter().map(|id| id.as_uuid()).collect();
+    sqlx::query("DELETE FROM ipam_instance_addresses WHERE instance_id = ANY($1)")
+        .bind(&ids)
+        .execute(conn)
+        .await
+        .map_err(query_failed("free the instances' addresses"))?;
+    Ok(())
+}
+
 /// Frees an instance's addresses once the instance is gone; returns whether it had any.
 pub async fn release_instance(
     conn: &mut PgConnection,
@@ -428,5 +637,97 @@ mod tests {
             assert!(seen_v6.insert(pair.ipv6), "{} handed out twice", pair.ipv6);
             assert!(seen_v4.insert(pair.ipv4), "{} handed out twice", pair.ipv4);
         }
+    }
+
+    #[tokio::test]
+    async fn concurrent_batches_share_the_book_without_collisions() {
+        let pool = pool().await;
+        let ipam = {
+            let mut conn = pool.acquire().await.unwrap();
+            bootstrap(&mut conn, [7, 7, 7, 7, 8]).await.unwrap()
+        };
+        let book = std::sync::Arc::new(AddressBook::default());
+        let hosts = [(HostId::new(), 1), (HostId::new(), 2)];
+
+        // Batches overlap in time and all place on both hosts; the shared lock lets them.
+        let tasks: Vec<_> = (0..12)
+            .map(|_| {
+                let (pool, book) = (pool.clone(), std::sync::Arc::clone(&book));
+                tokio::spawn(async move {
+                    let batch: Vec<_> = (0..6)
+                        .map(|n| (hosts[n % 2].0, hosts[n % 2].1, InstanceId::new()))
+                        .collect();
+                    let mut tx = pool.begin().await.unwrap();
+                    let pairs = place_instances(&mut tx, &ipam, &book, EnvId::new(), &batch)
+                        .await
+                        .unwrap();
+                    tokio::task::yield_now().await;
+                    tx.commit().await.unwrap();
+                    pairs
+                })
+            })
+            .collect();
+
+        let mut seen_v6 = BTreeSet::new();
+        let mut seen_v4 = BTreeSet::new();
+        for task in tasks {
+            for pair in task.await.unwrap() {
+                assert!(seen_v6.insert(pair.ipv6), "{} handed out twice", pair.ipv6);
+                assert!(seen_v4.insert(pair.ipv4), "{} handed out twice", pair.ipv4);
+            }
+        }
+        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM ipam_instance_addresses")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(stored, 72);
+    }
+
+    #[tokio::test]
+    async fn book_reads_existing_addresses_and_reuses_freed_ones() {
+        let pool = pool().await;
+        let mut tx = pool.begin().await.unwrap();
+        let ipam = bootstrap(&mut tx, [1, 2, 3, 4, 6]).await.unwrap();
+        let (env, host) = (EnvId::new(), HostId::new());
+
+        // Placed before this book existed, as by an earlier leader.
+        let earlier = InstanceId::new();
+        adopt_host_slot(&mut tx, &ipam, host, 3).await.unwrap();
+        let earlier_pair = instance_addresses(&mut tx, &ipam, env, host, earlier)
+            .await
+            .unwrap();
+
+        let book = AddressBook::default();
+        let (a, b) = (InstanceId::new(), InstanceId::new());
+        let pairs = place_instances(
+            &mut tx,
+            &ipam,
+            &book,
+            env,
+            &[(host, 3, earlier), (host, 3, a), (host, 3, b)],
+        )
+        .await
+        .unwrap();
+        assert_eq!(pairs[0], earlier_pair, "a placed instance keeps its addresses");
+        assert!(!pairs[1..].contains(&earlier_pair));
+        assert_ne!(pairs[1], pairs[2]);
+
+        release_instances(&mut tx, &[a]).await.unwrap();
+        book.free(&[(host, pairs[1])]);
+        let c = InstanceId::new();
+        let again = place_instances(&mut tx, &ipam, &book, env, &[(host, 3, c)])
+            .await
+            .unwrap();
+        assert_eq!(again[0], pairs[1], "the freed pair is handed out again");
+
+        // A book that is wrong (here: emptied while the table still holds the pairs, then
+        // told nothing) cannot hand out a pair twice: it reads the host again once cleared.
+        book.clear();
+        let d = InstanceId::new();
+        let fresh = place_instances(&mut tx, &ipam, &book, env, &[(host, 3, d)])
+            .await
+            .unwrap();
+        assert!(![earlier_pair, pairs[2], again[0]].contains(&fresh[0]));
+        tx.commit().await.unwrap();
     }
 }

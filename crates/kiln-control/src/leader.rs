@@ -171,11 +171,14 @@ pub async fn run_singleton_work(
         if full {
             last_full = Some(tokio::time::Instant::now());
         }
-        if let Leadership::Leader { term } = state
-            && let Err(error) =
-                singleton_pass(&store, term, &mut orchestrator, full, route_drain_deadline).await
-        {
-            tracing::warn!(error = %crate::api::error::error_chain(&error), term, "leader work failed");
+        if let Leadership::Leader { term } = state {
+            let started = tokio::time::Instant::now();
+            let result =
+                singleton_pass(&store, term, &mut orchestrator, full, route_drain_deadline).await;
+            tracing::debug!(term, full, elapsed = ?started.elapsed(), "leader pass done");
+            if let Err(error) = result {
+                tracing::warn!(error = %crate::api::error::error_chain(&error), term, "leader work failed");
+            }
         }
 
         let is_leader = matches!(state, Leadership::Leader { .. });

@@ -62,6 +62,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             host_lease: config.host_lease(),
             log_window_lines: config.log_window_lines,
         }),
+        release_specs: Arc::default(),
     };
     let app = api::router(state).merge(
         axum::Router::new()

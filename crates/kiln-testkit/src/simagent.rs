@@ -14,14 +14,17 @@ use std::time::Duration;
 
 use kiln_api::{
     Assignment, Client, ClientError, DesiredState, Heartbeat, HostCapacity, HostLease,
-    InstanceState, RegisterHost, ReportInstanceState, VmmDriver, WatchQuery,
+    InstanceState, InstanceStateReport, RegisterHost, ReportInstanceStates, VmmDriver, WatchQuery,
 };
 use kiln_core::InstanceId;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-/// Attempts at reporting one instance state before giving up.
+/// Attempts at sending one batch of state reports before giving up.
 const REPORT_ATTEMPTS: u32 = 150;
+
+/// Most state reports sent in one call, as the real agent batches them.
+const REPORT_BATCH: usize = 256;
 
 /// Pause between report attempts.
 const REPORT_RETRY_PAUSE: Duration = Duration::from_millis(100);
@@ -159,6 +162,11 @@ impl SimAgent {
 
         let state = Arc::new(Mutex::new(SimState::default()));
         let (shutdown, stopped) = watch::channel(false);
+        let (outbox, queued) = mpsc::unbounded_channel();
+        let reporter = Reporter {
+            outbox,
+            state: Arc::clone(&state),
+        };
         let tasks = vec![
             tokio::spawn(heartbeat_loop(
                 client.clone(),
@@ -166,7 +174,8 @@ impl SimAgent {
                 Arc::clone(&state),
                 stopped.clone(),
             )),
-            tokio::spawn(watch_loop(client, config, Arc::clone(&state), stopped)),
+            tokio::spawn(report_loop(client.clone(), queued, stopped.clone())),
+            tokio::spawn(watch_loop(client, config, reporter, stopped)),
         ];
 
         Ok(Self {
@@ -254,7 +263,7 @@ async fn heartbeat_loop(
 async fn watch_loop(
     client: Client,
     config: SimAgentConfig,
-    state: Arc<Mutex<SimState>>,
+    reporter: Reporter,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut cursor = 0;
@@ -279,18 +288,14 @@ async fn watch_loop(
             }
         };
         cursor = assignments.cursor;
-        reconcile(&client, &config, &state, &assignments.assignments).await;
+        reconcile(&config, &reporter, &assignments.assignments);
     }
 }
 
 /// Brings the simulated host to the complete desired set: starts what is new, stops what is
 /// marked stopped, and drops instances no longer assigned.
-async fn reconcile(
-    client: &Client,
-    config: &SimAgentConfig,
-    state: &Arc<Mutex<SimState>>,
-    assignments: &[Assignment],
-) {
+fn reconcile(config: &SimAgentConfig, reporter: &Reporter, assignments: &[Assignment]) {
+    let state = &reporter.state;
     let assigned: BTreeSet<InstanceId> = assignments.iter().map(|a| a.instance_id).collect();
     {
         let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
@@ -314,18 +319,13 @@ async fn reconcile(
                 // Each instance boots in a task of its own, as microVMs boot in parallel on a
                 // real host. It was recorded as pending above, so it is never booted twice.
                 let outcome = (config.behavior)(assignment);
-                tokio::spawn(boot(
-                    client.clone(),
-                    Arc::clone(state),
-                    assignment.instance_id,
-                    outcome,
-                ));
+                tokio::spawn(boot(reporter.clone(), assignment.instance_id, outcome));
             }
             (DesiredState::Stopped, Some(current)) if !current.is_terminal() => {
                 let stopping = Report::new(InstanceState::Stopping, None);
-                report(client, state, assignment.instance_id, stopping).await;
+                reporter.report(assignment.instance_id, stopping);
                 let exited = Report::new(InstanceState::Exited, Some(0));
-                report(client, state, assignment.instance_id, exited).await;
+                reporter.report(assignment.instance_id, exited);
             }
             _ => {}
         }
@@ -349,17 +349,16 @@ impl Report {
     }
 }
 
-async fn boot(client: Client, state: Arc<Mutex<SimState>>, instance: InstanceId, outcome: Outcome) {
-    let (client, state) = (&client, &state);
+async fn boot(reporter: Reporter, instance: InstanceId, outcome: Outcome) {
     let preparing = Report::new(InstanceState::Preparing, None);
-    report(client, state, instance, preparing).await;
+    reporter.report(instance, preparing);
     if outcome == Outcome::Fail {
         let failed = Report::new(InstanceState::Failed, Some(1));
-        report(client, state, instance, failed).await;
+        reporter.report(instance, failed);
         return;
     }
     for reached in [InstanceState::Booting, InstanceState::Running] {
-        report(client, state, instance, Report::new(reached, None)).await;
+        reporter.report(instance, Report::new(reached, None));
     }
     let last = match outcome {
         Outcome::Hang => return,
@@ -379,40 +378,71 @@ async fn boot(client: Client, state: Arc<Mutex<SimState>>, instance: InstanceId,
         Outcome::Unhealthy => Report::new(InstanceState::Unhealthy, None),
         Outcome::Healthy | Outcome::Fail => Report::new(InstanceState::Healthy, None),
     };
-    report(client, state, instance, last).await;
+    reporter.report(instance, last);
 }
 
-async fn report(
-    client: &Client,
-    state: &Arc<Mutex<SimState>>,
-    instance: InstanceId,
-    report: Report,
-) {
-    let new_state = report.state;
-    // Recorded before the request, because the control plane may return this state to a
-    // watch before the request returns. A watch that saw a run-once instance exited and
-    // found it still running here would stop it and report a second, made-up exit.
-    {
-        let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
-        state.instances.insert(instance, new_state);
+/// Queues state reports for [`report_loop`] and keeps the simulated host's view of its
+/// instances.
+#[derive(Clone)]
+struct Reporter {
+    outbox: mpsc::UnboundedSender<InstanceStateReport>,
+    state: Arc<Mutex<SimState>>,
+}
+
+impl Reporter {
+    fn report(&self, instance: InstanceId, report: Report) {
+        // Recorded before the report is sent, because the control plane may return this state
+        // to a watch before the request returns. A watch that saw a run-once instance exited
+        // and found it still running here would stop it and report a second, made-up exit.
+        {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            state.instances.insert(instance, report.state);
+        }
+        // The loop is gone only when the host is powered off, which reports nothing more.
+        let _ = self.outbox.send(InstanceStateReport {
+            instance_id: instance,
+            state: report.state,
+            detail: Some("simulated".to_owned()),
+            exit_code: report.exit_code,
+            output: report.output,
+        });
     }
-    let request = ReportInstanceState {
-        state: new_state,
-        detail: Some("simulated".to_owned()),
-        exit_code: report.exit_code,
-        output: report.output,
-    };
-    // Retry while the control plane is unreachable (it may be restarting), as a real agent
-    // does, so no state change is lost; give up after REPORT_ATTEMPTS.
-    for attempt in 1..=REPORT_ATTEMPTS {
-        match client.report_instance_state(instance, &request).await {
-            Ok(_) => break,
-            Err(error) if error.is_retryable() && attempt < REPORT_ATTEMPTS => {
-                tokio::time::sleep(REPORT_RETRY_PAUSE).await;
+}
+
+/// Sends queued reports in order, as many per call as are waiting (up to [`REPORT_BATCH`]),
+/// each instance's superseded states dropped, like the real agent. A call is retried while the control plane is unreachable (it may be
+/// restarting), so no state change is lost; a batch is dropped after [`REPORT_ATTEMPTS`].
+async fn report_loop(
+    client: Client,
+    mut queued: mpsc::UnboundedReceiver<InstanceStateReport>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    loop {
+        let first = tokio::select! {
+            first = queued.recv() => first,
+            _ = stopped.changed() => return,
+        };
+        let Some(first) = first else { return };
+        let mut reports = vec![first];
+        while reports.len() < REPORT_BATCH {
+            match queued.try_recv() {
+                Ok(next) => reports.push(next),
+                Err(_) => break,
             }
-            Err(error) => {
-                tracing::warn!(error = %error, instance = %instance, state = ?new_state, "simulated report failed");
-                break;
+        }
+        let batch = ReportInstanceStates {
+            reports: kiln_api::coalesce_reports(reports),
+        };
+        for attempt in 1..=REPORT_ATTEMPTS {
+            match client.report_instance_states(&batch).await {
+                Ok(_) => break,
+                Err(error) if error.is_retryable() && attempt < REPORT_ATTEMPTS => {
+                    tokio::time::sleep(REPORT_RETRY_PAUSE).await;
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, reports = batch.reports.len(), "simulated report failed");
+                    break;
+                }
             }
         }
     }

@@ -73,8 +73,143 @@ pub struct ReportInstanceState {
     pub output: Vec<String>,
 }
 
+/// Body of `POST /v1/host/instances/states`: state changes of instances on the calling host,
+/// recorded in the order given, all in one append.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ReportInstanceStates {
+    /// The reports, oldest first; at most [`MAX_STATE_REPORTS`].
+    pub reports: Vec<InstanceStateReport>,
+}
+
+/// One report of [`ReportInstanceStates`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct InstanceStateReport {
+    /// The instance.
+    pub instance_id: InstanceId,
+    /// The new state.
+    pub state: InstanceState,
+    /// Detail such as "health check: connection refused on [fd00::1]:8080".
+    #[serde(default)]
+    pub detail: Option<String>,
+    /// Exit code, for `exited` and `failed`.
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    /// Last output lines of a run-once instance, for `exited` and `failed`; at most
+    /// [`MAX_REPORTED_OUTPUT_LINES`] lines.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub output: Vec<String>,
+}
+
+impl InstanceStateReport {
+    /// Pairs a single-instance report with its instance.
+    pub fn new(instance_id: InstanceId, report: ReportInstanceState) -> Self {
+        Self {
+            instance_id,
+            state: report.state,
+            detail: report.detail,
+            exit_code: report.exit_code,
+            output: report.output,
+        }
+    }
+}
+
+impl InstanceStateReport {
+    /// Returns whether the report records how the instance ended (an exit code or output),
+    /// which a later report must never replace.
+    pub fn records_an_end(&self) -> bool {
+        self.state.is_terminal() || self.exit_code.is_some() || !self.output.is_empty()
+    }
+}
+
+/// Drops every queued report that a later report of the same instance supersedes: a state the
+/// instance has already left, with no exit code or output. An agent that queues reports faster
+/// than the control plane takes them (many microVMs booting at once, or an outage) then sends
+/// each instance's latest state instead of every step it went through. Reports that record an
+/// end are kept, so no exit is lost. The order of the kept reports is unchanged.
+pub fn coalesce_reports(reports: Vec<InstanceStateReport>) -> Vec<InstanceStateReport> {
+    let mut latest = std::collections::BTreeMap::new();
+    for (index, report) in reports.iter().enumerate() {
+        latest.insert(report.instance_id, index);
+    }
+    reports
+        .into_iter()
+        .enumerate()
+        .filter(|(index, report)| {
+            latest.get(&report.instance_id) == Some(index) || report.records_an_end()
+        })
+        .map(|(_, report)| report)
+        .collect()
+}
+
+/// Response of `POST /v1/host/instances/states`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct ReportedInstanceStates {
+    /// Reports recorded.
+    pub recorded: u32,
+    /// Instances named in the batch that are not placed on the calling host (removed since
+    /// the report was made, for example). Their reports were dropped; sending them again
+    /// changes nothing.
+    pub unknown: Vec<InstanceId>,
+}
+
+/// Most reports one `POST /v1/host/instances/states` may carry.
+pub const MAX_STATE_REPORTS: usize = 500;
+
 /// Most output lines a state report may carry.
 pub const MAX_REPORTED_OUTPUT_LINES: usize = 50;
 
 /// Maximum length in bytes of one output line in a state report.
 pub const MAX_REPORTED_OUTPUT_LINE_BYTES: usize = 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(instance_id: InstanceId, state: InstanceState) -> InstanceStateReport {
+        InstanceStateReport {
+            instance_id,
+            state,
+            detail: None,
+            exit_code: None,
+            output: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn coalescing_keeps_latest_states_and_every_end() {
+        let (a, b, c) = (InstanceId::new(), InstanceId::new(), InstanceId::new());
+        let mut first_exit = report(b, InstanceState::Exited);
+        first_exit.exit_code = Some(2);
+        let mut with_output = report(c, InstanceState::Running);
+        with_output.output = vec!["started".to_owned()];
+        let queued = vec![
+            report(a, InstanceState::Preparing),
+            report(b, InstanceState::Running),
+            report(a, InstanceState::Booting),
+            first_exit.clone(),
+            with_output.clone(),
+            report(b, InstanceState::Preparing),
+            report(a, InstanceState::Healthy),
+            report(c, InstanceState::Healthy),
+        ];
+
+        let kept = coalesce_reports(queued);
+
+        assert_eq!(
+            kept,
+            vec![
+                first_exit,
+                with_output,
+                report(b, InstanceState::Preparing),
+                report(a, InstanceState::Healthy),
+                report(c, InstanceState::Healthy),
+            ]
+        );
+        assert!(coalesce_reports(Vec::new()).is_empty());
+    }
+}

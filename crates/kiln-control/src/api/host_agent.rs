@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv6Addr;
+use std::sync::{Arc, PoisonError};
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -11,7 +12,8 @@ use base64::Engine;
 use kiln_api::types::{
     Assignment, DesiredState, Heartbeat, HostAssignments, HostLease, Instance, InstanceNetwork,
     InstanceSecrets, LogBatch, MAX_REPORTED_OUTPUT_LINE_BYTES, MAX_REPORTED_OUTPUT_LINES,
-    OverlayPeer, RegisterHost, ReportInstanceState, ServicePort, WatchQuery,
+    MAX_STATE_REPORTS, OverlayPeer, RegisterHost, ReleaseSpec, ReportInstanceState,
+    ReportInstanceStates, ReportedInstanceStates, ServicePort, WatchQuery,
 };
 use kiln_api::{ErrorCode, Event};
 use kiln_core::{
@@ -23,11 +25,11 @@ use sqlx::Row;
 use super::error::ApiError;
 use super::events::wait_duration;
 use super::extract::{JsonBody, LossyJsonBody, QueryParams};
-use super::host_changes::{ChangeIndex, HostChanges};
+use super::host_changes::{ChangeIndex, HostChanges, skips_assignments};
 use super::{AppState, scope};
 use crate::auth::Caller;
 use crate::secrets::Sealed;
-use crate::store::{ExpectedVersion, NewEvent, StoreError, streams};
+use crate::store::{ExpectedVersion, NewEvent, StoreError, StreamEvent, streams};
 
 /// Maximum number of lines in one log batch.
 pub const MAX_LOG_LINES: usize = 10_000;
@@ -39,6 +41,10 @@ pub const MAX_DETAIL_LEN: usize = 4096;
 /// Key of the advisory lock that orders log inserts, so a follower's `after` cursor never
 /// passes a line that commits later with a lower id.
 const LOG_LOCK_KEY: i64 = 0x6b69_6c6e_0002;
+
+/// Time a woken assignments watch waits before it reads the assignments, so changes appended
+/// in quick succession reach the agent in one response.
+const ASSIGNMENT_SETTLE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Attempts at picking a free host prefix when registrations race.
 const PREFIX_ATTEMPTS: usize = 5;
@@ -142,7 +148,19 @@ pub async fn assignments(
         after != 0 && after >= current.from && after <= current.head
     };
     let changed = if covered {
-        wait_for_change(&mut index, host_id, after, wait).await
+        let already = index.borrow().changed_after(host_id, after);
+        let changed = wait_for_change(&mut index, host_id, after, wait).await;
+        match changed {
+            // Woken by a change: placements of one deploy step, or of several deploys planned
+            // in one pass, arrive as several appends in quick succession. Letting them settle
+            // makes one reload of the complete set cover them all, where each reload costs a
+            // query and serialization that grow with the host's instances.
+            Some(_) if !already => {
+                tokio::time::sleep(ASSIGNMENT_SETTLE).await;
+                Some(index.borrow().head)
+            }
+            other => other,
+        }
     } else {
         wait_for_change_in_log(&state, host_id, after, wait).await?
     };
@@ -207,15 +225,18 @@ async fn wait_for_change_in_log(
                 }
                 // An event that names another host (its instances' placements and reports)
                 // never changes this host's assignments, so it does not end the long poll.
-                let relevant: bool = sqlx::query_scalar(
+                let relevant: bool = sqlx::query_scalar(concat!(
                     "SELECT EXISTS (
-                         SELECT 1 FROM events
-                         WHERE seq > $1 AND seq <= $2
-                           AND (host_id = $3
-                                OR (host_id IS NULL
-                                    AND env_id IN (SELECT env_id FROM instances
-                                                   WHERE host_id = $3))))",
-                )
+                         SELECT 1 FROM events e
+                         WHERE e.seq > $1 AND e.seq <= $2
+                           AND (e.host_id = $3
+                                OR (e.host_id IS NULL
+                                    AND e.env_id IN (SELECT env_id FROM instances
+                                                     WHERE host_id = $3)))
+                           AND NOT ",
+                    skips_assignments!(),
+                    ")"
+                ))
                 .bind(after as i64)
                 .bind(head as i64)
                 .bind(host_id.as_uuid())
@@ -238,32 +259,7 @@ pub async fn report_state(
 ) -> Result<Json<Instance>, ApiError> {
     let host_id = scope::host(&caller)?;
     let instance_id = parse_instance(&instance)?;
-    if request
-        .detail
-        .as_ref()
-        .is_some_and(|detail| detail.len() > MAX_DETAIL_LEN)
-    {
-        return Err(ApiError::invalid(
-            "detail",
-            format!("detail is longer than {MAX_DETAIL_LEN} bytes"),
-        ));
-    }
-    if request.output.len() > MAX_REPORTED_OUTPUT_LINES {
-        return Err(ApiError::invalid(
-            "output",
-            format!("output has more than {MAX_REPORTED_OUTPUT_LINES} lines; send the last ones"),
-        ));
-    }
-    if request
-        .output
-        .iter()
-        .any(|line| line.len() > MAX_REPORTED_OUTPUT_LINE_BYTES)
-    {
-        return Err(ApiError::invalid(
-            "output",
-            format!("an output line is longer than {MAX_REPORTED_OUTPUT_LINE_BYTES} bytes; cut it"),
-        ));
-    }
+    check_report("", request.detail.as_deref(), &request.output)?;
     let (env_id, org_id) = instance_on_host(&state, host_id, instance_id).await?;
 
     let event = Event::InstanceStateChanged {
@@ -294,6 +290,115 @@ pub async fn report_state(
     .await
     .map_err(ApiError::database("load instance"))?;
     Ok(Json(super::read::instance_from_row(&row)?))
+}
+
+/// `POST /v1/host/instances/states`: several reports in one append, in the order given.
+///
+/// A report on an instance that is not placed on the calling host is dropped and its
+/// instance listed in `unknown`, instead of failing the batch: an agent that reports the exit
+/// of an instance the orchestrator has just removed must not retry its other reports forever.
+/// Another host's instance is indistinguishable from a removed one.
+pub async fn report_states(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(request): JsonBody<ReportInstanceStates>,
+) -> Result<Json<ReportedInstanceStates>, ApiError> {
+    let host_id = scope::host(&caller)?;
+    if request.reports.len() > MAX_STATE_REPORTS {
+        return Err(ApiError::invalid(
+            "reports",
+            format!(
+                "{} reports in one batch; send at most {MAX_STATE_REPORTS} per call",
+                request.reports.len()
+            ),
+        ));
+    }
+    for (index, report) in request.reports.iter().enumerate() {
+        let field = format!("reports[{index}].");
+        check_report(&field, report.detail.as_deref(), &report.output)?;
+    }
+
+    let ids: Vec<uuid::Uuid> = request
+        .reports
+        .iter()
+        .map(|report| report.instance_id.as_uuid())
+        .collect();
+    let rows = sqlx::query(
+        "SELECT i.id, i.env_id, e.org_id FROM instances i JOIN envs e ON e.id = i.env_id
+         WHERE i.id = ANY($1) AND i.host_id = $2",
+    )
+    .bind(&ids)
+    .bind(host_id.as_uuid())
+    .fetch_all(state.store.pool())
+    .await
+    .map_err(ApiError::database("look up instances"))?;
+    let placed: HashMap<InstanceId, (EnvId, OrgId)> = rows
+        .iter()
+        .map(|row| {
+            (
+                InstanceId::from_uuid(row.get("id")),
+                (
+                    EnvId::from_uuid(row.get("env_id")),
+                    OrgId::from_uuid(row.get("org_id")),
+                ),
+            )
+        })
+        .collect();
+
+    let mut events = Vec::with_capacity(request.reports.len());
+    let mut unknown = Vec::new();
+    for report in request.reports {
+        let Some((env_id, org_id)) = placed.get(&report.instance_id) else {
+            if !unknown.contains(&report.instance_id) {
+                unknown.push(report.instance_id);
+            }
+            continue;
+        };
+        let event = Event::InstanceStateChanged {
+            instance_id: report.instance_id,
+            env_id: *env_id,
+            host_id,
+            state: report.state,
+            detail: report.detail,
+            exit_code: report.exit_code,
+            output: report.output,
+        };
+        events.push(StreamEvent {
+            stream: streams::instance(report.instance_id),
+            expected: ExpectedVersion::Any,
+            event: NewEvent::org(*org_id, event),
+        });
+    }
+    let recorded = u32::try_from(events.len()).unwrap_or(u32::MAX);
+    state.store.append_each(events, &caller.actor()).await?;
+    Ok(Json(ReportedInstanceStates { recorded, unknown }))
+}
+
+/// Checks the sizes of a state report's detail and output lines; `field` prefixes the names
+/// of the fields in an error (`reports[2].` in a batch).
+fn check_report(field: &str, detail: Option<&str>, output: &[String]) -> Result<(), ApiError> {
+    if detail.is_some_and(|detail| detail.len() > MAX_DETAIL_LEN) {
+        return Err(ApiError::invalid(
+            &format!("{field}detail"),
+            format!("detail is longer than {MAX_DETAIL_LEN} bytes"),
+        ));
+    }
+    if output.len() > MAX_REPORTED_OUTPUT_LINES {
+        return Err(ApiError::invalid(
+            &format!("{field}output"),
+            format!("output has more than {MAX_REPORTED_OUTPUT_LINES} lines; send the last ones"),
+        ));
+    }
+    if output
+        .iter()
+        .any(|line| line.len() > MAX_REPORTED_OUTPUT_LINE_BYTES)
+    {
+        return Err(ApiError::invalid(
+            &format!("{field}output"),
+            format!("an output line is longer than {MAX_REPORTED_OUTPUT_LINE_BYTES} bytes; cut it"),
+        ));
+    }
+    Ok(())
 }
 
 /// `GET /v1/host/instances/{instance}/secrets`: values only for a running instance placed
@@ -561,12 +666,72 @@ async fn free_prefix(pool: &sqlx::PgPool, ula_prefix: Ipv6Addr) -> Result<String
     ))
 }
 
+/// Release specs by release, parsed once: many instances on a host share a release, and a
+/// release never changes after it is created.
+#[derive(Debug, Default)]
+pub struct ReleaseSpecs {
+    specs: std::sync::Mutex<HashMap<ReleaseId, Arc<ReleaseSpec>>>,
+}
+
+/// Specs kept at most; the cache starts over when it is full.
+const RELEASE_SPECS_KEPT: usize = 4096;
+
+impl ReleaseSpecs {
+    /// Returns the spec of each release in `releases`, reading those not kept yet in one
+    /// query.
+    async fn get_all(
+        &self,
+        pool: &sqlx::PgPool,
+        releases: &[ReleaseId],
+    ) -> Result<HashMap<ReleaseId, Arc<ReleaseSpec>>, ApiError> {
+        let mut found = HashMap::new();
+        let mut missing = Vec::new();
+        {
+            let specs = self.specs.lock().unwrap_or_else(PoisonError::into_inner);
+            for release in releases {
+                match specs.get(release) {
+                    Some(spec) => {
+                        found.insert(*release, Arc::clone(spec));
+                    }
+                    None if !missing.contains(&release.as_uuid()) => {
+                        missing.push(release.as_uuid());
+                    }
+                    None => {}
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(found);
+        }
+
+        let rows: Vec<(uuid::Uuid, serde_json::Value)> =
+            sqlx::query_as("SELECT id, spec FROM releases WHERE id = ANY($1)")
+                .bind(&missing)
+                .fetch_all(pool)
+                .await
+                .map_err(ApiError::database("read release specs"))?;
+        let mut specs = self.specs.lock().unwrap_or_else(PoisonError::into_inner);
+        if specs.len() + rows.len() > RELEASE_SPECS_KEPT {
+            specs.clear();
+        }
+        for (id, value) in rows {
+            let spec: ReleaseSpec = serde_json::from_value(value)
+                .map_err(|_| ApiError::internal("stored release spec is invalid"))?;
+            let spec = Arc::new(spec);
+            let release = ReleaseId::from_uuid(id);
+            specs.insert(release, Arc::clone(&spec));
+            found.insert(release, spec);
+        }
+        Ok(found)
+    }
+}
+
 async fn load_assignments(state: &AppState, host_id: HostId) -> Result<Vec<Assignment>, ApiError> {
     let pool = state.store.pool();
     let rows = sqlx::query(
         "SELECT i.id, i.process, i.ipv6, i.ipv4, i.desired, i.state, i.env_id, e.name AS env_name, e.hostname AS env_hostname, r.secrets_version,
                 e.app_id, a.name AS app_name, e.org_id, o.name AS org_name,
-                r.id AS release_id, r.version, r.image_ref, r.image_digest, r.spec, h.ipv6_prefix
+                r.id AS release_id, r.version, r.image_ref, r.image_digest, h.ipv6_prefix
          FROM instances i
          JOIN envs e ON e.id = i.env_id
          JOIN apps a ON a.id = e.app_id
@@ -598,19 +763,18 @@ async fn load_assignments(state: &AppState, host_id: HostId) -> Result<Vec<Assig
             .insert(row.get("name"), row.get("value"));
     }
 
-    // Many instances on one host share a release, so each spec is parsed once.
-    let mut specs: HashMap<ReleaseId, kiln_api::types::ReleaseSpec> = HashMap::new();
+    let releases: Vec<ReleaseId> = rows
+        .iter()
+        .map(|row| ReleaseId::from_uuid(row.get("release_id")))
+        .collect();
+    let specs = state.release_specs.get_all(pool, &releases).await?;
     let mut assignments = Vec::with_capacity(rows.len());
     for row in &rows {
         let env_id = EnvId::from_uuid(row.get("env_id"));
         let release_id = ReleaseId::from_uuid(row.get("release_id"));
-        let spec = match specs.entry(release_id) {
-            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
-            std::collections::hash_map::Entry::Vacant(entry) => entry.insert(
-                serde_json::from_value(row.get("spec"))
-                    .map_err(|_| corrupt("stored release spec is invalid"))?,
-            ),
-        };
+        let spec = specs
+            .get(&release_id)
+            .ok_or_else(|| corrupt("an instance's release has no spec"))?;
         let process = ProcessName::new(row.get::<String, _>("process"))
             .map_err(|_| corrupt("stored process name is invalid"))?;
         let mut kill_signal = spec.kill_signal.clone();

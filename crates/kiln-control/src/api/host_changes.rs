@@ -9,7 +9,8 @@
 //! highest `seq` that concerned each host. Waiting agents compare that with their cursor.
 //!
 //! An event concerns a host when it names the host, or when it names no host and belongs to an
-//! env with an instance on the host. Events of other hosts' instances never change this host's
+//! env with an instance on the host, unless its type never changes an assignment (see
+//! [`skips_assignments`]). Events of other hosts' instances never change this host's
 //! assignments. The feed covers events after the log head it read when it started; a cursor
 //! older than that is checked against the database as before.
 
@@ -22,6 +23,24 @@ use tokio::sync::watch;
 
 use crate::store::watch::{Notifier, REPOLL_INTERVAL};
 use crate::store::{Store, StoreError};
+
+/// SQL condition on an `events` row (aliased `e`) that holds for events which cannot change
+/// any host's assignments, so they never end a host's long poll. A host's own report of a
+/// running state changes nothing it is assigned; a report of an exit does when the instance
+/// runs once (its desired state becomes stopped), so exits are never skipped. Deploy records,
+/// route tables, releases, scale targets and secret metadata are not part of an assignment
+/// (an assignment pins its release's secret version). Any other event type wakes the host, so
+/// a new type errs on the side of an extra reload.
+macro_rules! skips_assignments {
+    () => {
+        "(e.type IN ('DeployRequested', 'DeployStateChanged', 'DeployStepCompleted',
+                     'RoutesChanged', 'ReleaseCreated', 'EnvReleaseChanged', 'EnvScaled',
+                     'SecretSet', 'SecretUnset')
+          OR (e.type = 'InstanceStateChanged'
+              AND e.payload->'data'->>'state' NOT IN ('exited', 'failed')))"
+    };
+}
+pub(crate) use skips_assignments;
 
 /// Pause before the feed reads again after a failed read.
 const FEED_RETRY_DELAY: Duration = Duration::from_secs(1);
@@ -154,16 +173,20 @@ async fn read_changes(
     if head <= last {
         return Ok(None);
     }
-    let rows: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
+    let rows: Vec<(uuid::Uuid, i64)> = sqlx::query_as(concat!(
         "SELECT host, max(seq) FROM (
-             SELECT host_id AS host, seq FROM events
-             WHERE seq > $1 AND seq <= $2 AND host_id IS NOT NULL
+             SELECT e.host_id AS host, e.seq FROM events e
+             WHERE e.seq > $1 AND e.seq <= $2 AND e.host_id IS NOT NULL AND NOT ",
+        skips_assignments!(),
+        "
              UNION ALL
              SELECT DISTINCT i.host_id, e.seq FROM events e
              JOIN instances i ON i.env_id = e.env_id
-             WHERE e.seq > $1 AND e.seq <= $2 AND e.host_id IS NULL) AS concerned
-         GROUP BY host",
-    )
+             WHERE e.seq > $1 AND e.seq <= $2 AND e.host_id IS NULL AND NOT ",
+        skips_assignments!(),
+        ") AS concerned
+         GROUP BY host"
+    ))
     .bind(i64::try_from(last).unwrap_or(i64::MAX))
     .bind(i64::try_from(head).unwrap_or(i64::MAX))
     .fetch_all(store.pool())
@@ -178,7 +201,89 @@ async fn read_changes(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use kiln_api::{Event, InstanceState};
+    use kiln_core::{EnvId, InstanceId, OrgId, ProcessName, ReleaseId};
+
     use super::*;
+    use crate::store::{ExpectedVersion, NewEvent, streams};
+
+    async fn append(store: &Store, stream: &str, org: OrgId, event: Event) -> u64 {
+        let appended = store
+            .append(stream, ExpectedVersion::Any, vec![NewEvent::org(org, event)], "t")
+            .await
+            .unwrap();
+        appended[0].seq
+    }
+
+    /// The host a read of the feed after `last` reports, with its `seq`.
+    async fn changed(store: &Store, last: u64) -> Vec<(HostId, u64)> {
+        read_changes(store, last)
+            .await
+            .unwrap()
+            .map(|(_, hosts)| hosts)
+            .unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn feed_skips_events_that_change_no_assignment() {
+        let database = kiln_testkit::postgres::database().unwrap();
+        let store = Store::connect(&database.url, 4).await.unwrap();
+        store.migrate().await.unwrap();
+        let (org, env, host, instance) =
+            (OrgId::new(), EnvId::new(), HostId::new(), InstanceId::new());
+        let stream = streams::instance(instance);
+        let report = |state: InstanceState, exit_code: Option<i32>| Event::InstanceStateChanged {
+            instance_id: instance,
+            env_id: env,
+            host_id: host,
+            state,
+            detail: None,
+            exit_code,
+            output: Vec::new(),
+        };
+
+        let placed = append(
+            &store,
+            &stream,
+            org,
+            Event::InstancePlaced {
+                instance_id: instance,
+                env_id: env,
+                release_id: ReleaseId::new(),
+                process: ProcessName::new("web").unwrap(),
+                host_id: host,
+                ipv6: "fd00::10".parse().unwrap(),
+                ipv4: "100.64.0.10".parse().unwrap(),
+            },
+        )
+        .await;
+        assert_eq!(changed(&store, placed - 1).await, vec![(host, placed)]);
+
+        // The host's own reports of a live state and the env's scale target change nothing
+        // the host is assigned.
+        append(&store, &stream, org, report(InstanceState::Running, None)).await;
+        append(&store, &stream, org, report(InstanceState::Healthy, None)).await;
+        let scaled = Event::EnvScaled {
+            env_id: env,
+            counts: BTreeMap::new(),
+        };
+        append(&store, &streams::env(env), org, scaled).await;
+        assert!(changed(&store, placed).await.is_empty());
+
+        // A config change of the env reaches the host through its instance; an exit does too.
+        let config = Event::ConfigChanged {
+            env_id: env,
+            version: 1,
+            set: BTreeMap::from([("MODE".to_owned(), "on".to_owned())]),
+            unset: Vec::new(),
+        };
+        let configured = append(&store, &streams::env(env), org, config).await;
+        assert_eq!(changed(&store, placed).await, vec![(host, configured)]);
+        let exited = append(&store, &stream, org, report(InstanceState::Exited, Some(0))).await;
+        assert_eq!(changed(&store, configured).await, vec![(host, exited)]);
+    }
 
     #[test]
     fn change_index_compares_with_cursor() {

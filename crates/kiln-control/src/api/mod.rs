@@ -73,6 +73,8 @@ pub struct AppState {
     pub settings: Arc<ClusterSettings>,
     /// Limits.
     pub limits: Arc<ApiLimits>,
+    /// Specs of releases read for assignments, kept because a release never changes.
+    pub release_specs: Arc<host_agent::ReleaseSpecs>,
 }
 
 /// Builds the router with every route of [`kiln_api::routes::ROUTES`].
@@ -118,6 +120,10 @@ pub fn router(state: AppState) -> Router {
         .route(r::HOST_SELF_HEARTBEAT, post(host_agent::heartbeat))
         .route(r::HOST_SELF_ASSIGNMENTS, get(host_agent::assignments))
         .route(r::HOST_SELF_INSTANCE_STATE, post(host_agent::report_state))
+        .route(
+            r::HOST_SELF_INSTANCE_STATES,
+            post(host_agent::report_states),
+        )
         .route(r::HOST_SELF_INSTANCE_SECRETS, get(host_agent::secrets))
         .route(r::HOST_SELF_LOGS, post(host_agent::ship_logs))
         .route(r::INGRESS_ROUTES, get(ingress::routes))
@@ -160,7 +166,7 @@ async fn gate(State(state): State<AppState>, request: Request, next: Next) -> Re
         Err(error) => return error.into_response(),
     };
 
-    let limit = if path == r::HOST_SELF_LOGS {
+    let limit = if path == r::HOST_SELF_LOGS || path == r::HOST_SELF_INSTANCE_STATES {
         kiln_api::MAX_LOG_BATCH_BYTES
     } else {
         kiln_api::MAX_BODY_BYTES

@@ -28,7 +28,7 @@ use super::convert;
 use super::engine::{self, DeployProgress, Fence, Outcome, PassReport};
 use crate::ipam::{self, IpamStoreError};
 use crate::leader::{FenceError, check_fence};
-use crate::store::{ExpectedVersion, NewEvent, Store, StoreError, streams};
+use crate::store::{ExpectedVersion, NewEvent, Store, StoreError, StreamEvent, streams};
 
 /// Actor recorded on the orchestrator's events.
 const ACTOR: &str = "system:orchestrator";
@@ -100,6 +100,8 @@ pub enum PassScope {
 pub struct Orchestrator {
     pub(super) store: Store,
     ipam: Ipam,
+    /// Instance addresses in use per host, so a placement reads no host's addresses again.
+    addresses: Arc<ipam::AddressBook>,
     pub(super) config: SchedulerConfig,
     pub(super) timeouts: Timeouts,
     cache: Arc<Mutex<Cache>>,
@@ -153,6 +155,7 @@ impl Orchestrator {
         Ok(Self {
             store,
             ipam,
+            addresses: Arc::default(),
             config: SchedulerConfig::default(),
             timeouts,
             cache: Arc::default(),
@@ -170,8 +173,9 @@ impl Orchestrator {
     /// Returns how many deploys (or removals, or plan writes) a pass runs at once: half the
     /// connection pool, so the API's requests, agents' state reports among them, keep the
     /// other half. Each deploy's actions are short transactions that mostly wait on round
-    /// trips, so overlapping them keeps the database busy. The IPAM lock still serializes
-    /// placements, and the UNIQUE constraints on addresses hold however they interleave.
+    /// trips, so overlapping them keeps the database busy. Placements of different deploys
+    /// overlap too: the address book hands each address out once, and the UNIQUE constraints
+    /// on addresses hold however they interleave.
     fn concurrency(&self) -> usize {
         usize::try_from(self.store.pool().options().get_max_connections() / 2)
             .unwrap_or(1)
@@ -223,7 +227,7 @@ impl Orchestrator {
     /// and frees their addresses.
     async fn remove_stopped(&self, term: i64) -> Result<(), OrchestratorError> {
         let rows = sqlx::query(
-            "SELECT i.id, i.env_id, i.host_id, e.org_id FROM instances i
+            "SELECT i.id, i.env_id, i.host_id, i.ipv6, i.ipv4, e.org_id FROM instances i
              JOIN envs e ON e.id = i.env_id JOIN hosts h ON h.id = i.host_id
              WHERE i.desired = 'stopped' AND (i.state IN ('exited', 'failed') OR h.state = 'lost')",
         )
@@ -231,51 +235,60 @@ impl Orchestrator {
         .await
         .map_err(query("list stopped instances"))?;
 
-        let mut removals = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let instance = InstanceId::from_uuid(row.get("id"));
-            let env_id = EnvId::from_uuid(row.get("env_id"));
-            let host_id = HostId::from_uuid(row.get("host_id"));
-            let org = OrgId::from_uuid(row.get("org_id"));
-            removals.push(self.remove_instance(term, instance, env_id, host_id, org));
+        for chunk in rows.chunks(REMOVALS_PER_APPEND) {
+            let mut removed = Vec::with_capacity(chunk.len());
+            let mut freed = Vec::with_capacity(chunk.len());
+            let mut events = Vec::with_capacity(chunk.len());
+            for row in chunk {
+                let instance = InstanceId::from_uuid(row.get("id"));
+                removed.push(instance);
+                let (ipv6, ipv4): (String, String) = (row.get("ipv6"), row.get("ipv4"));
+                if let (Ok(ipv6), Ok(ipv4)) = (ipv6.parse(), ipv4.parse()) {
+                    let host = HostId::from_uuid(row.get("host_id"));
+                    freed.push((host, kiln_scheduler::InstanceAddresses { ipv6, ipv4 }));
+                }
+                events.push(StreamEvent {
+                    stream: streams::instance(instance),
+                    expected: ExpectedVersion::Any,
+                    event: NewEvent::org(
+                        OrgId::from_uuid(row.get("org_id")),
+                        Event::InstanceRemoved {
+                            instance_id: instance,
+                            env_id: EnvId::from_uuid(row.get("env_id")),
+                            host_id: HostId::from_uuid(row.get("host_id")),
+                        },
+                    ),
+                });
+            }
+            self.remove_instances(term, &removed, events).await?;
+            self.addresses.free(&freed);
         }
-        engine::run_concurrently(removals, self.concurrency()).await
+        Ok(())
     }
 
-    /// Removes one stopped instance: frees its addresses, unroutes it and appends
-    /// `InstanceRemoved`, in one transaction.
-    async fn remove_instance(
+    /// Removes stopped instances in one transaction: frees their addresses, unroutes them and
+    /// appends their `InstanceRemoved` events.
+    async fn remove_instances(
         &self,
         term: i64,
-        instance: InstanceId,
-        env_id: EnvId,
-        host_id: HostId,
-        org: OrgId,
+        instances: &[InstanceId],
+        events: Vec<StreamEvent>,
     ) -> Result<(), OrchestratorError> {
         let mut tx = self.begin(term).await?;
-        ipam::release_instance(&mut tx, instance).await?;
-        sqlx::query("DELETE FROM routed_instances WHERE instance_id = $1")
-            .bind(instance.as_uuid())
+        ipam::release_instances(&mut tx, instances).await?;
+        let ids: Vec<Uuid> = instances.iter().map(|id| id.as_uuid()).collect();
+        sqlx::query("DELETE FROM routed_instances WHERE instance_id = ANY($1)")
+            .bind(&ids)
             .execute(&mut *tx)
             .await
-            .map_err(query("unroute a removed instance"))?;
-        let event = Event::InstanceRemoved {
-            instance_id: instance,
-            env_id,
-            host_id,
-        };
-        Store::append_in(
-            &mut tx,
-            &streams::instance(instance),
-            ExpectedVersion::Any,
-            vec![NewEvent::org(org, event)],
-            ACTOR,
-        )
-        .await?;
+            .map_err(query("unroute removed instances"))?;
+        Store::append_each_in(&mut tx, events, ACTOR).await?;
         tx.commit()
             .await
-            .map_err(query("commit instance removal"))?;
-        tracing::info!(%instance, %host_id, "instance removed");
+            .map_err(query("commit instance removals"))?;
+        for instance in instances {
+            tracing::info!(%instance, "instance removed");
+        }
         Ok(())
     }
 
@@ -638,24 +651,6 @@ impl Orchestrator {
         Ok(org)
     }
 
-    async fn instance_env(
-        &self,
-        instance: InstanceId,
-    ) -> Result<Option<(EnvId, HostId, String)>, OrchestratorError> {
-        let row = sqlx::query("SELECT env_id, host_id, desired FROM instances WHERE id = $1")
-            .bind(instance.as_uuid())
-            .fetch_optional(self.store.pool())
-            .await
-            .map_err(query("read an instance"))?;
-        Ok(row.map(|row| {
-            (
-                EnvId::from_uuid(row.get("env_id")),
-                HostId::from_uuid(row.get("host_id")),
-                row.get("desired"),
-            )
-        }))
-    }
-
     /// Places `instances` of `env` in one transaction: addresses from IPAM and an
     /// `InstancePlaced` event each.
     async fn start_instances(
@@ -687,84 +682,127 @@ impl Orchestrator {
         }
 
         let org = self.env_org(env).await?;
-        let mut slots = BTreeMap::new();
+        let mut placements = Vec::with_capacity(new.len());
         for instance in &new {
-            slots.insert(instance.host, self.host_slot(instance.host).await?);
+            placements.push((
+                instance.host,
+                self.host_slot(instance.host).await?,
+                instance.id,
+            ));
         }
 
-        // Every instance appends to a new stream of its own, and agents report only on placed
-        // instances, so holding the append lock across several appends cannot deadlock with
-        // an agent's report.
-        let mut tx = self.begin(term).await?;
-        for (host, slot) in &slots {
-            ipam::adopt_host_slot(&mut tx, &self.ipam, *host, *slot).await?;
+        // One statement appends every placement, last in the transaction, so the append lock
+        // is held only for the commit.
+        let result = self.place(term, env, org, &new, &placements).await;
+        if result.is_err() {
+            // The book may hold addresses that the failed transaction never stored.
+            self.addresses.clear();
         }
-        for instance in &new {
-            let pair =
-                ipam::instance_addresses(&mut tx, &self.ipam, env, instance.host, instance.id)
-                    .await?;
-            let event = Event::InstancePlaced {
-                instance_id: instance.id,
-                env_id: env,
-                release_id: instance.release,
-                process: instance.process.clone(),
-                host_id: instance.host,
-                ipv6: pair.ipv6,
-                ipv4: pair.ipv4,
-            };
-            Store::append_in(
-                &mut tx,
-                &streams::instance(instance.id),
-                ExpectedVersion::NoStream,
-                vec![NewEvent::org(org, event)],
-                ACTOR,
-            )
-            .await?;
-        }
-        tx.commit()
-            .await
-            .map_err(query("commit instance placements"))?;
+        result?;
         for instance in &new {
             tracing::info!(instance = %instance.id, host = %instance.host, "instance placed");
         }
         Ok(())
     }
 
-    async fn stop_instance(
+    /// Allocates the addresses of `new` and appends their `InstancePlaced` events in one
+    /// transaction.
+    async fn place(
         &self,
         term: i64,
-        instance: InstanceId,
+        env: EnvId,
+        org: OrgId,
+        new: &[&kiln_scheduler::plan::PlannedInstance],
+        placements: &[(HostId, u32, InstanceId)],
     ) -> Result<(), OrchestratorError> {
-        let Some((env, host, desired)) = self.instance_env(instance).await? else {
-            return Ok(());
-        };
-        if desired == "stopped" {
-            return Ok(());
-        }
-        let org = self.env_org(env).await?;
         let mut tx = self.begin(term).await?;
-        sqlx::query("DELETE FROM routed_instances WHERE instance_id = $1")
-            .bind(instance.as_uuid())
-            .execute(&mut *tx)
-            .await
-            .map_err(query("unroute a stopping instance"))?;
-        let event = Event::InstanceStopRequested {
-            instance_id: instance,
-            env_id: env,
-            host_id: host,
-            reason: "deploy".to_owned(),
-        };
-        Store::append_in(
-            &mut tx,
-            &streams::instance(instance),
-            ExpectedVersion::Any,
-            vec![NewEvent::org(org, event)],
-            ACTOR,
-        )
-        .await?;
+        let pairs =
+            ipam::place_instances(&mut tx, &self.ipam, &self.addresses, env, placements).await?;
+        let events = new
+            .iter()
+            .zip(pairs)
+            .map(|(instance, pair)| StreamEvent {
+                stream: streams::instance(instance.id),
+                expected: ExpectedVersion::NoStream,
+                event: NewEvent::org(
+                    org,
+                    Event::InstancePlaced {
+                        instance_id: instance.id,
+                        env_id: env,
+                        release_id: instance.release,
+                        process: instance.process.clone(),
+                        host_id: instance.host,
+                        ipv6: pair.ipv6,
+                        ipv4: pair.ipv4,
+                    },
+                ),
+            })
+            .collect();
+        Store::append_each_in(&mut tx, events, ACTOR).await?;
         tx.commit()
             .await
-            .map_err(query("commit an instance stop"))?;
+            .map_err(query("commit instance placements"))?;
+        Ok(())
+    }
+
+    /// Asks the hosts of `instances` to stop them, in one transaction: each leaves the route
+    /// table's backends and gets `InstanceStopRequested`. Instances already asked, or gone,
+    /// are skipped.
+    async fn stop_instances(
+        &self,
+        term: i64,
+        instances: &[InstanceId],
+    ) -> Result<(), OrchestratorError> {
+        let ids: Vec<Uuid> = instances.iter().map(|id| id.as_uuid()).collect();
+        let rows = sqlx::query(
+            "SELECT i.id, i.env_id, i.host_id, e.org_id FROM instances i
+             JOIN envs e ON e.id = i.env_id
+             WHERE i.id = ANY($1) AND i.desired <> 'stopped'",
+        )
+        .bind(&ids)
+        .fetch_all(self.store.pool())
+        .await
+        .map_err(query("read instances to stop"))?;
+        let mut found = HashMap::new();
+        for row in &rows {
+            let id = InstanceId::from_uuid(row.get("id"));
+            let env = EnvId::from_uuid(row.get("env_id"));
+            let host = HostId::from_uuid(row.get("host_id"));
+            found.insert(id, (env, host, OrgId::from_uuid(row.get("org_id"))));
+        }
+        let mut stopping = Vec::with_capacity(found.len());
+        let mut events = Vec::with_capacity(found.len());
+        for instance in instances {
+            let Some((env, host, org)) = found.remove(instance) else {
+                continue;
+            };
+            stopping.push(instance.as_uuid());
+            events.push(StreamEvent {
+                stream: streams::instance(*instance),
+                expected: ExpectedVersion::Any,
+                event: NewEvent::org(
+                    org,
+                    Event::InstanceStopRequested {
+                        instance_id: *instance,
+                        env_id: env,
+                        host_id: host,
+                        reason: "deploy".to_owned(),
+                    },
+                ),
+            });
+        }
+        if events.is_empty() {
+            return Ok(());
+        }
+
+        let mut tx = self.begin(term).await?;
+        sqlx::query("DELETE FROM routed_instances WHERE instance_id = ANY($1)")
+            .bind(&stopping)
+            .execute(&mut *tx)
+            .await
+            .map_err(query("unroute stopping instances"))?;
+        Store::append_each_in(&mut tx, events, ACTOR).await?;
+        tx.commit().await.map_err(query("commit instance stops"))?;
         Ok(())
     }
 
@@ -780,24 +818,26 @@ impl Orchestrator {
         let spec = self.load_release(plan.to_release).await?;
         let mut tx = self.begin(term).await?;
 
-        for instance in remove {
-            sqlx::query("DELETE FROM routed_instances WHERE env_id = $1 AND instance_id = $2")
+        if !remove.is_empty() {
+            let remove: Vec<Uuid> = remove.iter().map(|id| id.as_uuid()).collect();
+            sqlx::query("DELETE FROM routed_instances WHERE env_id = $1 AND instance_id = ANY($2)")
                 .bind(env.as_uuid())
-                .bind(instance.as_uuid())
+                .bind(&remove)
                 .execute(&mut *tx)
                 .await
-                .map_err(query("unroute an instance"))?;
+                .map_err(query("unroute instances"))?;
         }
-        for instance in add {
+        if !add.is_empty() {
+            let add: Vec<Uuid> = add.iter().map(|id| id.as_uuid()).collect();
             sqlx::query(
-                "INSERT INTO routed_instances (env_id, instance_id) VALUES ($1, $2)
-                 ON CONFLICT DO NOTHING",
+                "INSERT INTO routed_instances (env_id, instance_id)
+                 SELECT $1, unnest($2::uuid[]) ON CONFLICT DO NOTHING",
             )
             .bind(env.as_uuid())
-            .bind(instance.as_uuid())
+            .bind(&add)
             .execute(&mut *tx)
             .await
-            .map_err(query("route an instance"))?;
+            .map_err(query("route instances"))?;
         }
 
         let env_row = sqlx::query("SELECT hostname, ipv6_address FROM envs WHERE id = $1")
@@ -1095,6 +1135,10 @@ impl Orchestrator {
     }
 }
 
+/// Instances removed in one transaction at most, so one pass after a large scale-down does not
+/// hold the append lock for long.
+const REMOVALS_PER_APPEND: usize = 500;
+
 /// Output lines of a release command kept in its deploy's events when the agent reported
 /// none (after a timeout), taken from the shipped logs.
 const RELEASE_COMMAND_OUTPUT_LINES: i64 = 20;
@@ -1375,12 +1419,7 @@ impl engine::Store for Fenced<'_> {
             Action::UpdateRoutes { add, remove, .. } => {
                 inner.update_routes(term, plan, add, remove).await
             }
-            Action::StopInstances { instances, .. } => {
-                for instance in instances {
-                    inner.stop_instance(term, *instance).await?;
-                }
-                Ok(())
-            }
+            Action::StopInstances { instances, .. } => inner.stop_instances(term, instances).await,
             Action::SetRelease { release } => {
                 let Some(release) = release else {
                     return Ok(());

@@ -66,6 +66,18 @@ impl NewEvent {
     }
 }
 
+/// One event of a batch that spans streams, with the stream it goes to and the version that
+/// stream must be at once the batch's earlier events are counted.
+#[derive(Debug, Clone)]
+pub struct StreamEvent {
+    /// The stream.
+    pub stream: String,
+    /// The version `stream` must be at.
+    pub expected: ExpectedVersion,
+    /// The event.
+    pub event: NewEvent,
+}
+
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -207,6 +219,33 @@ impl Store {
         append_on(tx, stream, expected, events, actor).await
     }
 
+    /// Appends events of any number of streams in one autocommit statement: all of them or,
+    /// when one stream is not at its expected version, none.
+    pub async fn append_each(
+        &self,
+        events: Vec<StreamEvent>,
+        actor: &str,
+    ) -> Result<Vec<EventEnvelope>, StoreError> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(StoreError::database("acquire connection"))?;
+        append_each_on(&mut conn, events, actor).await
+    }
+
+    /// Appends events of any number of streams inside the caller's transaction, as its last
+    /// append: the advisory lock taken here is held until commit, and another append after it
+    /// in the same transaction could wait on a stream that a transaction waiting for this lock
+    /// holds.
+    pub async fn append_each_in(
+        tx: &mut Transaction<'static, Postgres>,
+        events: Vec<StreamEvent>,
+        actor: &str,
+    ) -> Result<Vec<EventEnvelope>, StoreError> {
+        append_each_on(tx, events, actor).await
+    }
+
     /// Returns the current version of `stream` (0 when it does not exist).
     pub async fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
         let version: Option<i64> = sqlx::query_scalar("SELECT version FROM streams WHERE id = $1")
@@ -318,11 +357,7 @@ async fn append_on(
     events: Vec<NewEvent>,
     actor: &str,
 ) -> Result<Vec<EventEnvelope>, StoreError> {
-    let (expected_kind, expected_version) = match expected {
-        ExpectedVersion::Any => ("any", 0),
-        ExpectedVersion::NoStream | ExpectedVersion::Exact(0) => ("no_stream", 0),
-        ExpectedVersion::Exact(version) => ("exact", version as i64),
-    };
+    let (expected_kind, expected_version) = expected_args(expected);
 
     let mut org_ids = Vec::with_capacity(events.len());
     let mut env_ids = Vec::with_capacity(events.len());
@@ -387,6 +422,121 @@ async fn append_on(
         })
         .collect();
     Ok(envelopes)
+}
+
+/// SQLSTATE that `kiln_append_each` raises when a stream is not at its expected version.
+const STREAM_CONFLICT_CODE: &str = "KL003";
+
+/// The kind and version `ExpectedVersion` is passed to the append functions as.
+fn expected_args(expected: ExpectedVersion) -> (&'static str, i64) {
+    match expected {
+        ExpectedVersion::Any => ("any", 0),
+        ExpectedVersion::NoStream | ExpectedVersion::Exact(0) => ("no_stream", 0),
+        ExpectedVersion::Exact(version) => ("exact", version as i64),
+    }
+}
+
+/// Runs `kiln_append_each` on `conn` and returns the envelopes in the order of `events`.
+async fn append_each_on(
+    conn: &mut sqlx::PgConnection,
+    events: Vec<StreamEvent>,
+    actor: &str,
+) -> Result<Vec<EventEnvelope>, StoreError> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut streams = Vec::with_capacity(events.len());
+    let mut kinds = Vec::with_capacity(events.len());
+    let mut versions = Vec::with_capacity(events.len());
+    let mut org_ids = Vec::with_capacity(events.len());
+    let mut env_ids = Vec::with_capacity(events.len());
+    let mut host_ids = Vec::with_capacity(events.len());
+    let mut types = Vec::with_capacity(events.len());
+    let mut payloads = Vec::with_capacity(events.len());
+    for item in &events {
+        let (kind, version) = expected_args(item.expected);
+        streams.push(item.stream.as_str());
+        kinds.push(kind);
+        versions.push(version);
+        org_ids.push(item.event.org_id.map(|id| id.as_uuid()));
+        env_ids.push(item.event.event.env_id().map(|id| id.as_uuid()));
+        host_ids.push(item.event.event.host_id().map(|id| id.as_uuid()));
+        types.push(item.event.event.type_name());
+        payloads.push(
+            serde_json::to_value(&item.event.event)
+                .map_err(|source| StoreError::Codec { seq: 0, source })?,
+        );
+    }
+
+    let time = now();
+    let result: Result<Vec<(i64, i64)>, sqlx::Error> = sqlx::query_as(
+        "SELECT seq, stream_version
+         FROM kiln_append_each($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(&streams)
+    .bind(&kinds)
+    .bind(&versions)
+    .bind(actor)
+    .bind(time)
+    .bind(&org_ids)
+    .bind(&env_ids)
+    .bind(&host_ids)
+    .bind(&types)
+    .bind(&payloads)
+    .fetch_all(&mut *conn)
+    .await;
+    let rows = match result {
+        Ok(rows) => rows,
+        Err(error) => {
+            return Err(conflict_of(&error, &events).unwrap_or_else(|| {
+                StoreError::database("append events of several streams")(error)
+            }));
+        }
+    };
+    if rows.len() != events.len() {
+        return Err(StoreError::AppendResult {
+            stream: streams.join(","),
+            expected: events.len(),
+            returned: rows.len(),
+        });
+    }
+
+    let envelopes = events
+        .into_iter()
+        .zip(rows)
+        .map(|(item, (seq, stream_version))| EventEnvelope {
+            seq: seq as u64,
+            stream: item.stream,
+            stream_version: stream_version as u64,
+            org_id: item.event.org_id,
+            actor: actor.to_owned(),
+            time,
+            event: item.event.event,
+        })
+        .collect();
+    Ok(envelopes)
+}
+
+/// Reads the stream and its version from the conflict `kiln_append_each` raises.
+fn conflict_of(error: &sqlx::Error, events: &[StreamEvent]) -> Option<StoreError> {
+    let sqlx::Error::Database(db) = error else {
+        return None;
+    };
+    let db = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()?;
+    if db.code() != STREAM_CONFLICT_CODE {
+        return None;
+    }
+    let stream = db.detail()?.to_owned();
+    let actual = db.hint()?.parse().ok()?;
+    let expected = events
+        .iter()
+        .find(|item| item.stream == stream)
+        .map_or(ExpectedVersion::Any, |item| item.expected);
+    Some(StoreError::Conflict {
+        stream,
+        expected,
+        actual,
+    })
 }
 
 /// Decodes one row of the `events` table.

@@ -28,6 +28,7 @@ fn body_for(operation: &str, digest: &str) -> Option<String> {
         "heartbeat" => "{}".to_owned(),
         "allocate_ip" => r#"{"version": "ipv4"}"#.to_owned(),
         "report_instance_state" => r#"{"state": "healthy"}"#.to_owned(),
+        "report_instance_states" => r#"{"reports": []}"#.to_owned(),
         "ship_logs" => r#"{"lines": []}"#.to_owned(),
         _ => return None,
     };

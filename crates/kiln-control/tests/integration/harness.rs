@@ -103,6 +103,7 @@ impl TestServer {
                 host_lease: Duration::from_secs(30),
                 log_window_lines: 100,
             }),
+            release_specs: Arc::default(),
         };
         let app = kiln_control::api::router(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -8,6 +8,7 @@ mod harness;
 mod api_auth;
 mod api_input;
 mod api_resources;
+mod host_reports;
 mod host_watch;
 mod ips;
 mod leader;

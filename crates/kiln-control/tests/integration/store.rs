@@ -9,7 +9,7 @@ use kiln_api::types::{
 };
 use kiln_api::{Event, InstanceState};
 use kiln_control::store::rebuild::RebuildMode;
-use kiln_control::store::{ExpectedVersion, NewEvent, Store, StoreError, streams};
+use kiln_control::store::{ExpectedVersion, NewEvent, Store, StoreError, StreamEvent, streams};
 use kiln_core::{
     AppId, AppName, DeployId, EnvId, EnvName, HostId, Hostname, InstanceId, OrgId, OrgName,
     ProcessName, ReleaseId, TokenId,
@@ -1025,3 +1025,186 @@ async fn concurrent_exact_appends_serialize() {
         .unwrap();
     assert!(report.matches(), "{:?}", report.diffs);
 }
+
+/// Appends `OrgCreated` and `AppCreated` events across streams in one `append_each`.
+fn org_and_app(org_id: OrgId, name: &str) -> (StreamEvent, StreamEvent) {
+    let org = StreamEvent {
+        stream: streams::org(org_id),
+        expected: ExpectedVersion::NoStream,
+        event: NewEvent::org(
+            org_id,
+            Event::OrgCreated {
+                org_id,
+                name: OrgName::new(name).unwrap(),
+            },
+        ),
+    };
+    let app_id = AppId::new();
+    let app = StreamEvent {
+        // Apps live in their org's stream in the API; a stream of their own here makes the
+        // batch span three streams.
+        stream: format!("test-app-{app_id}"),
+        expected: ExpectedVersion::NoStream,
+        event: NewEvent::org(
+            org_id,
+            Event::AppCreated {
+                app_id,
+                org_id,
+                name: AppName::new("web").unwrap(),
+            },
+        ),
+    };
+    (org, app)
+}
+
+#[tokio::test]
+async fn append_each_spans_streams_in_order() {
+    let (store, _db) = harness::store().await;
+    let org_id = OrgId::new();
+    let (org, app) = org_and_app(org_id, "batch");
+    let app_stream = app.stream.clone();
+    let second_app = StreamEvent {
+        expected: ExpectedVersion::Exact(1),
+        ..app.clone()
+    };
+    let renamed = StreamEvent {
+        event: NewEvent::org(
+            org_id,
+            Event::AppDeleted {
+                app_id: match app.event.event {
+                    Event::AppCreated { app_id, .. } => app_id,
+                    _ => unreachable!(),
+                },
+            },
+        ),
+        ..second_app
+    };
+
+    let appended = store
+        .append_each(vec![org, app, renamed], "t")
+        .await
+        .unwrap();
+
+    let seqs: Vec<u64> = appended.iter().map(|envelope| envelope.seq).collect();
+    assert!(seqs.windows(2).all(|pair| pair[0] < pair[1]), "{seqs:?}");
+    let versions: Vec<(String, u64)> = appended
+        .iter()
+        .map(|envelope| (envelope.stream.clone(), envelope.stream_version))
+        .collect();
+    assert_eq!(
+        versions,
+        vec![
+            (streams::org(org_id), 1),
+            (app_stream.clone(), 1),
+            (app_stream.clone(), 2),
+        ]
+    );
+    assert_eq!(store.stream_version(&app_stream).await.unwrap(), 2);
+    let apps: i64 = sqlx::query_scalar("SELECT count(*) FROM apps")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(apps, 0, "the app was created and deleted in one batch");
+    assert!(store.append_each(Vec::new(), "t").await.unwrap().is_empty());
+
+    let report = store.rebuild_projections(RebuildMode::Verify).await.unwrap();
+    assert!(report.matches(), "{:#?}", report.diffs);
+}
+
+#[tokio::test]
+async fn append_each_conflict_writes_nothing() {
+    let (store, _db) = harness::store().await;
+    let taken = OrgId::new();
+    let (org, _) = org_and_app(taken, "taken");
+    store.append_each(vec![org], "t").await.unwrap();
+    let head = store.head().await.unwrap();
+
+    // The second event's stream exists already: neither event may land, nor the projection
+    // of the first.
+    let fresh = OrgId::new();
+    let (fresh_org, fresh_app) = org_and_app(fresh, "fresh");
+    let (again, _) = org_and_app(taken, "again");
+    let result = store
+        .append_each(vec![fresh_org.clone(), again, fresh_app], "t")
+        .await;
+    match result {
+        Err(StoreError::Conflict {
+            stream,
+            expected,
+            actual,
+        }) => {
+            assert_eq!(stream, streams::org(taken));
+            assert_eq!(expected, ExpectedVersion::NoStream);
+            assert_eq!(actual, 1);
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(store.head().await.unwrap(), head);
+    assert_eq!(store.stream_version(&fresh_org.stream).await.unwrap(), 0);
+    let orgs: Vec<String> = sqlx::query_scalar("SELECT name FROM orgs ORDER BY name")
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(orgs, vec!["taken".to_owned()]);
+
+    // A stale exact version conflicts the same way.
+    let (_, app) = org_and_app(taken, "taken");
+    store.append_each(vec![app.clone()], "t").await.unwrap();
+    let stale = StreamEvent {
+        expected: ExpectedVersion::Exact(5),
+        ..app
+    };
+    let result = store.append_each(vec![stale], "t").await;
+    assert!(
+        matches!(result, Err(StoreError::Conflict { actual: 1, .. })),
+        "{result:?}"
+    );
+}
+
+#[tokio::test]
+async fn append_each_in_opposite_orders_does_not_deadlock() {
+    let (store, _db) = harness::store().await;
+    let orgs: Vec<OrgId> = (0..8).map(|_| OrgId::new()).collect();
+    let created: Vec<StreamEvent> = orgs
+        .iter()
+        .enumerate()
+        .map(|(n, org_id)| org_and_app(*org_id, &format!("o{n}")).0)
+        .collect();
+    store.append_each(created, "t").await.unwrap();
+
+    // Two transactions touch the same streams in opposite orders and hold their row locks
+    // until they commit. Without the ordered locking one of them would fail with a deadlock.
+    let revoke = |org_id: OrgId| StreamEvent {
+        stream: streams::org(org_id),
+        expected: ExpectedVersion::Any,
+        event: NewEvent::org(
+            org_id,
+            Event::TokenRevoked {
+                token_id: TokenId::new(),
+            },
+        ),
+    };
+    let forward = || orgs.iter().map(|org| revoke(*org)).collect::<Vec<_>>();
+    let backward: Vec<StreamEvent> = orgs.iter().rev().map(|org| revoke(*org)).collect();
+    let mut runs = Vec::new();
+    for batch in [forward(), backward, forward()] {
+        let store = store.clone();
+        runs.push(tokio::spawn(async move {
+            let mut tx = store.begin().await.unwrap();
+            Store::append_each_in(&mut tx, batch, "t").await?;
+            tokio::task::yield_now().await;
+            tx.commit().await.unwrap();
+            Ok::<_, StoreError>(())
+        }));
+    }
+    for run in runs {
+        run.await.unwrap().unwrap();
+    }
+    for org in &orgs {
+        assert_eq!(
+            store.stream_version(&streams::org(*org)).await.unwrap(),
+            4
+        );
+    }
+}
+
