@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use kiln_api::ClientError;
 use kiln_api::types::{
     Heartbeat, HostAssignments, InstanceStateReport, LogBatch, MAX_STATE_REPORTS, RegisterHost,
     ReportInstanceState, ReportInstanceStates,
@@ -123,10 +124,10 @@ pub async fn run_watcher<C: ControlPlane>(
 /// reports and about [`REPORT_BATCH_BYTES`]), so a host starting many instances at once
 /// makes few calls. A queued state that a later report of its instance supersedes is dropped
 /// ([`kiln_api::coalesce_reports`]): after an outage the agent sends each instance's latest
-/// state, not every step it went through. A call that fails is retried until the control
-/// plane takes it. A batch the control plane rejects as invalid is sent again one report at a
-/// time, and only the reports rejected then are dropped (logged), so one bad report cannot
-/// block the others.
+/// state, not every step it went through. A call that fails (no answer or a server error) is
+/// retried until the control plane takes it. A batch the control plane refuses (a 4xx
+/// answer) is sent again one report at a time, and only the reports refused then are dropped
+/// (logged), so one bad report cannot block the others.
 pub async fn run_reporter<C: ControlPlane>(
     control: C,
     mut outbox: mpsc::UnboundedReceiver<(InstanceId, ReportInstanceState)>,
@@ -149,32 +150,42 @@ pub async fn run_reporter<C: ControlPlane>(
         }
         let batch = next_batch(&mut queued);
 
-        loop {
-            match control.report_batch(&batch).await {
-                Ok(reported) => {
-                    shared.reachable.store(true, Ordering::Relaxed);
-                    backoff.reset();
-                    if !reported.unknown.is_empty() {
-                        info!(instances = ?reported.unknown, "reports on instances the control plane no longer places here were dropped");
-                    }
-                    break;
+        match control.report_batch(&batch).await {
+            Ok(reported) => {
+                shared.reachable.store(true, Ordering::Relaxed);
+                backoff.reset();
+                if !reported.unknown.is_empty() {
+                    info!(instances = ?reported.unknown, "reports on instances the control plane no longer places here were dropped");
                 }
-                Err(error) if !error.is_retryable() && error.code().is_some() => {
-                    warn!(reports = batch.reports.len(), error = %error_chain(&error), "state report batch rejected; sending its reports one by one");
-                    for report in &batch.reports {
-                        report_one(&control, report, &shared, &mut backoff).await;
-                    }
-                    break;
+            }
+            Err(error) if rejects_request(&error) => {
+                warn!(reports = batch.reports.len(), error = %error_chain(&error), "state report batch rejected; sending its reports one by one");
+                for report in &batch.reports {
+                    report_one(&control, report, &shared, &mut backoff).await;
                 }
-                Err(error) => {
-                    shared.reachable.store(false, Ordering::Relaxed);
-                    let delay = backoff.next_delay();
-                    warn!(reports = batch.reports.len(), error = %error_chain(&error), retry_in = ?delay, "state report failed");
-                    tokio::time::sleep(delay).await;
+            }
+            Err(error) => {
+                shared.reachable.store(false, Ordering::Relaxed);
+                let delay = backoff.next_delay();
+                warn!(reports = batch.reports.len(), error = %error_chain(&error), retry_in = ?delay, "state report failed");
+                tokio::time::sleep(delay).await;
+                // Back at the front, so the next attempt also takes what was queued meanwhile
+                // and drops the states it supersedes.
+                for report in batch.reports.into_iter().rev() {
+                    queued.push_front(report);
                 }
             }
         }
     }
+}
+
+/// Returns whether the control plane refused the request itself (a 4xx answer other than a
+/// conflict), so sending it again cannot succeed. A server error (a database failover, for
+/// example) or no answer at all is retried: dropping a report there would lose an exit.
+fn rejects_request(error: &ClientError) -> bool {
+    error
+        .code()
+        .is_some_and(|code| (400..500).contains(&code.http_status()) && !code.is_retryable())
 }
 
 /// Takes the oldest queued reports that fit in one call.
@@ -222,7 +233,7 @@ async fn report_one<C: ControlPlane>(
                 backoff.reset();
                 return;
             }
-            Err(error) if !error.is_retryable() && error.code().is_some() => {
+            Err(error) if rejects_request(&error) => {
                 warn!(%instance, state = ?single.state, error = %error_chain(&error), "state report rejected; dropped");
                 return;
             }

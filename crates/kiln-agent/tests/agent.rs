@@ -543,7 +543,7 @@ async fn stop_signal_then_kill_then_cleanup() {
 }
 
 #[tokio::test]
-async fn reports_survive_outage_in_order() {
+async fn reports_survive_outage_latest_state_first_and_every_exit() {
     let control = FakeControl::default();
     control.inner.lock().unwrap().unreachable = true;
     let (sender, outbox) = mpsc::unbounded_channel();
@@ -552,38 +552,93 @@ async fn reports_survive_outage_in_order() {
         outbox,
         Arc::new(Shared::default()),
     ));
-    let id = InstanceId::new();
-    for state in [
-        InstanceState::Preparing,
-        InstanceState::Booting,
-        InstanceState::Running,
-    ] {
-        let report = ReportInstanceState {
-            state,
-            detail: None,
-            exit_code: None,
-            output: Vec::new(),
-        };
+    let report = |state, exit_code| ReportInstanceState {
+        state,
+        detail: None,
+        exit_code,
+        output: Vec::new(),
+    };
+    let (booted, restarted) = (InstanceId::new(), InstanceId::new());
+    let queued = [
+        (booted, report(InstanceState::Preparing, None)),
+        (restarted, report(InstanceState::Running, None)),
+        (booted, report(InstanceState::Booting, None)),
+        (restarted, report(InstanceState::Exited, Some(3))),
+        (booted, report(InstanceState::Running, None)),
+        (restarted, report(InstanceState::Preparing, None)),
+    ];
+    for (id, report) in queued {
         sender.send((id, report)).unwrap();
+    }
+    // Retried while the control plane is away, so later reports supersede queued ones.
+    let deadline = Instant::now() + DELIVERY_TIMEOUT;
+    while control.inner.lock().unwrap().failed_calls < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no retry within {DELIVERY_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     control.inner.lock().unwrap().unreachable = false;
 
     let deadline = Instant::now() + DELIVERY_TIMEOUT;
-    while control.states(id).len() < 3 {
+    while control.states(restarted).len() < 2 || control.states(booted).is_empty() {
         assert!(
             Instant::now() < deadline,
             "reports not delivered within {DELIVERY_TIMEOUT:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(control.states(booted), [InstanceState::Running]);
     assert_eq!(
-        control.states(id),
-        [
-            InstanceState::Preparing,
-            InstanceState::Booting,
-            InstanceState::Running
-        ]
+        control.states(restarted),
+        [InstanceState::Exited, InstanceState::Preparing]
     );
+    let delivered: Vec<InstanceId> = control
+        .inner
+        .lock()
+        .unwrap()
+        .reports
+        .iter()
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(
+        delivered,
+        [restarted, booted, restarted],
+        "queue order kept"
+    );
+    task.abort();
+}
+
+#[tokio::test]
+async fn server_errors_delay_reports_without_losing_them() {
+    let control = FakeControl::default();
+    control.inner.lock().unwrap().server_errors = 2;
+    let (sender, outbox) = mpsc::unbounded_channel();
+    let task = tokio::spawn(kiln_agent::tasks::run_reporter(
+        control.clone(),
+        outbox,
+        Arc::new(Shared::default()),
+    ));
+    let id = InstanceId::new();
+    let exited = ReportInstanceState {
+        state: InstanceState::Exited,
+        detail: None,
+        exit_code: Some(0),
+        output: vec!["done".to_owned()],
+    };
+    sender.send((id, exited.clone())).unwrap();
+
+    let deadline = Instant::now() + DELIVERY_TIMEOUT;
+    while control.states(id).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "report not delivered within {DELIVERY_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(control.inner.lock().unwrap().server_errors, 0);
+    assert_eq!(control.inner.lock().unwrap().reports, vec![(id, exited)]);
     task.abort();
 }
 

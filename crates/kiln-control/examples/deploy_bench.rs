@@ -13,8 +13,9 @@
 //! 5,000 hosts in under five minutes, about 3,750 placements per second.
 //!
 //! Settings come from the environment: `BENCH_CONTROL_BIN` (the `kiln-control` binary,
-//! required), `BENCH_ENVS` (default 200), `BENCH_HOSTS` (default 20), `BENCH_INSTANCES` per
-//! environment (default 2) and `BENCH_CLIENTS`, the concurrent API clients (default 16).
+//! required), `BENCH_ENVS` (default 200), `BENCH_HOSTS` (default 100), `BENCH_INSTANCES` per
+//! environment (default 50: 10,000 placements in all, about Nomad's C1M density of 200
+//! containers per host at 100 hosts) and `BENCH_CLIENTS`, the concurrent API clients (default 16).
 //! `BENCH_CONTROL_LOG` sets the control plane's `RUST_LOG` (default `warn`); its log is kept in
 //! `BENCH_KEEP_DIR` when that names a directory.
 
@@ -88,8 +89,8 @@ async fn main() -> anyhow::Result<()> {
             .context("BENCH_CONTROL_BIN is not set; run bench/deploys/run")?,
     );
     let envs = setting("BENCH_ENVS", 200)?;
-    let hosts = setting("BENCH_HOSTS", 20)?;
-    let instances = u32::try_from(setting("BENCH_INSTANCES", 2)?)?;
+    let hosts = setting("BENCH_HOSTS", 100)?;
+    let instances = u32::try_from(setting("BENCH_INSTANCES", 50)?)?;
     let clients = usize::try_from(setting("BENCH_CLIENTS", 16)?)?;
 
     let database = kiln_testkit::postgres::database()?;
@@ -291,7 +292,8 @@ fn bootstrap(binary: &Path, database_url: &str, dir: &Path) -> anyhow::Result<To
 }
 
 fn start_control(binary: &Path, database_url: &str, dir: &Path) -> anyhow::Result<Control> {
-    let log_dir = std::env::var_os("BENCH_KEEP_DIR").map_or_else(|| dir.to_path_buf(), PathBuf::from);
+    let log_dir =
+        std::env::var_os("BENCH_KEEP_DIR").map_or_else(|| dir.to_path_buf(), PathBuf::from);
     let log = std::fs::File::create(log_dir.join("control.log"))?;
     let mut child = Command::new(binary)
         .arg("serve")

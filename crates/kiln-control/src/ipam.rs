@@ -4,8 +4,10 @@
 //! these tables say is in use; this module reads that set, asks the allocator and inserts the
 //! result. Call these functions inside the transaction that appends the matching event
 //! (`HostRegistered`, `InstancePlaced`, `InstanceRemoved`), so an allocation exists exactly
-//! when its event does. A transaction-scoped advisory lock serializes allocators, and the
-//! tables' UNIQUE constraints reject a duplicate even if a caller forgets the transaction.
+//! when its event does. A transaction-scoped advisory lock serializes slot allocation and host
+//! release against everything else; instance placements take it shared and rely on the
+//! orchestrator's [`AddressBook`]. The tables' UNIQUE constraints reject a duplicate even if a
+//! caller forgets the transaction.
 //!
 //! Every allocation is idempotent per host or instance: asking again returns the same answer,
 //! which is what a resumed deploy step needs.
@@ -48,6 +50,16 @@ pub enum IpamStoreError {
         column: &'static str,
         /// The stored text.
         value: String,
+    },
+    /// The addresses in use on a host were dropped from the address book while a batch was
+    /// allocating on it (after a duplicate in another batch); the batch is not stored.
+    #[error(
+        "the address book forgot host {host} while allocating on it; the next pass places \
+         these instances again"
+    )]
+    BookChanged {
+        /// The host.
+        host: HostId,
     },
     /// A host slot cannot be freed while instances on it hold addresses.
     #[error(
@@ -257,12 +269,12 @@ pub async fn instance_addresses(
 /// Addresses in use per host as this process knows them: read from the table once per host,
 /// then kept up to date by [`place_instances`] and [`AddressBook::free`].
 ///
-/// Only the leader's orchestrator allocates instance addresses, and a new leader builds its
-/// own book after the old leader's transactions have ended (the fencing token sees to that),
-/// so the book misses no allocation. It may count an address as used that a failed
-/// transaction never stored, which only skips that address until [`AddressBook::clear`]. The
+/// Only the leader's orchestrator allocates instance addresses. A new leader, or a replica
+/// that leads again after another did, builds a new book once the earlier leader's
+/// transactions have ended (the fencing token sees to that), so the table holds no allocation
+/// the book lacks. Allocations of a failed transaction are freed again by the caller. The
 /// table's UNIQUE constraints still reject a duplicate should the book ever be wrong; the
-/// caller then clears it.
+/// hosts of that batch are then read again.
 #[derive(Debug, Default)]
 pub struct AddressBook {
     hosts: Mutex<HashMap<HostId, AddressesInUse>>,
@@ -284,10 +296,23 @@ impl AddressBook {
         }
     }
 
-    /// Forgets everything, so every host is read from the table again.
-    pub fn clear(&self) {
-        self.hosts().clear();
+    /// Forgets the hosts, so they are read from the table again.
+    fn forget_hosts(&self, forgotten: &[HostId]) {
+        let mut hosts = self.hosts();
+        for host in forgotten {
+            hosts.remove(host);
+        }
     }
+}
+
+/// The outcome of [`place_instances`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    /// The addresses of each instance, in the order asked.
+    pub pairs: Vec<InstanceAddresses>,
+    /// The addresses allocated by this call, to hand to [`AddressBook::free`] when the
+    /// transaction does not commit.
+    pub allocated: Vec<(HostId, InstanceAddresses)>,
 }
 
 /// Returns the addresses of several instances of `env`, in the order of `instances`, each
@@ -297,14 +322,14 @@ impl AddressBook {
 ///
 /// Placements take the IPAM lock shared: they exclude slot allocation and host release, not
 /// each other, because `book` hands each address out once. A batch costs five statements
-/// however many instances it has, plus one read of each host the book has not seen yet.
+/// however many instances it has, plus one read of the hosts the book has not seen yet.
 pub async fn place_instances(
     conn: &mut PgConnection,
     ipam: &Ipam,
     book: &AddressBook,
     env: EnvId,
     instances: &[(HostId, u32, InstanceId)],
-) -> Result<Vec<InstanceAddresses>, IpamStoreError> {
+) -> Result<Placed, IpamStoreError> {
     sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
         .bind(IPAM_LOCK_KEY)
         .execute(&mut *conn)
@@ -401,6 +426,7 @@ pub async fn place_instances(
     }
 
     let mut pairs = Vec::with_capacity(instances.len());
+    let mut allocated = Vec::new();
     let (mut new_ids, mut new_hosts, mut new_v6, mut new_v4) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     {
@@ -410,15 +436,28 @@ pub async fn place_instances(
                 pairs.push(*pair);
                 continue;
             }
-            let host_prefixes = prefixes.get(host).ok_or_else(|| IpamStoreError::CorruptRow {
-                column: "ipam_host_slots.host_id",
-                value: format!("{host} has no slot after adoption"),
-            })?;
-            let used = known.entry(*host).or_default();
-            let pair = ipam
-                .allocate_instance(host_prefixes, used)
-                .map_err(IpamStoreError::Allocation)?;
+            let host_prefixes = prefixes
+                .get(host)
+                .ok_or_else(|| IpamStoreError::CorruptRow {
+                    column: "ipam_host_slots.host_id",
+                    value: format!("{host} has no slot after adoption"),
+                })?;
+            // Starting from an empty set would hand out addresses in use.
+            let Some(used) = known.get_mut(host) else {
+                drop(known);
+                book.free(&allocated);
+                return Err(IpamStoreError::BookChanged { host: *host });
+            };
+            let pair = match ipam.allocate_instance(host_prefixes, used) {
+                Ok(pair) => pair,
+                Err(error) => {
+                    drop(known);
+                    book.free(&allocated);
+                    return Err(IpamStoreError::Allocation(error));
+                }
+            };
             used.insert(pair);
+            allocated.push((*host, pair));
             existing.insert(*instance, pair);
             pairs.push(pair);
             new_ids.push(instance.as_uuid());
@@ -429,7 +468,7 @@ pub async fn place_instances(
     }
 
     if !new_ids.is_empty() {
-        sqlx::query(
+        let stored = sqlx::query(
             "INSERT INTO ipam_instance_addresses (instance_id, env_id, host_id, ipv6, ipv4) \
              SELECT new.instance_id, $2, new.host_id, new.ipv6, new.ipv4 \
              FROM unnest($1::uuid[], $3::uuid[], $4::text[], $5::text[]) \
@@ -441,10 +480,20 @@ pub async fn place_instances(
         .bind(&new_v6)
         .bind(&new_v4)
         .execute(conn)
-        .await
-        .map_err(query_failed("store the instances' addresses"))?;
+        .await;
+        if let Err(error) = stored {
+            book.free(&allocated);
+            // A duplicate means the book was wrong about these hosts: read them again.
+            if let sqlx::Error::Database(db) = &error
+                && db.code().as_deref() == Some("23505")
+            {
+                let hosts: Vec<HostId> = host_slots.keys().copied().collect();
+                book.forget_hosts(&hosts);
+            }
+            return Err(query_failed("store the instances' addresses")(error));
+        }
     }
-    Ok(pairs)
+    Ok(Placed { pairs, allocated })
 }
 
 /// Frees the addresses of instances that are gone.
@@ -658,12 +707,12 @@ mod tests {
                         .map(|n| (hosts[n % 2].0, hosts[n % 2].1, InstanceId::new()))
                         .collect();
                     let mut tx = pool.begin().await.unwrap();
-                    let pairs = place_instances(&mut tx, &ipam, &book, EnvId::new(), &batch)
+                    let placed = place_instances(&mut tx, &ipam, &book, EnvId::new(), &batch)
                         .await
                         .unwrap();
                     tokio::task::yield_now().await;
                     tx.commit().await.unwrap();
-                    pairs
+                    placed.pairs
                 })
             })
             .collect();
@@ -699,7 +748,7 @@ mod tests {
 
         let book = AddressBook::default();
         let (a, b) = (InstanceId::new(), InstanceId::new());
-        let pairs = place_instances(
+        let placed = place_instances(
             &mut tx,
             &ipam,
             &book,
@@ -708,7 +757,12 @@ mod tests {
         )
         .await
         .unwrap();
-        assert_eq!(pairs[0], earlier_pair, "a placed instance keeps its addresses");
+        let pairs = placed.pairs;
+        assert_eq!(placed.allocated, vec![(host, pairs[1]), (host, pairs[2])]);
+        assert_eq!(
+            pairs[0], earlier_pair,
+            "a placed instance keeps its addresses"
+        );
         assert!(!pairs[1..].contains(&earlier_pair));
         assert_ne!(pairs[1], pairs[2]);
 
@@ -717,17 +771,66 @@ mod tests {
         let c = InstanceId::new();
         let again = place_instances(&mut tx, &ipam, &book, env, &[(host, 3, c)])
             .await
-            .unwrap();
+            .unwrap()
+            .pairs;
         assert_eq!(again[0], pairs[1], "the freed pair is handed out again");
 
-        // A book that is wrong (here: emptied while the table still holds the pairs, then
-        // told nothing) cannot hand out a pair twice: it reads the host again once cleared.
-        book.clear();
+        // A new book, as a new leader builds, reads the host from the table.
+        let fresh_book = AddressBook::default();
         let d = InstanceId::new();
-        let fresh = place_instances(&mut tx, &ipam, &book, env, &[(host, 3, d)])
+        let fresh = place_instances(&mut tx, &ipam, &fresh_book, env, &[(host, 3, d)])
             .await
-            .unwrap();
+            .unwrap()
+            .pairs;
         assert!(![earlier_pair, pairs[2], again[0]].contains(&fresh[0]));
         tx.commit().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn duplicate_frees_the_batch_and_rereads_its_hosts() {
+        let pool = pool().await;
+        let mut tx = pool.begin().await.unwrap();
+        let ipam = bootstrap(&mut tx, [1, 2, 3, 4, 7]).await.unwrap();
+        let (env, host) = (EnvId::new(), HostId::new());
+        let book = AddressBook::default();
+        let first = place_instances(&mut tx, &ipam, &book, env, &[(host, 4, InstanceId::new())])
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+
+        // Another writer stores the next free pair behind the book's back.
+        let stale_book = AddressBook::default();
+        let mut tx = pool.begin().await.unwrap();
+        place_instances(
+            &mut tx,
+            &ipam,
+            &stale_book,
+            env,
+            &[(host, 4, InstanceId::new())],
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+
+        let mut tx = pool.begin().await.unwrap();
+        let collided =
+            place_instances(&mut tx, &ipam, &book, env, &[(host, 4, InstanceId::new())]).await;
+        assert!(
+            matches!(collided, Err(IpamStoreError::Query { .. })),
+            "{collided:?}"
+        );
+        tx.rollback().await.unwrap();
+
+        let mut tx = pool.begin().await.unwrap();
+        let retried = place_instances(&mut tx, &ipam, &book, env, &[(host, 4, InstanceId::new())])
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM ipam_instance_addresses")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(stored, 3);
+        assert_ne!(retried.pairs[0], first.pairs[0]);
     }
 }

@@ -156,16 +156,25 @@ pub async fn run_singleton_work(
 ) {
     let mut listening = true;
     // Kept between passes for its cache of values that never change, such as a release's
-    // spec. It is rebuilt when leadership is lost, with the settings read again.
+    // spec, and its address book. It is rebuilt for every new term, with the settings read
+    // again.
     let mut orchestrator = None;
+    let mut orchestrator_term = None;
     let mut last_full: Option<tokio::time::Instant> = None;
     let mut woken_by_append = false;
     loop {
         let state = *leadership.borrow_and_update();
         // Mark the events seen before the pass, so an append during the pass wakes the next.
         events.borrow_and_update();
-        if !matches!(state, Leadership::Leader { .. }) {
+        // A new term, even of this replica, starts from a new orchestrator: another replica
+        // may have led in between, and the orchestrator's address book must be read again.
+        let term = match state {
+            Leadership::Leader { term } => Some(term),
+            _ => None,
+        };
+        if term != orchestrator_term {
             orchestrator = None;
+            orchestrator_term = term;
         }
         let full = !woken_by_append || last_full.is_none_or(|at| at.elapsed() >= FULL_PASS_GAP);
         if full {

@@ -23,8 +23,8 @@ use tokio::task::JoinHandle;
 /// Attempts at sending one batch of state reports before giving up.
 const REPORT_ATTEMPTS: u32 = 150;
 
-/// Most state reports sent in one call, as the real agent batches them.
-const REPORT_BATCH: usize = 256;
+/// Most state reports sent in one call: the control plane's limit, as the real agent uses.
+const REPORT_BATCH: usize = kiln_api::MAX_STATE_REPORTS;
 
 /// Pause between report attempts.
 const REPORT_RETRY_PAUSE: Duration = Duration::from_millis(100);
@@ -410,8 +410,9 @@ impl Reporter {
 }
 
 /// Sends queued reports in order, as many per call as are waiting (up to [`REPORT_BATCH`]),
-/// each instance's superseded states dropped, like the real agent. A call is retried while the control plane is unreachable (it may be
-/// restarting), so no state change is lost; a batch is dropped after [`REPORT_ATTEMPTS`].
+/// each instance's superseded states dropped, like the real agent. A call is retried while the
+/// control plane is unreachable (it may be restarting), so no state change is lost; a batch is
+/// dropped after [`REPORT_ATTEMPTS`].
 async fn report_loop(
     client: Client,
     mut queued: mpsc::UnboundedReceiver<InstanceStateReport>,

@@ -29,6 +29,10 @@ pub(crate) struct FakeControl {
 #[derive(Default)]
 pub(crate) struct ControlState {
     pub(crate) unreachable: bool,
+    /// Calls refused while unreachable.
+    pub(crate) failed_calls: u32,
+    /// Calls still to be answered with a server error (500), as during a database failover.
+    pub(crate) server_errors: u32,
     pub(crate) reports: Vec<(InstanceId, ReportInstanceState)>,
     pub(crate) secrets: BTreeMap<InstanceId, InstanceSecrets>,
     pub(crate) shipped: Vec<String>,
@@ -47,8 +51,19 @@ fn unavailable() -> ClientError {
 
 impl FakeControl {
     fn check(&self) -> Result<(), ClientError> {
-        if self.inner.lock().unwrap().unreachable {
+        let mut inner = self.inner.lock().unwrap();
+        if inner.unreachable {
+            inner.failed_calls += 1;
             return Err(unavailable());
+        }
+        if inner.server_errors > 0 {
+            inner.server_errors -= 1;
+            return Err(ClientError::Api {
+                method: "POST".to_owned(),
+                path: "/v1/host".to_owned(),
+                status: 500,
+                body: ErrorBody::new(ErrorCode::Internal, "internal error"),
+            });
         }
         Ok(())
     }

@@ -16,7 +16,7 @@ use super::error::ApiError;
 use super::extract::JsonBody;
 use super::{AppState, scope};
 use crate::auth::Caller;
-use crate::store::{ExpectedVersion, NewEvent, Store, streams};
+use crate::store::{ExpectedVersion, NewEvent, Store, StreamEvent, streams};
 
 /// Most instances of one process type a scale request may ask for.
 pub const MAX_INSTANCES_PER_PROCESS: u32 = 100;
@@ -118,6 +118,9 @@ pub async fn remove(
             .fetch_all(&mut *tx)
             .await
             .map_err(ApiError::database("list instances to stop"))?;
+    // One append, last: instance streams that an agent's report batch locks must not be
+    // taken one by one while this transaction already holds the append lock.
+    let mut events = Vec::with_capacity(instances.len() + 1);
     for row in &instances {
         let instance_id = InstanceId::from_uuid(row.get("id"));
         let event = Event::InstanceStopRequested {
@@ -126,25 +129,24 @@ pub async fn remove(
             host_id: kiln_core::HostId::from_uuid(row.get("host_id")),
             reason: "env_deleted".to_owned(),
         };
-        Store::append_in(
-            &mut tx,
-            &streams::instance(instance_id),
-            ExpectedVersion::Any,
-            vec![NewEvent::org(org_id, event)],
-            &actor,
-        )
-        .await?;
+        events.push(StreamEvent {
+            stream: streams::instance(instance_id),
+            expected: ExpectedVersion::Any,
+            event: NewEvent::org(org_id, event),
+        });
     }
-    super::ips::release_all_in(&mut tx, org_id, env.id, &actor).await?;
-    let event = Event::EnvDeleted { env_id: env.id };
-    Store::append_in(
-        &mut tx,
-        &streams::env(env.id),
-        ExpectedVersion::Any,
-        vec![NewEvent::org(org_id, event)],
-        &actor,
-    )
-    .await?;
+    let env_events = super::ips::release_all_events(&mut tx, env.id)
+        .await?
+        .into_iter()
+        .chain([Event::EnvDeleted { env_id: env.id }]);
+    for event in env_events {
+        events.push(StreamEvent {
+            stream: streams::env(env.id),
+            expected: ExpectedVersion::Any,
+            event: NewEvent::org(org_id, event),
+        });
+    }
+    Store::append_each_in(&mut tx, events, &actor).await?;
     sqlx::query("DELETE FROM secret_values WHERE env_id = $1")
         .bind(env.id.as_uuid())
         .execute(&mut *tx)

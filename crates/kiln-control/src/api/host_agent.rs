@@ -42,10 +42,6 @@ pub const MAX_DETAIL_LEN: usize = 4096;
 /// passes a line that commits later with a lower id.
 const LOG_LOCK_KEY: i64 = 0x6b69_6c6e_0002;
 
-/// Time a woken assignments watch waits before it reads the assignments, so changes appended
-/// in quick succession reach the agent in one response.
-const ASSIGNMENT_SETTLE: std::time::Duration = std::time::Duration::from_millis(50);
-
 /// Attempts at picking a free host prefix when registrations race.
 const PREFIX_ATTEMPTS: usize = 5;
 
@@ -148,19 +144,7 @@ pub async fn assignments(
         after != 0 && after >= current.from && after <= current.head
     };
     let changed = if covered {
-        let already = index.borrow().changed_after(host_id, after);
-        let changed = wait_for_change(&mut index, host_id, after, wait).await;
-        match changed {
-            // Woken by a change: placements of one deploy step, or of several deploys planned
-            // in one pass, arrive as several appends in quick succession. Letting them settle
-            // makes one reload of the complete set cover them all, where each reload costs a
-            // query and serialization that grow with the host's instances.
-            Some(_) if !already => {
-                tokio::time::sleep(ASSIGNMENT_SETTLE).await;
-                Some(index.borrow().head)
-            }
-            other => other,
-        }
+        wait_for_change(&mut index, host_id, after, wait).await
     } else {
         wait_for_change_in_log(&state, host_id, after, wait).await?
     };

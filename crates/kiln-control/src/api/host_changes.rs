@@ -211,7 +211,12 @@ mod tests {
 
     async fn append(store: &Store, stream: &str, org: OrgId, event: Event) -> u64 {
         let appended = store
-            .append(stream, ExpectedVersion::Any, vec![NewEvent::org(org, event)], "t")
+            .append(
+                stream,
+                ExpectedVersion::Any,
+                vec![NewEvent::org(org, event)],
+                "t",
+            )
             .await
             .unwrap();
         appended[0].seq

@@ -179,14 +179,13 @@ pub async fn release(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Appends release events for every dedicated IPv4 address of `env`, inside the caller's
-/// transaction, so deleting an environment also ends the billing of its addresses.
-pub async fn release_all_in(
+/// Returns a release event for every dedicated IPv4 address of `env`, read in the caller's
+/// transaction, for the deletion of the environment to append, so billing of its addresses
+/// ends with it.
+pub async fn release_all_events(
     tx: &mut Transaction<'static, Postgres>,
-    org: OrgId,
     env: EnvId,
-    actor: &str,
-) -> Result<(), ApiError> {
+) -> Result<Vec<Event>, ApiError> {
     let rows = sqlx::query(
         "SELECT address, pool FROM addresses WHERE env_id = $1 AND kind = 'dedicated_ipv4'
          ORDER BY address",
@@ -195,12 +194,16 @@ pub async fn release_all_in(
     .fetch_all(&mut **tx)
     .await
     .map_err(ApiError::database("list dedicated IPv4 addresses"))?;
+    let mut events = Vec::with_capacity(rows.len());
     for row in &rows {
-        let address = parse_ipv4(row.get("address"))?;
         let pool: Option<String> = row.get("pool");
-        release_in(tx, org, env, address, pool.unwrap_or_default(), actor).await?;
+        events.push(Event::Ipv4AddressReleased {
+            env_id: env,
+            address: parse_ipv4(row.get("address"))?,
+            pool: pool.unwrap_or_default(),
+        });
     }
-    Ok(())
+    Ok(events)
 }
 
 async fn release_in(

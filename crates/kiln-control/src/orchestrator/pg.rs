@@ -188,9 +188,9 @@ impl Orchestrator {
 
     /// Runs one pass as the leader of `term`. With `PassScope::Deploys` the pass skips the
     /// replacement of lost instances and the scale reconciliation, which read every env.
-    // TODO(performance): every instance costs several dozen statements end to end (placement,
-    // four state reports through the API, routes and step records), so bench/deploys stays two
-    // orders of magnitude below its 3,750 placements per second target on 2 shared cores.
+    // TODO(performance): bench/deploys reaches about a third of its 3,750 placements per second
+    // target on 2 shared cores; each placement still costs two projected events, a share of
+    // its host's assignment reloads and the HTTP and JSON around them.
     pub async fn run_once(
         &self,
         term: i64,
@@ -693,12 +693,7 @@ impl Orchestrator {
 
         // One statement appends every placement, last in the transaction, so the append lock
         // is held only for the commit.
-        let result = self.place(term, env, org, &new, &placements).await;
-        if result.is_err() {
-            // The book may hold addresses that the failed transaction never stored.
-            self.addresses.clear();
-        }
-        result?;
+        self.place(term, env, org, &new, &placements).await?;
         for instance in &new {
             tracing::info!(instance = %instance.id, host = %instance.host, "instance placed");
         }
@@ -716,11 +711,11 @@ impl Orchestrator {
         placements: &[(HostId, u32, InstanceId)],
     ) -> Result<(), OrchestratorError> {
         let mut tx = self.begin(term).await?;
-        let pairs =
+        let placed =
             ipam::place_instances(&mut tx, &self.ipam, &self.addresses, env, placements).await?;
         let events = new
             .iter()
-            .zip(pairs)
+            .zip(&placed.pairs)
             .map(|(instance, pair)| StreamEvent {
                 stream: streams::instance(instance.id),
                 expected: ExpectedVersion::NoStream,
@@ -738,11 +733,19 @@ impl Orchestrator {
                 ),
             })
             .collect();
-        Store::append_each_in(&mut tx, events, ACTOR).await?;
-        tx.commit()
-            .await
-            .map_err(query("commit instance placements"))?;
-        Ok(())
+        let appended = Store::append_each_in(&mut tx, events, ACTOR).await;
+        let committed = match appended {
+            Ok(_) => tx
+                .commit()
+                .await
+                .map_err(query("commit instance placements")),
+            Err(error) => Err(error.into()),
+        };
+        if committed.is_err() {
+            // Nothing was stored, so the addresses are free again.
+            self.addresses.free(&placed.allocated);
+        }
+        committed
     }
 
     /// Asks the hosts of `instances` to stop them, in one transaction: each leaves the route

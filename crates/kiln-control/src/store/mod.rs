@@ -206,9 +206,11 @@ impl Store {
         append_on(&mut conn, stream, expected, events, actor).await
     }
 
-    /// Appends `events` to `stream` inside the caller's transaction. The caller may do more
-    /// work (other appends, reads) in it and must commit it; the advisory lock taken here is
-    /// held until then, so keep the rest of the transaction short.
+    /// Appends `events` to `stream` inside the caller's transaction. The caller must commit
+    /// it; the advisory lock taken here is held until then, so keep the rest of the
+    /// transaction short. Appending to another existing stream afterwards in the same
+    /// transaction can deadlock with an agent's report batch, which locks its streams before
+    /// it waits for the append lock: append to several streams with [`Store::append_each_in`].
     pub async fn append_in(
         tx: &mut Transaction<'static, Postgres>,
         stream: &str,

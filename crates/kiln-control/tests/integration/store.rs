@@ -1107,7 +1107,10 @@ async fn append_each_spans_streams_in_order() {
     assert_eq!(apps, 0, "the app was created and deleted in one batch");
     assert!(store.append_each(Vec::new(), "t").await.unwrap().is_empty());
 
-    let report = store.rebuild_projections(RebuildMode::Verify).await.unwrap();
+    let report = store
+        .rebuild_projections(RebuildMode::Verify)
+        .await
+        .unwrap();
     assert!(report.matches(), "{:#?}", report.diffs);
 }
 
@@ -1201,10 +1204,6 @@ async fn append_each_in_opposite_orders_does_not_deadlock() {
         run.await.unwrap().unwrap();
     }
     for org in &orgs {
-        assert_eq!(
-            store.stream_version(&streams::org(*org)).await.unwrap(),
-            4
-        );
+        assert_eq!(store.stream_version(&streams::org(*org)).await.unwrap(), 4);
     }
 }
-
