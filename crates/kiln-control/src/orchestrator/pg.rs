@@ -27,7 +27,7 @@ use uuid::Uuid;
 use super::convert;
 use super::engine::{self, DeployProgress, Fence, Outcome, PassReport};
 use crate::ipam::{self, IpamStoreError};
-use crate::leader::{FenceError, check_fence};
+use crate::leader::{FenceError, LEADERSHIP, check_fence};
 use crate::store::{ExpectedVersion, NewEvent, Store, StoreError, StreamEvent, streams};
 
 /// Actor recorded on the orchestrator's events.
@@ -930,18 +930,8 @@ impl Orchestrator {
         env: EnvId,
         event: Event,
     ) -> Result<(), OrchestratorError> {
-        let org = self.env_org(env).await?;
-        let mut tx = self.begin(term).await?;
-        Store::append_in(
-            &mut tx,
-            &streams::env(env),
-            ExpectedVersion::Any,
-            vec![NewEvent::org(org, event)],
-            ACTOR,
-        )
-        .await?;
-        tx.commit().await.map_err(query("commit an env change"))?;
-        Ok(())
+        self.append_fenced(term, env, &streams::env(env), event)
+            .await
     }
 
     async fn append_deploy_event(
@@ -951,18 +941,37 @@ impl Orchestrator {
         env: EnvId,
         event: Event,
     ) -> Result<(), OrchestratorError> {
+        self.append_fenced(term, env, &streams::deploy(deploy), event)
+            .await
+    }
+
+    /// Appends one event of `env`'s org to `stream` as the leader of `term`, in one statement.
+    async fn append_fenced(
+        &self,
+        term: i64,
+        env: EnvId,
+        stream: &str,
+        event: Event,
+    ) -> Result<(), OrchestratorError> {
         let org = self.env_org(env).await?;
-        let mut tx = self.begin(term).await?;
-        Store::append_in(
-            &mut tx,
-            &streams::deploy(deploy),
-            ExpectedVersion::Any,
-            vec![NewEvent::org(org, event)],
-            ACTOR,
-        )
-        .await?;
-        tx.commit().await.map_err(query("commit a deploy change"))?;
-        Ok(())
+        let appended = self
+            .store
+            .append_fenced(
+                LEADERSHIP,
+                term,
+                stream,
+                ExpectedVersion::Any,
+                vec![NewEvent::org(org, event)],
+                ACTOR,
+            )
+            .await;
+        match appended {
+            Ok(_) => Ok(()),
+            Err(StoreError::StaleFence { held, current }) => {
+                Err(FenceError::Stale { held, current }.into())
+            }
+            Err(error) => Err(error.into()),
+        }
     }
 
     /// Reads the reported state of each instance in `instances` that has not stopped, from the

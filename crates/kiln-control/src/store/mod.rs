@@ -97,6 +97,14 @@ pub enum StoreError {
         /// Name of the violated constraint.
         constraint: String,
     },
+    /// A fenced append came from a leader whose term is no longer the current one.
+    #[error("leadership term {held} is stale; the current term is {current}")]
+    StaleFence {
+        /// The term the writer holds.
+        held: i64,
+        /// The term in the database.
+        current: i64,
+    },
     /// An event could not be encoded or decoded.
     #[error("failed to encode or decode event at seq {seq}")]
     Codec {
@@ -219,6 +227,34 @@ impl Store {
         actor: &str,
     ) -> Result<Vec<EventEnvelope>, StoreError> {
         append_on(tx, stream, expected, events, actor).await
+    }
+
+    /// Appends `events` to `stream` in one autocommit statement if `term` is still the current
+    /// term of `leadership`, as a leader's fenced write. Fails with
+    /// [`StoreError::StaleFence`] and writes nothing otherwise.
+    pub async fn append_fenced(
+        &self,
+        leadership: &str,
+        term: i64,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        actor: &str,
+    ) -> Result<Vec<EventEnvelope>, StoreError> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(StoreError::database("acquire connection"))?;
+        append_with(
+            &mut conn,
+            Some((leadership, term)),
+            stream,
+            expected,
+            events,
+            actor,
+        )
+        .await
     }
 
     /// Appends events of any number of streams in one autocommit statement: all of them or,
@@ -359,6 +395,21 @@ async fn append_on(
     events: Vec<NewEvent>,
     actor: &str,
 ) -> Result<Vec<EventEnvelope>, StoreError> {
+    append_with(conn, None, stream, expected, events, actor).await
+}
+
+/// SQLSTATE that `kiln_append_fenced` raises for a stale term.
+const STALE_FENCE_CODE: &str = "KL004";
+
+/// Runs `kiln_append`, or `kiln_append_fenced` when `fence` names a leadership and its term.
+async fn append_with(
+    conn: &mut sqlx::PgConnection,
+    fence: Option<(&str, i64)>,
+    stream: &str,
+    expected: ExpectedVersion,
+    events: Vec<NewEvent>,
+    actor: &str,
+) -> Result<Vec<EventEnvelope>, StoreError> {
     let (expected_kind, expected_version) = expected_args(expected);
 
     let mut org_ids = Vec::with_capacity(events.len());
@@ -378,22 +429,39 @@ async fn append_on(
     }
 
     let time = now();
-    let rows: Vec<(Option<i64>, i64)> = sqlx::query_as(
-        "SELECT seq, stream_version FROM kiln_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-    )
-    .bind(stream)
-    .bind(expected_kind)
-    .bind(expected_version)
-    .bind(actor)
-    .bind(time)
-    .bind(&org_ids)
-    .bind(&env_ids)
-    .bind(&host_ids)
-    .bind(&types)
-    .bind(&payloads)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(StoreError::database("append events"))?;
+    let query = match fence {
+        Some((leadership, term)) => sqlx::query_as(
+            "SELECT seq, stream_version
+             FROM kiln_append_fenced($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        )
+        .bind(leadership)
+        .bind(term),
+        None => sqlx::query_as(
+            "SELECT seq, stream_version FROM kiln_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        ),
+    };
+    let result: Result<Vec<(Option<i64>, i64)>, sqlx::Error> = query
+        .bind(stream)
+        .bind(expected_kind)
+        .bind(expected_version)
+        .bind(actor)
+        .bind(time)
+        .bind(&org_ids)
+        .bind(&env_ids)
+        .bind(&host_ids)
+        .bind(&types)
+        .bind(&payloads)
+        .fetch_all(&mut *conn)
+        .await;
+    let rows = match result {
+        Ok(rows) => rows,
+        Err(error) => {
+            if let (Some((_, held)), Some(current)) = (fence, stale_fence_of(&error)) {
+                return Err(StoreError::StaleFence { held, current });
+            }
+            return Err(StoreError::database("append events")(error));
+        }
+    };
 
     if let [(None, actual)] = rows.as_slice() {
         return Err(StoreError::Conflict {
@@ -517,6 +585,18 @@ async fn append_each_on(
         })
         .collect();
     Ok(envelopes)
+}
+
+/// Reads the current term from the error `kiln_append_fenced` raises for a stale one.
+fn stale_fence_of(error: &sqlx::Error) -> Option<i64> {
+    let sqlx::Error::Database(db) = error else {
+        return None;
+    };
+    let db = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()?;
+    if db.code() != STALE_FENCE_CODE {
+        return None;
+    }
+    db.detail()?.parse().ok()
 }
 
 /// Reads the stream and its version from the conflict `kiln_append_each` raises.

@@ -1207,3 +1207,96 @@ async fn append_each_in_opposite_orders_does_not_deadlock() {
         assert_eq!(store.stream_version(&streams::org(*org)).await.unwrap(), 4);
     }
 }
+
+#[tokio::test]
+async fn fenced_append_writes_only_for_the_current_term() {
+    let (store, _db) = harness::store().await;
+    let org_id = OrgId::new();
+    let created = |name: &str| {
+        vec![NewEvent::org(
+            org_id,
+            Event::OrgCreated {
+                org_id,
+                name: OrgName::new(name).unwrap(),
+            },
+        )]
+    };
+    let stream = streams::org(org_id);
+
+    // No leader has ever been elected: every term is stale.
+    let none = store
+        .append_fenced(
+            "control",
+            1,
+            &stream,
+            ExpectedVersion::Any,
+            created("a"),
+            "t",
+        )
+        .await;
+    assert!(
+        matches!(
+            none,
+            Err(StoreError::StaleFence {
+                held: 1,
+                current: 0
+            })
+        ),
+        "{none:?}"
+    );
+
+    sqlx::query("INSERT INTO leader_terms (name, term) VALUES ('control', 3)")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let head = store.head().await.unwrap();
+    let stale = store
+        .append_fenced(
+            "control",
+            2,
+            &stream,
+            ExpectedVersion::Any,
+            created("b"),
+            "t",
+        )
+        .await;
+    assert!(
+        matches!(
+            stale,
+            Err(StoreError::StaleFence {
+                held: 2,
+                current: 3
+            })
+        ),
+        "{stale:?}"
+    );
+    assert_eq!(store.head().await.unwrap(), head);
+    assert_eq!(store.stream_version(&stream).await.unwrap(), 0);
+
+    let current = store
+        .append_fenced(
+            "control",
+            3,
+            &stream,
+            ExpectedVersion::NoStream,
+            created("c"),
+            "t",
+        )
+        .await
+        .unwrap();
+    assert_eq!(current[0].stream_version, 1);
+    let conflict = store
+        .append_fenced(
+            "control",
+            3,
+            &stream,
+            ExpectedVersion::NoStream,
+            created("d"),
+            "t",
+        )
+        .await;
+    assert!(
+        matches!(conflict, Err(StoreError::Conflict { actual: 1, .. })),
+        "{conflict:?}"
+    );
+}
