@@ -731,14 +731,15 @@ async fn load_assignments(state: &AppState, host_id: HostId) -> Result<Vec<Assig
     .map_err(ApiError::database("load assignments"))?;
 
     let corrupt = |what: &str| ApiError::internal(what);
-    let config_rows = sqlx::query(
-        "SELECT env_id, name, value FROM config_vars
-         WHERE env_id IN (SELECT env_id FROM instances WHERE host_id = $1)",
-    )
-    .bind(host_id.as_uuid())
-    .fetch_all(pool)
-    .await
-    .map_err(ApiError::database("read config vars"))?;
+    let mut env_ids: Vec<uuid::Uuid> = rows.iter().map(|row| row.get("env_id")).collect();
+    env_ids.sort_unstable();
+    env_ids.dedup();
+    let config_rows =
+        sqlx::query("SELECT env_id, name, value FROM config_vars WHERE env_id = ANY($1)")
+            .bind(&env_ids)
+            .fetch_all(pool)
+            .await
+            .map_err(ApiError::database("read config vars"))?;
     let mut config: HashMap<EnvId, BTreeMap<String, String>> = HashMap::new();
     for row in &config_rows {
         config

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use kiln_api::Event;
 use kiln_api::events::EventQuery;
-use kiln_control::store::{EventFilter, ExpectedVersion, NewEvent, Store, streams};
+use kiln_control::store::{EventFilter, ExpectedVersion, NewEvent, Store, StreamEvent, streams};
 use kiln_core::{AppId, AppName, OrgId, OrgName};
 
 use crate::harness;
@@ -118,9 +118,10 @@ async fn concurrent_appenders_and_watchers_agree() {
                     name: AppName::new(format!("w{writer}-{index}")).unwrap(),
                 };
                 let stream = format!("writer:{writer}");
-                // Even writers use `append`, one autocommit statement; odd writers use
-                // `append_in`, whose transaction holds the append lock until its commit.
-                if writer % 2 == 0 {
+                // A third of the writers use `append`, one autocommit statement. The others
+                // append in a transaction that holds the append lock until its commit: with
+                // `append_in`, or with `append_each_in` and a second event in another stream.
+                if writer % 3 == 0 {
                     store
                         .append(
                             &stream,
@@ -133,15 +134,36 @@ async fn concurrent_appenders_and_watchers_agree() {
                     continue;
                 }
                 let mut tx = store.begin().await.unwrap();
-                Store::append_in(
-                    &mut tx,
-                    &stream,
-                    ExpectedVersion::Any,
-                    vec![NewEvent::org(org_id, event)],
-                    "t",
-                )
-                .await
-                .unwrap();
+                if writer % 3 == 1 {
+                    Store::append_in(
+                        &mut tx,
+                        &stream,
+                        ExpectedVersion::Any,
+                        vec![NewEvent::org(org_id, event)],
+                        "t",
+                    )
+                    .await
+                    .unwrap();
+                } else {
+                    let second = Event::AppCreated {
+                        app_id: AppId::new(),
+                        org_id,
+                        name: AppName::new(format!("w{writer}-{index}-b")).unwrap(),
+                    };
+                    let events = vec![
+                        StreamEvent {
+                            stream: stream.clone(),
+                            expected: ExpectedVersion::Any,
+                            event: NewEvent::org(org_id, event),
+                        },
+                        StreamEvent {
+                            stream: format!("{stream}:b"),
+                            expected: ExpectedVersion::Any,
+                            event: NewEvent::org(org_id, second),
+                        },
+                    ];
+                    Store::append_each_in(&mut tx, events, "t").await.unwrap();
+                }
                 // Keep some transactions open a little longer so commits interleave.
                 if index % 3 == writer % 3 {
                     sqlx::query("SELECT pg_sleep(0.002)")
@@ -154,7 +176,8 @@ async fn concurrent_appenders_and_watchers_agree() {
         }));
     }
 
-    let total = 1 + (WRITERS * APPENDS) as u64;
+    let batched_writers = (0..WRITERS).filter(|writer| writer % 3 == 2).count();
+    let total = 1 + ((WRITERS + batched_writers) * APPENDS) as u64;
     let mut watchers = Vec::new();
     for limit in [1u32, 7, 1000] {
         let store = store.clone();
