@@ -152,6 +152,16 @@ pub async fn assignments(
         Some(head) => head,
         None => state.store.head().await?.max(after),
     };
+    // The log head can be ahead of the feed's last read. Handing the agent the feed's head
+    // instead keeps its next long poll on the feed, which costs no query per append; the log
+    // path would query after every append. Either cursor is safe, because the assignments are
+    // read after it is chosen.
+    let feed_head = index.borrow().head;
+    let cursor = if feed_head >= after {
+        cursor.min(feed_head)
+    } else {
+        cursor
+    };
 
     let assignments = load_assignments(&state, host_id).await?;
     Ok(Json(HostAssignments {
