@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use kiln_api::ClientError;
 use kiln_api::types::{
     Heartbeat, HostAssignments, InstanceStateReport, LogBatch, MAX_STATE_REPORTS, RegisterHost,
     ReportInstanceState, ReportInstanceStates,
 };
+use kiln_api::{ClientError, ErrorCode};
 use kiln_core::InstanceId;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
@@ -135,6 +135,9 @@ pub async fn run_reporter<C: ControlPlane>(
 ) {
     let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
     let mut queued: VecDeque<InstanceStateReport> = VecDeque::new();
+    // A control plane older than the batch endpoint answers it with `not_found`; the agent
+    // then sends one report per call for as long as it runs.
+    let mut batches = true;
     loop {
         if queued.is_empty() {
             let Some((instance, report)) = outbox.recv().await else {
@@ -149,6 +152,12 @@ pub async fn run_reporter<C: ControlPlane>(
             queued = kiln_api::coalesce_reports(queued.into()).into();
         }
         let batch = next_batch(&mut queued);
+        if !batches {
+            for report in &batch.reports {
+                report_one(&control, report, &shared, &mut backoff).await;
+            }
+            continue;
+        }
 
         match control.report_batch(&batch).await {
             Ok(reported) => {
@@ -159,7 +168,12 @@ pub async fn run_reporter<C: ControlPlane>(
                 }
             }
             Err(error) if rejects_request(&error) => {
-                warn!(reports = batch.reports.len(), error = %error_chain(&error), "state report batch rejected; sending its reports one by one");
+                if error.code() == Some(ErrorCode::NotFound) {
+                    warn!(error = %error_chain(&error), "the control plane has no batch endpoint for state reports; sending one report per call");
+                    batches = false;
+                } else {
+                    warn!(reports = batch.reports.len(), error = %error_chain(&error), "state report batch rejected; sending its reports one by one");
+                }
                 for report in &batch.reports {
                     report_one(&control, report, &shared, &mut backoff).await;
                 }

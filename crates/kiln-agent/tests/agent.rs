@@ -643,6 +643,51 @@ async fn server_errors_delay_reports_without_losing_them() {
 }
 
 #[tokio::test]
+async fn old_control_plane_gets_single_reports() {
+    let control = FakeControl::default();
+    control.inner.lock().unwrap().no_batch_endpoint = true;
+    let (sender, outbox) = mpsc::unbounded_channel();
+    let task = tokio::spawn(kiln_agent::tasks::run_reporter(
+        control.clone(),
+        outbox,
+        Arc::new(Shared::default()),
+    ));
+    let (first, second) = (InstanceId::new(), InstanceId::new());
+    let running = ReportInstanceState {
+        state: InstanceState::Running,
+        detail: None,
+        exit_code: None,
+        output: Vec::new(),
+    };
+    sender.send((first, running.clone())).unwrap();
+
+    let deadline = Instant::now() + DELIVERY_TIMEOUT;
+    while control.states(first).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "report not delivered within {DELIVERY_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sender.send((second, running)).unwrap();
+    while control.states(second).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "report not delivered within {DELIVERY_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    assert_eq!(
+        control.inner.lock().unwrap().batch_calls,
+        1,
+        "asked once, then remembered"
+    );
+    assert_eq!(control.states(first), [InstanceState::Running]);
+    task.abort();
+}
+
+#[tokio::test]
 async fn logs_shipped_to_control_plane() {
     let root = tempfile::tempdir().unwrap();
     let a = assignment(1);

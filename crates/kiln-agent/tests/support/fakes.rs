@@ -16,7 +16,7 @@ use kiln_agent::runtime::{
 };
 use kiln_api::types::{
     Heartbeat, HostAssignments, HostLease, ImageRef, InstanceSecrets, LogBatch, RegisterHost,
-    ReportInstanceState,
+    ReportInstanceState, ReportInstanceStates, ReportedInstanceStates,
 };
 use kiln_api::{ClientError, ErrorBody, ErrorCode, InstanceState};
 use kiln_core::InstanceId;
@@ -33,6 +33,10 @@ pub(crate) struct ControlState {
     pub(crate) failed_calls: u32,
     /// Calls still to be answered with a server error (500), as during a database failover.
     pub(crate) server_errors: u32,
+    /// Answers batched reports with `not_found`, as a control plane older than the endpoint.
+    pub(crate) no_batch_endpoint: bool,
+    /// Batched report calls received.
+    pub(crate) batch_calls: u32,
     pub(crate) reports: Vec<(InstanceId, ReportInstanceState)>,
     pub(crate) secrets: BTreeMap<InstanceId, InstanceSecrets>,
     pub(crate) shipped: Vec<String>,
@@ -105,6 +109,37 @@ impl kiln_agent::control::ControlPlane for FakeControl {
             .reports
             .push((instance, report.clone()));
         Ok(())
+    }
+
+    async fn report_batch(
+        &self,
+        batch: &ReportInstanceStates,
+    ) -> Result<ReportedInstanceStates, ClientError> {
+        {
+            let mut inner = self.inner.lock().unwrap();
+            inner.batch_calls += 1;
+            if inner.no_batch_endpoint {
+                return Err(ClientError::Api {
+                    method: "POST".to_owned(),
+                    path: "/v1/host/instances/states".to_owned(),
+                    status: 404,
+                    body: ErrorBody::new(ErrorCode::NotFound, "no such endpoint"),
+                });
+            }
+        }
+        for report in &batch.reports {
+            let single = ReportInstanceState {
+                state: report.state,
+                detail: report.detail.clone(),
+                exit_code: report.exit_code,
+                output: report.output.clone(),
+            };
+            kiln_agent::control::ControlPlane::report(self, report.instance_id, &single).await?;
+        }
+        Ok(ReportedInstanceStates {
+            recorded: u32::try_from(batch.reports.len()).unwrap(),
+            unknown: Vec::new(),
+        })
     }
 
     async fn secrets(&self, instance: InstanceId) -> Result<InstanceSecrets, ClientError> {
