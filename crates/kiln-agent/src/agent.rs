@@ -900,7 +900,8 @@ where
             detail,
             exit_code,
             output,
-        };
+        }
+        .within_limits();
         // The reporter task ends only when the agent does.
         let _ = self.reports.send((id, report));
     }

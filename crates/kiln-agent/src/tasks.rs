@@ -14,7 +14,7 @@ use kiln_api::types::{
 use kiln_api::{ClientError, ErrorCode};
 use kiln_core::InstanceId;
 use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::agent::{Shared, error_chain};
 use crate::backoff::Backoff;
@@ -31,6 +31,11 @@ pub const WATCH_WAIT_SECS: u64 = 30;
 
 /// Most state reports sent in one call: the control plane's limit.
 const REPORT_BATCH: usize = MAX_STATE_REPORTS;
+
+/// Server errors in a row after which a batch of state reports is sent one report at a time,
+/// and after which a single report is dropped. With the retry backoff (doubling from 200 ms
+/// up to 30 s) that is about two minutes of errors.
+const SERVER_ERRORS_BEFORE_SPLIT: u32 = 10;
 
 /// Estimated size above which a batch of state reports is not grown further, well below the
 /// control plane's body limit for the call.
@@ -124,20 +129,32 @@ pub async fn run_watcher<C: ControlPlane>(
 /// reports and about [`REPORT_BATCH_BYTES`]), so a host starting many instances at once
 /// makes few calls. A queued state that a later report of its instance supersedes is dropped
 /// ([`kiln_api::coalesce_reports`]): after an outage the agent sends each instance's latest
-/// state, not every step it went through. A call that fails (no answer or a server error) is
-/// retried until the control plane takes it. A batch the control plane refuses (a 4xx
-/// answer) is sent again one report at a time, and only the reports refused then are dropped
-/// (logged), so one bad report cannot block the others.
+/// state, not every step it went through. A call that gets no answer is retried until the
+/// control plane takes it. A batch the control plane refuses (a 4xx answer), or answers with
+/// [`SERVER_ERRORS_BEFORE_SPLIT`] server errors in a row, is sent again one report at a time,
+/// and only the reports that fail then are dropped (logged), so one bad report cannot block
+/// the others.
 pub async fn run_reporter<C: ControlPlane>(
+    control: C,
+    outbox: mpsc::UnboundedReceiver<(InstanceId, ReportInstanceState)>,
+    shared: Arc<Shared>,
+) {
+    let backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
+    run_reporter_with_backoff(control, outbox, shared, backoff).await;
+}
+
+/// Runs [`run_reporter`] with the retry delays of `backoff`.
+pub async fn run_reporter_with_backoff<C: ControlPlane>(
     control: C,
     mut outbox: mpsc::UnboundedReceiver<(InstanceId, ReportInstanceState)>,
     shared: Arc<Shared>,
+    mut backoff: Backoff,
 ) {
-    let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
     let mut queued: VecDeque<InstanceStateReport> = VecDeque::new();
     // A control plane older than the batch endpoint answers it with `not_found`; the agent
     // then sends one report per call for as long as it runs.
     let mut batches = true;
+    let mut server_errors = 0;
     loop {
         if queued.is_empty() {
             let Some((instance, report)) = outbox.recv().await else {
@@ -152,7 +169,10 @@ pub async fn run_reporter<C: ControlPlane>(
             queued = kiln_api::coalesce_reports(queued.into()).into();
         }
         let batch = next_batch(&mut queued);
-        if !batches {
+        // A batch the control plane keeps failing on may hold the report that makes it fail,
+        // so it goes one report at a time, where such a report is dropped in the end.
+        if !batches || server_errors >= SERVER_ERRORS_BEFORE_SPLIT {
+            server_errors = 0;
             for report in &batch.reports {
                 report_one(&control, report, &shared, &mut backoff).await;
             }
@@ -163,6 +183,7 @@ pub async fn run_reporter<C: ControlPlane>(
             Ok(reported) => {
                 shared.reachable.store(true, Ordering::Relaxed);
                 backoff.reset();
+                server_errors = 0;
                 if !reported.unknown.is_empty() {
                     info!(instances = ?reported.unknown, "reports on instances the control plane no longer places here were dropped");
                 }
@@ -180,6 +201,9 @@ pub async fn run_reporter<C: ControlPlane>(
             }
             Err(error) => {
                 shared.reachable.store(false, Ordering::Relaxed);
+                if is_server_error(&error) {
+                    server_errors += 1;
+                }
                 let delay = backoff.next_delay();
                 warn!(reports = batch.reports.len(), error = %error_chain(&error), retry_in = ?delay, "state report failed");
                 tokio::time::sleep(delay).await;
@@ -193,13 +217,30 @@ pub async fn run_reporter<C: ControlPlane>(
     }
 }
 
-/// Returns whether the control plane refused the request itself (a 4xx answer other than a
-/// conflict), so sending it again cannot succeed. A server error (a database failover, for
-/// example) or no answer at all is retried: dropping a report there would lose an exit.
+/// Returns whether the request itself was refused (a 4xx answer other than a conflict, a
+/// request timeout or too many requests), so sending it again cannot succeed. A proxy's 4xx
+/// without Kiln's error body counts too. A server error (a database failover, for example) or
+/// no answer at all is retried: dropping a report there would lose an exit.
 fn rejects_request(error: &ClientError) -> bool {
-    error
-        .code()
-        .is_some_and(|code| (400..500).contains(&code.http_status()) && !code.is_retryable())
+    match error {
+        ClientError::Api { body, .. } => {
+            (400..500).contains(&body.code.http_status()) && !body.code.is_retryable()
+        }
+        ClientError::UnexpectedResponse { status, .. } => {
+            (400..500).contains(status) && !matches!(status, 408 | 429)
+        }
+        _ => false,
+    }
+}
+
+/// Returns whether the control plane answered with a 5xx status.
+fn is_server_error(error: &ClientError) -> bool {
+    match error {
+        ClientError::Api { status, .. } | ClientError::UnexpectedResponse { status, .. } => {
+            *status >= 500
+        }
+        _ => false,
+    }
 }
 
 /// Takes the oldest queued reports that fit in one call.
@@ -225,8 +266,9 @@ fn next_batch(queued: &mut VecDeque<InstanceStateReport>) -> ReportInstanceState
     ReportInstanceStates { reports }
 }
 
-/// Sends one report on its own, retrying while the control plane is unreachable; a
-/// rejected report is dropped.
+/// Sends one report on its own, retrying while the control plane is unreachable. A report
+/// the control plane refuses, or answers with a server error [`SERVER_ERRORS_BEFORE_SPLIT`]
+/// times in a row, is dropped (logged), so it cannot hold up the reports behind it.
 async fn report_one<C: ControlPlane>(
     control: &C,
     report: &InstanceStateReport,
@@ -240,6 +282,7 @@ async fn report_one<C: ControlPlane>(
         exit_code: report.exit_code,
         output: report.output.clone(),
     };
+    let mut server_errors = 0;
     loop {
         match control.report(instance, &single).await {
             Ok(()) => {
@@ -253,6 +296,13 @@ async fn report_one<C: ControlPlane>(
             }
             Err(error) => {
                 shared.reachable.store(false, Ordering::Relaxed);
+                if is_server_error(&error) {
+                    server_errors += 1;
+                    if server_errors >= SERVER_ERRORS_BEFORE_SPLIT {
+                        error!(%instance, state = ?single.state, error = %error_chain(&error), "state report failed on every attempt with a server error; dropped");
+                        return;
+                    }
+                }
                 let delay = backoff.next_delay();
                 warn!(%instance, error = %error_chain(&error), retry_in = ?delay, "state report failed");
                 tokio::time::sleep(delay).await;

@@ -643,6 +643,49 @@ async fn server_errors_delay_reports_without_losing_them() {
 }
 
 #[tokio::test]
+async fn report_failing_with_server_errors_stops_blocking_others() {
+    let control = FakeControl::default();
+    // Enough server errors for the batch to be split and its first report dropped.
+    control.inner.lock().unwrap().server_errors = 20;
+    let (sender, outbox) = mpsc::unbounded_channel();
+    let quick =
+        kiln_agent::backoff::Backoff::new(Duration::from_millis(1), Duration::from_millis(5));
+    let task = tokio::spawn(kiln_agent::tasks::run_reporter_with_backoff(
+        control.clone(),
+        outbox,
+        Arc::new(Shared::default()),
+        quick,
+    ));
+    let (poison, healthy) = (InstanceId::new(), InstanceId::new());
+    let report = |state| ReportInstanceState {
+        state,
+        detail: None,
+        exit_code: None,
+        output: Vec::new(),
+    };
+    sender
+        .send((poison, report(InstanceState::Running)))
+        .unwrap();
+    sender
+        .send((healthy, report(InstanceState::Healthy)))
+        .unwrap();
+
+    let deadline = Instant::now() + DELIVERY_TIMEOUT;
+    while control.states(healthy).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the second report never got through"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        control.states(poison).is_empty(),
+        "the failing report was dropped"
+    );
+    task.abort();
+}
+
+#[tokio::test]
 async fn old_control_plane_gets_single_reports() {
     let control = FakeControl::default();
     control.inner.lock().unwrap().no_batch_endpoint = true;

@@ -163,6 +163,40 @@ pub const MAX_STATE_REPORTS: usize = 500;
 /// Most output lines a state report may carry.
 pub const MAX_REPORTED_OUTPUT_LINES: usize = 50;
 
+/// Maximum length in bytes of a state report's detail.
+pub const MAX_REPORT_DETAIL_BYTES: usize = 4096;
+
+impl ReportInstanceState {
+    /// Returns the report cut to what the control plane accepts: the detail and each output
+    /// line shortened at a character boundary, only the last output lines kept, and NUL (which
+    /// the control plane cannot store) replaced by U+FFFD. An agent sends only reports cut so,
+    /// because a refused report would be dropped, and with it an exit.
+    pub fn within_limits(mut self) -> Self {
+        if let Some(detail) = self.detail.take() {
+            self.detail = Some(cut_text(&detail, MAX_REPORT_DETAIL_BYTES));
+        }
+        let extra = self.output.len().saturating_sub(MAX_REPORTED_OUTPUT_LINES);
+        self.output.drain(..extra);
+        for line in &mut self.output {
+            *line = cut_text(line, MAX_REPORTED_OUTPUT_LINE_BYTES);
+        }
+        self
+    }
+}
+
+/// Replaces NUL by U+FFFD, then cuts `text` to at most `max` bytes at a character boundary.
+fn cut_text(text: &str, max: usize) -> String {
+    let mut clean = text.replace('\0', "\u{FFFD}");
+    if clean.len() > max {
+        let mut end = max;
+        while !clean.is_char_boundary(end) {
+            end -= 1;
+        }
+        clean.truncate(end);
+    }
+    clean
+}
+
 /// Maximum length in bytes of one output line in a state report.
 pub const MAX_REPORTED_OUTPUT_LINE_BYTES: usize = 1024;
 
@@ -211,5 +245,40 @@ mod tests {
             ]
         );
         assert!(coalesce_reports(Vec::new()).is_empty());
+    }
+
+    #[test]
+    fn reports_are_cut_to_the_limits() {
+        let long_detail = format!("{}é{}", "d".repeat(MAX_REPORT_DETAIL_BYTES - 1), "tail");
+        let mut output: Vec<String> = (0..MAX_REPORTED_OUTPUT_LINES + 5)
+            .map(|n| format!("line {n}"))
+            .collect();
+        output.push("nul\0byte".to_owned());
+        output.push("x".repeat(MAX_REPORTED_OUTPUT_LINE_BYTES + 10));
+        let report = ReportInstanceState {
+            state: InstanceState::Exited,
+            detail: Some(long_detail),
+            exit_code: Some(1),
+            output,
+        }
+        .within_limits();
+
+        let detail = report.detail.unwrap();
+        assert_eq!(
+            detail,
+            "d".repeat(MAX_REPORT_DETAIL_BYTES - 1),
+            "cut before the é"
+        );
+        assert_eq!(report.output.len(), MAX_REPORTED_OUTPUT_LINES);
+        assert_eq!(report.output[0], "line 7", "the last lines are kept");
+        assert_eq!(
+            report.output[MAX_REPORTED_OUTPUT_LINES - 2],
+            "nul\u{FFFD}byte"
+        );
+        assert_eq!(
+            report.output[MAX_REPORTED_OUTPUT_LINES - 1].len(),
+            MAX_REPORTED_OUTPUT_LINE_BYTES
+        );
+        assert_eq!(report.exit_code, Some(1));
     }
 }

@@ -36,7 +36,7 @@ pub const MAX_LOG_LINES: usize = 10_000;
 /// Maximum length of a log line, in bytes.
 pub const MAX_LOG_LINE_LEN: usize = 16 * 1024;
 /// Maximum length of a state detail, in bytes.
-pub const MAX_DETAIL_LEN: usize = 4096;
+pub const MAX_DETAIL_LEN: usize = kiln_api::types::MAX_REPORT_DETAIL_BYTES;
 
 /// Key of the advisory lock that orders log inserts, so a follower's `after` cursor never
 /// passes a line that commits later with a lower id.
@@ -155,9 +155,10 @@ pub async fn assignments(
     // The log head can be ahead of the feed's last read. Handing the agent the feed's head
     // instead keeps its next long poll on the feed, which costs no query per append; the log
     // path would query after every append. Either cursor is safe, because the assignments are
-    // read after it is chosen.
+    // read after it is chosen. A feed that has not moved past `after` (stalled, or the cursor
+    // is its head) leaves the cursor alone, so the agent still gets a newer one.
     let feed_head = index.borrow().head;
-    let cursor = if feed_head >= after {
+    let cursor = if feed_head > after {
         cursor.min(feed_head)
     } else {
         cursor
