@@ -355,6 +355,45 @@ async fn scale_adds_and_removes_instances() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_env_instances_removed_and_addresses_freed() {
+    let cluster = bootstrap();
+    let control = start_control(&cluster);
+    let _h1 = add_host(&control, &cluster, "h1", SimAgentConfig::default()).await;
+    let (client, env) = create_env(&control, &cluster).await;
+    let first = deploy(&client, &env, release(2, 1, "a")).await;
+    let first = wait_deploy(&client, &env, &first).await;
+    assert_eq!(first.state, DeployState::Succeeded, "{:?}", first.failure);
+    assert_eq!(running(&client, &env).await.len(), 3);
+
+    client.delete_env(&env).await.unwrap();
+
+    // The agent stops the instances; the orchestrator then removes them although their
+    // environment is gone, and frees their addresses.
+    let pool = sqlx::PgPool::connect(&cluster.database_url).await.unwrap();
+    let deadline = Instant::now() + SCALE_TIMEOUT;
+    loop {
+        let instances: i64 = sqlx::query_scalar("SELECT count(*) FROM instances")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let addresses: i64 = sqlx::query_scalar("SELECT count(*) FROM ipam_instance_addresses")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if instances == 0 && addresses == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{instances} instances and {addresses} address pairs left after the env's deletion"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let removed = events_of(&pool, "InstanceRemoved").await;
+    assert_eq!(removed.len(), 3);
+}
+
 /// Outcome records of a deploy's steps, read from the projection.
 async fn step_records(pool: &sqlx::PgPool, deploy: &Deploy) -> Vec<String> {
     sqlx::query_scalar("SELECT step FROM deploy_steps WHERE deploy_id = $1 ORDER BY position")

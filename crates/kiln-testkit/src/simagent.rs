@@ -297,9 +297,24 @@ async fn watch_loop(
 fn reconcile(config: &SimAgentConfig, reporter: &Reporter, assignments: &[Assignment]) {
     let state = &reporter.state;
     let assigned: BTreeSet<InstanceId> = assignments.iter().map(|a| a.instance_id).collect();
-    {
+    // An instance that left the set while up (its environment was deleted) is stopped and
+    // reported exited, as the real agent does, before it is forgotten.
+    let dropped: Vec<InstanceId> = {
         let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+        let live = state
+            .instances
+            .iter()
+            .filter(|(id, current)| !assigned.contains(id) && !current.is_terminal())
+            .map(|(id, _)| *id)
+            .collect();
         state.instances.retain(|id, _| assigned.contains(id));
+        live
+    };
+    for id in dropped {
+        reporter.report(id, Report::new(InstanceState::Stopping, None));
+        reporter.report(id, Report::new(InstanceState::Exited, Some(0)));
+        let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.instances.remove(&id);
     }
 
     for assignment in assignments {

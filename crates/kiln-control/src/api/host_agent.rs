@@ -318,8 +318,14 @@ pub async fn report_states(
         .iter()
         .map(|report| report.instance_id.as_uuid())
         .collect();
+    // An instance of a deleted environment still reports its stop, so its org comes from its
+    // placement event when the env row is gone.
     let rows = sqlx::query(
-        "SELECT i.id, i.env_id, e.org_id FROM instances i JOIN envs e ON e.id = i.env_id
+        "SELECT i.id, i.env_id,
+                COALESCE(e.org_id, (SELECT ev.org_id FROM events ev
+                                    WHERE ev.stream = 'instance:inst_' || replace(i.id::text, '-', '')
+                                    ORDER BY ev.stream_version LIMIT 1)) AS org_id
+         FROM instances i LEFT JOIN envs e ON e.id = i.env_id
          WHERE i.id = ANY($1) AND i.host_id = $2",
     )
     .bind(&ids)
@@ -327,14 +333,15 @@ pub async fn report_states(
     .fetch_all(state.store.pool())
     .await
     .map_err(ApiError::database("look up instances"))?;
-    let placed: HashMap<InstanceId, (EnvId, OrgId)> = rows
+    let placed: HashMap<InstanceId, (EnvId, Option<OrgId>)> = rows
         .iter()
         .map(|row| {
+            let org: Option<uuid::Uuid> = row.get("org_id");
             (
                 InstanceId::from_uuid(row.get("id")),
                 (
                     EnvId::from_uuid(row.get("env_id")),
-                    OrgId::from_uuid(row.get("org_id")),
+                    org.map(OrgId::from_uuid),
                 ),
             )
         })
@@ -361,7 +368,10 @@ pub async fn report_states(
         events.push(StreamEvent {
             stream: streams::instance(report.instance_id),
             expected: ExpectedVersion::Any,
-            event: NewEvent::org(*org_id, event),
+            event: NewEvent {
+                org_id: *org_id,
+                event,
+            },
         });
     }
     let recorded = u32::try_from(events.len()).unwrap_or(u32::MAX);

@@ -227,8 +227,14 @@ impl Orchestrator {
     /// and frees their addresses.
     async fn remove_stopped(&self, term: i64) -> Result<(), OrchestratorError> {
         let rows = sqlx::query(
-            "SELECT i.id, i.env_id, i.host_id, i.ipv6, i.ipv4, e.org_id FROM instances i
-             JOIN envs e ON e.id = i.env_id JOIN hosts h ON h.id = i.host_id
+            // An instance outlives its deleted environment until its host has stopped it, so
+            // its org comes from its placement event when the env row is gone.
+            "SELECT i.id, i.env_id, i.host_id, i.ipv6, i.ipv4,
+                    COALESCE(e.org_id, (SELECT ev.org_id FROM events ev
+                                        WHERE ev.stream = 'instance:inst_' || replace(i.id::text, '-', '')
+                                        ORDER BY ev.stream_version LIMIT 1)) AS org_id
+             FROM instances i
+             LEFT JOIN envs e ON e.id = i.env_id JOIN hosts h ON h.id = i.host_id
              WHERE i.desired = 'stopped' AND (i.state IN ('exited', 'failed') OR h.state = 'lost')",
         )
         .fetch_all(self.store.pool())
@@ -247,17 +253,19 @@ impl Orchestrator {
                     let host = HostId::from_uuid(row.get("host_id"));
                     freed.push((host, kiln_scheduler::InstanceAddresses { ipv6, ipv4 }));
                 }
+                let event = Event::InstanceRemoved {
+                    instance_id: instance,
+                    env_id: EnvId::from_uuid(row.get("env_id")),
+                    host_id: HostId::from_uuid(row.get("host_id")),
+                };
+                let org: Option<Uuid> = row.get("org_id");
                 events.push(StreamEvent {
                     stream: streams::instance(instance),
                     expected: ExpectedVersion::Any,
-                    event: NewEvent::org(
-                        OrgId::from_uuid(row.get("org_id")),
-                        Event::InstanceRemoved {
-                            instance_id: instance,
-                            env_id: EnvId::from_uuid(row.get("env_id")),
-                            host_id: HostId::from_uuid(row.get("host_id")),
-                        },
-                    ),
+                    event: match org {
+                        Some(org) => NewEvent::org(OrgId::from_uuid(org), event),
+                        None => NewEvent::cluster(event),
+                    },
                 });
             }
             self.remove_instances(term, &removed, events).await?;
