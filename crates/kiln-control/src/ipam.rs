@@ -271,10 +271,11 @@ pub async fn instance_addresses(
 ///
 /// Only the leader's orchestrator allocates instance addresses. A new leader, or a replica
 /// that leads again after another did, builds a new book once the earlier leader's
-/// transactions have ended (the fencing token sees to that), so the table holds no allocation
-/// the book lacks. Allocations of a failed transaction are freed again by the caller. The
-/// table's UNIQUE constraints still reject a duplicate should the book ever be wrong; the
-/// hosts of that batch are then read again.
+/// transactions have ended (the fencing token sees to that), so when the book reads a host it
+/// misses no committed allocation. Allocations of a failed transaction are freed again by the
+/// caller. After a host is read again, an older batch's free can still drop a pair that a
+/// newer batch holds, so the book can be wrong for a while. The table's UNIQUE constraints
+/// reject the duplicate that could follow, and the hosts of that batch are read again.
 #[derive(Debug, Default)]
 pub struct AddressBook {
     hosts: Mutex<HashMap<HostId, AddressesInUse>>,
@@ -483,9 +484,10 @@ pub async fn place_instances(
         .await;
         if let Err(error) = stored {
             book.free(&allocated);
-            // A duplicate means the book was wrong about these hosts: read them again.
+            // A duplicate means the book was wrong about these hosts, and so may a deadlock
+            // between two batches that took the same pair: read them again.
             if let sqlx::Error::Database(db) = &error
-                && db.code().as_deref() == Some("23505")
+                && matches!(db.code().as_deref(), Some("23505" | "40P01"))
             {
                 let hosts: Vec<HostId> = host_slots.keys().copied().collect();
                 book.forget_hosts(&hosts);
