@@ -1209,7 +1209,11 @@ fn real_vm_release_command_runs_once() {
             let failed = final_report(&h, failure.instance_id).unwrap();
             assert_eq!(failed.state, InstanceState::Exited);
             assert_eq!(failed.exit_code, Some(3));
-            assert_eq!(failed.output, ["checking schema", "broken"], "{failed:?}");
+            // stdout and stderr reach the agent on separate streams, so the two lines may
+            // arrive in either order.
+            let mut lines = failed.output.clone();
+            lines.sort();
+            assert_eq!(lines, ["broken", "checking schema"], "{failed:?}");
 
             // Cleaned up while still assigned: no VM, TAP, rule or disk is left, only the
             // record with the result.
