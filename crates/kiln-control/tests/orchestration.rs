@@ -408,9 +408,23 @@ async fn control_killed_between_steps_resumes() {
     let cluster = bootstrap();
     let mut control = start_control(&cluster);
     let pool = sqlx::PgPool::connect(&cluster.database_url).await.unwrap();
+    // Instances take a second to become healthy, so every wait of the rolling deploy gives
+    // the loop below time to see the step recorded before it and kill the control plane.
+    let slow_boot = SimAgentConfig {
+        behavior: std::sync::Arc::new(|assignment: &kiln_api::Assignment| {
+            if assignment.run_once {
+                Outcome::Exit { code: 0 }
+            } else {
+                Outcome::HealthyAfter {
+                    delay: Duration::from_secs(1),
+                }
+            }
+        }),
+        ..SimAgentConfig::default()
+    };
     let mut agents = Vec::new();
     for name in ["h1", "h2"] {
-        agents.push(add_host(&control, &cluster, name, SimAgentConfig::default()).await);
+        agents.push(add_host(&control, &cluster, name, slow_boot.clone()).await);
     }
     let (client, env) = create_env(&control, &cluster).await;
     let first = deploy(&client, &env, release(2, 1, "a")).await;

@@ -34,6 +34,12 @@ const REPORT_RETRY_PAUSE: Duration = Duration::from_millis(100);
 pub enum Outcome {
     /// Reports preparing, booting, running, then healthy.
     Healthy,
+    /// Like [`Outcome::Healthy`], but reports healthy only after `delay`: an instance that
+    /// takes a while to boot, so a test can act while a deploy waits on it.
+    HealthyAfter {
+        /// Time between the running report and the healthy report.
+        delay: Duration,
+    },
     /// Reports preparing, booting, running, then unhealthy, and stays up.
     Unhealthy,
     /// Reports preparing, then failed with exit code 1.
@@ -390,6 +396,10 @@ async fn boot(reporter: Reporter, instance: InstanceId, outcome: Outcome) {
             exit_code: Some(code),
             output: exit_output(code),
         },
+        Outcome::HealthyAfter { delay } => {
+            tokio::time::sleep(delay).await;
+            Report::new(InstanceState::Healthy, None)
+        }
         Outcome::Unhealthy => Report::new(InstanceState::Unhealthy, None),
         Outcome::Healthy | Outcome::Fail => Report::new(InstanceState::Healthy, None),
     };
