@@ -129,8 +129,8 @@ pub async fn run_watcher<C: ControlPlane>(
 /// reports and about [`REPORT_BATCH_BYTES`]), so a host starting many instances at once
 /// makes few calls. A queued state that a later report of its instance supersedes is dropped
 /// ([`kiln_api::coalesce_reports`]): after an outage the agent sends each instance's latest
-/// state, not every step it went through. A call that gets no answer is retried until the
-/// control plane takes it. A batch the control plane refuses (a 4xx answer), or answers with
+/// state, not every step it went through. A call that gets no response is retried until the
+/// control plane takes it. A batch the control plane rejects (a 4xx response), or fails with
 /// [`SERVER_ERRORS_BEFORE_SPLIT`] server errors in a row, is sent again one report at a time,
 /// and only the reports that fail then are dropped (logged), so one bad report cannot block
 /// the others.
@@ -151,8 +151,8 @@ pub async fn run_reporter_with_backoff<C: ControlPlane>(
     mut backoff: Backoff,
 ) {
     let mut queued: VecDeque<InstanceStateReport> = VecDeque::new();
-    // A control plane older than the batch endpoint answers it with `not_found`; the agent
-    // then sends one report per call for as long as it runs.
+    // A control plane older than the batch endpoint responds to it with `not_found`. The
+    // agent then sends one report per call for as long as it runs.
     let mut batches = true;
     let mut server_errors = 0;
     loop {
@@ -217,10 +217,10 @@ pub async fn run_reporter_with_backoff<C: ControlPlane>(
     }
 }
 
-/// Returns whether the request itself was refused (a 4xx answer other than a conflict, a
+/// Returns whether the request itself was rejected (a 4xx response other than a conflict, a
 /// request timeout or too many requests), so sending it again cannot succeed. A proxy's 4xx
 /// without Kiln's error body counts too. A server error (a database failover, for example) or
-/// no answer at all is retried: dropping a report there would lose an exit.
+/// no response at all is retried, because dropping a report there would lose an exit.
 fn rejects_request(error: &ClientError) -> bool {
     match error {
         ClientError::Api { body, .. } => {
@@ -233,7 +233,7 @@ fn rejects_request(error: &ClientError) -> bool {
     }
 }
 
-/// Returns whether the control plane answered with a 5xx status.
+/// Returns whether the control plane responded with a 5xx status.
 fn is_server_error(error: &ClientError) -> bool {
     match error {
         ClientError::Api { status, .. } | ClientError::UnexpectedResponse { status, .. } => {
@@ -267,7 +267,7 @@ fn next_batch(queued: &mut VecDeque<InstanceStateReport>) -> ReportInstanceState
 }
 
 /// Sends one report on its own, retrying while the control plane is unreachable. A report
-/// the control plane refuses, or answers with a server error [`SERVER_ERRORS_BEFORE_SPLIT`]
+/// the control plane rejects, or fails with a server error [`SERVER_ERRORS_BEFORE_SPLIT`]
 /// times in a row, is dropped (logged), so it cannot hold up the reports behind it.
 async fn report_one<C: ControlPlane>(
     control: &C,
@@ -368,7 +368,7 @@ mod tests {
     }
 
     #[test]
-    fn batches_stop_at_the_report_limit() {
+    fn batches_stop_at_report_limit() {
         let mut reports = queued(REPORT_BATCH + 3, 10);
         let first = reports.front().map(|report| report.instance_id);
 
@@ -382,7 +382,7 @@ mod tests {
     }
 
     #[test]
-    fn batches_stop_at_the_size_limit_but_never_come_out_empty() {
+    fn batches_stop_at_size_limit() {
         let mut reports = queued(40, 50 * 1024);
         let batch = next_batch(&mut reports);
         let bytes: usize = batch

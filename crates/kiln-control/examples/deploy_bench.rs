@@ -14,8 +14,7 @@
 //!
 //! Settings come from the environment: `BENCH_CONTROL_BIN` (the `kiln-control` binary,
 //! required), `BENCH_ENVS` (default 200), `BENCH_HOSTS` (default 100), `BENCH_INSTANCES` per
-//! environment (default 50: 10,000 placements in all, about Nomad's C1M density of 200
-//! containers per host at 100 hosts) and `BENCH_CLIENTS`, the concurrent API clients (default 16).
+//! environment (default 50: 10,000 placements in all, 100 per host where C1M ran 200) and `BENCH_CLIENTS`, the concurrent API clients (default 16).
 //! `BENCH_CONTROL_LOG` sets the control plane's `RUST_LOG` (default `warn`); its log is kept in
 //! `BENCH_KEEP_DIR` when that names a directory.
 

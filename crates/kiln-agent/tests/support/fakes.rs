@@ -31,9 +31,9 @@ pub(crate) struct ControlState {
     pub(crate) unreachable: bool,
     /// Calls refused while unreachable.
     pub(crate) failed_calls: u32,
-    /// Calls still to be answered with a server error (500), as during a database failover.
+    /// Calls that still fail with a server error (500), as during a database failover.
     pub(crate) server_errors: u32,
-    /// Answers batched reports with `not_found`, as a control plane older than the endpoint.
+    /// Rejects batched reports with `not_found`, as a control plane older than the endpoint.
     pub(crate) no_batch_endpoint: bool,
     /// Batched report calls received.
     pub(crate) batch_calls: u32,

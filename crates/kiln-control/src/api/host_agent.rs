@@ -152,11 +152,11 @@ pub async fn assignments(
         Some(head) => head,
         None => state.store.head().await?.max(after),
     };
-    // The log head can be ahead of the feed's last read. Handing the agent the feed's head
-    // instead keeps its next long poll on the feed, which costs no query per append; the log
-    // path would query after every append. Either cursor is safe, because the assignments are
-    // read after it is chosen. A feed that has not moved past `after` (stalled, or the cursor
-    // is its head) leaves the cursor alone, so the agent still gets a newer one.
+    // The log head can be ahead of the feed's last read. The feed's head keeps the agent's
+    // next long poll on the feed, which costs no query per append, where the log path queries
+    // after every append. Either cursor is safe, because the assignments are read after it is
+    // chosen. A feed that has not moved past `after` (stalled, or the cursor is its head)
+    // leaves the cursor alone, so the agent still gets a newer one.
     let feed_head = index.borrow().head;
     let cursor = if feed_head > after {
         cursor.min(feed_head)
@@ -289,9 +289,10 @@ pub async fn report_state(
 
 /// `POST /v1/host/instances/states`: several reports in one append, in the order given.
 ///
-/// A report on an instance that is not placed on the calling host is dropped and its
-/// instance listed in `unknown`, instead of failing the batch: an agent that reports the exit
-/// of an instance the orchestrator has just removed must not retry its other reports forever.
+/// A report on an instance that is not placed on the calling host is dropped, and its
+/// instance is listed in `unknown` instead of failing the batch. An agent that reports the
+/// exit of an instance the orchestrator has just removed must not retry its other reports
+/// forever.
 /// Another host's instance is indistinguishable from a removed one.
 pub async fn report_states(
     State(state): State<AppState>,
