@@ -271,7 +271,7 @@ pub async fn report_state(
         .append(
             &streams::instance(instance_id),
             ExpectedVersion::Any,
-            vec![NewEvent::org(org_id, event)],
+            vec![NewEvent { org_id, event }],
             &caller.actor(),
         )
         .await?;
@@ -322,10 +322,7 @@ pub async fn report_states(
     // An instance of a deleted environment still reports its stop, so its org comes from its
     // placement event when the env row is gone.
     let rows = sqlx::query(
-        "SELECT i.id, i.env_id,
-                COALESCE(e.org_id, (SELECT ev.org_id FROM events ev
-                                    WHERE ev.stream = 'instance:inst_' || replace(i.id::text, '-', '')
-                                    ORDER BY ev.stream_version LIMIT 1)) AS org_id
+        "SELECT i.id, i.env_id, COALESCE(e.org_id, kiln_instance_org_from_log(i.id)) AS org_id
          FROM instances i LEFT JOIN envs e ON e.id = i.env_id
          WHERE i.id = ANY($1) AND i.host_id = $2",
     )
@@ -589,9 +586,11 @@ async fn instance_on_host(
     state: &AppState,
     host_id: HostId,
     instance_id: InstanceId,
-) -> Result<(EnvId, OrgId), ApiError> {
+) -> Result<(EnvId, Option<OrgId>), ApiError> {
+    // As in `report_states`, an instance of a deleted environment still reports its stop.
     let row = sqlx::query(
-        "SELECT i.env_id, e.org_id FROM instances i JOIN envs e ON e.id = i.env_id
+        "SELECT i.env_id, COALESCE(e.org_id, kiln_instance_org_from_log(i.id)) AS org_id
+         FROM instances i LEFT JOIN envs e ON e.id = i.env_id
          WHERE i.id = $1 AND i.host_id = $2",
     )
     .bind(instance_id.as_uuid())
@@ -600,9 +599,10 @@ async fn instance_on_host(
     .await
     .map_err(ApiError::database("look up instance"))?;
     let row = row.ok_or_else(|| ApiError::not_found("instance", instance_id))?;
+    let org: Option<uuid::Uuid> = row.get("org_id");
     Ok((
         EnvId::from_uuid(row.get("env_id")),
-        OrgId::from_uuid(row.get("org_id")),
+        org.map(OrgId::from_uuid),
     ))
 }
 

@@ -230,9 +230,7 @@ impl Orchestrator {
             // An instance outlives its deleted environment until its host has stopped it, so
             // its org comes from its placement event when the env row is gone.
             "SELECT i.id, i.env_id, i.host_id, i.ipv6, i.ipv4,
-                    COALESCE(e.org_id, (SELECT ev.org_id FROM events ev
-                                        WHERE ev.stream = 'instance:inst_' || replace(i.id::text, '-', '')
-                                        ORDER BY ev.stream_version LIMIT 1)) AS org_id
+                    COALESCE(e.org_id, kiln_instance_org_from_log(i.id)) AS org_id
              FROM instances i
              LEFT JOIN envs e ON e.id = i.env_id JOIN hosts h ON h.id = i.host_id
              WHERE i.desired = 'stopped' AND (i.state IN ('exited', 'failed') OR h.state = 'lost')",

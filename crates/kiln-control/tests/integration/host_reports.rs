@@ -213,3 +213,63 @@ async fn invalid_batches_name_the_report_and_record_nothing() {
 
     assert!(reported_states(&server, instance).await.is_empty());
 }
+
+#[tokio::test]
+async fn deleted_env_instances_still_report_their_stop() {
+    let server = TestServer::start().await;
+    let client = server.org_client();
+    let env = harness::create_app_and_env(&server).await;
+    let path = harness::env_path(&server.org);
+    let release = client
+        .create_release(
+            &path,
+            &CreateRelease {
+                image: harness::image(),
+                spec: harness::release_spec(),
+                description: String::new(),
+            },
+        )
+        .await
+        .unwrap();
+    let host = register_host(&server, "h1").await;
+    let single = place_instance(&server, &env, &release, &host.host, 10).await;
+    let batched = place_instance(&server, &env, &release, &host.host, 11).await;
+
+    client.delete_env(&path).await.unwrap();
+
+    let exited = ReportInstanceState {
+        state: InstanceState::Exited,
+        detail: None,
+        exit_code: Some(0),
+        output: Vec::new(),
+    };
+    host.client
+        .report_instance_state(single, &exited)
+        .await
+        .unwrap();
+    let reported = host
+        .client
+        .report_instance_states(&ReportInstanceStates {
+            reports: vec![report(batched, InstanceState::Exited)],
+        })
+        .await
+        .unwrap();
+    assert_eq!(reported.recorded, 1);
+    assert!(reported.unknown.is_empty());
+
+    // The reports belong to the org, so its event listing still shows them.
+    for instance in [single, batched] {
+        assert_eq!(
+            reported_states(&server, instance).await,
+            vec![InstanceState::Exited]
+        );
+        let org: Option<uuid::Uuid> = sqlx::query_scalar(
+            "SELECT org_id FROM events WHERE stream = $1 AND type = 'InstanceStateChanged'",
+        )
+        .bind(streams::instance(instance))
+        .fetch_one(server.store.pool())
+        .await
+        .unwrap();
+        assert_eq!(org, Some(env.org_id.as_uuid()));
+    }
+}
