@@ -130,10 +130,10 @@ pub async fn run_watcher<C: ControlPlane>(
 /// makes few calls. A queued state that a later report of its instance supersedes is dropped
 /// ([`kiln_api::coalesce_reports`]): after an outage the agent sends each instance's latest
 /// state, not every step it went through. A call that gets no response is retried until the
-/// control plane takes it. A batch the control plane rejects (a 4xx response), or fails with
-/// [`SERVER_ERRORS_BEFORE_SPLIT`] server errors in a row, is sent again one report at a time,
-/// and only the reports that fail then are dropped (logged), so one bad report cannot block
-/// the others.
+/// control plane takes it. A batch that the control plane rejects with a 4xx response, or that
+/// fails with [`SERVER_ERRORS_BEFORE_SPLIT`] server errors in a row, is sent again one report
+/// at a time. Only the reports that fail then are dropped (logged), so one bad report cannot
+/// block the others.
 pub async fn run_reporter<C: ControlPlane>(
     control: C,
     outbox: mpsc::UnboundedReceiver<(InstanceId, ReportInstanceState)>,

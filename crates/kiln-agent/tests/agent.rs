@@ -542,16 +542,27 @@ async fn stop_signal_then_kill_then_cleanup() {
     assert!(!h.state.log_dir(id).exists());
 }
 
-#[tokio::test]
-async fn reports_survive_outage_latest_state_first_and_every_exit() {
-    let control = FakeControl::default();
-    control.inner.lock().unwrap().unreachable = true;
+/// Starts the agent's report sender against `control` and returns its queue and task.
+fn spawn_reporter(
+    control: &FakeControl,
+) -> (
+    mpsc::UnboundedSender<(InstanceId, ReportInstanceState)>,
+    tokio::task::JoinHandle<()>,
+) {
     let (sender, outbox) = mpsc::unbounded_channel();
     let task = tokio::spawn(kiln_agent::tasks::run_reporter(
         control.clone(),
         outbox,
         Arc::new(Shared::default()),
     ));
+    (sender, task)
+}
+
+#[tokio::test]
+async fn outage_keeps_latest_states_and_exits() {
+    let control = FakeControl::default();
+    control.inner.lock().unwrap().unreachable = true;
+    let (sender, task) = spawn_reporter(&control);
     let report = |state, exit_code| ReportInstanceState {
         state,
         detail: None,
@@ -611,15 +622,10 @@ async fn reports_survive_outage_latest_state_first_and_every_exit() {
 }
 
 #[tokio::test]
-async fn server_errors_delay_reports_without_losing_them() {
+async fn server_errors_delay_reports() {
     let control = FakeControl::default();
     control.inner.lock().unwrap().server_errors = 2;
-    let (sender, outbox) = mpsc::unbounded_channel();
-    let task = tokio::spawn(kiln_agent::tasks::run_reporter(
-        control.clone(),
-        outbox,
-        Arc::new(Shared::default()),
-    ));
+    let (sender, task) = spawn_reporter(&control);
     let id = InstanceId::new();
     let exited = ReportInstanceState {
         state: InstanceState::Exited,
@@ -643,7 +649,7 @@ async fn server_errors_delay_reports_without_losing_them() {
 }
 
 #[tokio::test]
-async fn report_failing_with_server_errors_stops_blocking_others() {
+async fn failing_report_stops_blocking_others() {
     let control = FakeControl::default();
     // Enough server errors for the batch to be split and its first report dropped.
     control.inner.lock().unwrap().server_errors = 20;
@@ -689,12 +695,7 @@ async fn report_failing_with_server_errors_stops_blocking_others() {
 async fn old_control_plane_gets_single_reports() {
     let control = FakeControl::default();
     control.inner.lock().unwrap().no_batch_endpoint = true;
-    let (sender, outbox) = mpsc::unbounded_channel();
-    let task = tokio::spawn(kiln_agent::tasks::run_reporter(
-        control.clone(),
-        outbox,
-        Arc::new(Shared::default()),
-    ));
+    let (sender, task) = spawn_reporter(&control);
     let (first, second) = (InstanceId::new(), InstanceId::new());
     let running = ReportInstanceState {
         state: InstanceState::Running,

@@ -51,8 +51,8 @@ pub enum IpamStoreError {
         /// The stored text.
         value: String,
     },
-    /// The addresses in use on a host were dropped from the address book while a batch was
-    /// allocating on it (after a duplicate in another batch); the batch is not stored.
+    /// The address book dropped a host while a batch was allocating on it, after a duplicate
+    /// in another batch. The batch is not stored.
     #[error(
         "the address book forgot host {host} while allocating on it; the next pass places \
          these instances again"
@@ -219,7 +219,10 @@ pub async fn release_host(conn: &mut PgConnection, host: HostId) -> Result<bool,
 }
 
 /// Returns the addresses of an instance, allocating them inside its host's prefixes on first use.
-pub async fn instance_addresses(
+/// It reads the host's addresses from the table and bypasses the orchestrator's address book,
+/// so only tests call it, as an allocator of an earlier leader.
+#[cfg(test)]
+async fn instance_addresses(
     conn: &mut PgConnection,
     ipam: &Ipam,
     env: EnvId,
@@ -266,7 +269,7 @@ pub async fn instance_addresses(
     Ok(pair)
 }
 
-/// Addresses in use per host as this process knows them: read from the table once per host,
+/// Addresses in use per host as this process has recorded them: read from the table once per host,
 /// then kept up to date by [`place_instances`] and [`AddressBook::free`].
 ///
 /// Only the leader's orchestrator allocates instance addresses. A new leader, or a replica
@@ -512,8 +515,10 @@ pub async fn release_instances(
     Ok(())
 }
 
-/// Frees an instance's addresses once the instance is gone; returns whether it had any.
-pub async fn release_instance(
+/// Frees an instance's addresses once the instance is gone; returns whether it had any. The
+/// orchestrator frees in batches with [`release_instances`]; this single form is for tests.
+#[cfg(test)]
+async fn release_instance(
     conn: &mut PgConnection,
     instance: InstanceId,
 ) -> Result<bool, IpamStoreError> {

@@ -436,8 +436,8 @@ impl Reporter {
 
 /// Sends queued reports in order, as many per call as are waiting (up to [`REPORT_BATCH`]),
 /// each instance's superseded states dropped, like the real agent. A call is retried while the
-/// control plane is unreachable (it may be restarting), so no state change is lost; a batch is
-/// dropped after [`REPORT_ATTEMPTS`].
+/// control plane is unreachable, because it may be restarting. A batch is dropped after
+/// [`REPORT_ATTEMPTS`].
 async fn report_loop(
     client: Client,
     mut queued: mpsc::UnboundedReceiver<InstanceStateReport>,

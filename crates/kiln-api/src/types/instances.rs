@@ -232,10 +232,10 @@ mod tests {
             report(c, InstanceState::Healthy),
         ];
 
-        let kept = coalesce_reports(queued);
+        let coalesced = coalesce_reports(queued);
 
         assert_eq!(
-            kept,
+            coalesced,
             vec![
                 first_exit,
                 with_output,

@@ -26,8 +26,8 @@ use crate::store::{Store, StoreError};
 
 /// SQL condition on an `events` row (aliased `e`) that holds for events which cannot change
 /// any host's assignments, so they never end a host's long poll. A host's own report of a
-/// running state changes nothing it is assigned; a report of an exit does when the instance
-/// runs once (its desired state becomes stopped), so exits are never skipped. Deploy records,
+/// live state changes nothing it is assigned. A report of an exit does when the instance runs
+/// once, because its desired state becomes stopped, so exits are never skipped. Deploy records,
 /// route tables, releases, scale targets and secret metadata are not part of an assignment
 /// (an assignment pins its release's secret version). Any other event type wakes the host, so
 /// a new type errs on the side of an extra reload.
@@ -222,7 +222,7 @@ mod tests {
         appended[0].seq
     }
 
-    /// The host a read of the feed after `last` reports, with its `seq`.
+    /// Returns the hosts that a read of the feed after `last` reports, with their `seq`.
     async fn changed(store: &Store, last: u64) -> Vec<(HostId, u64)> {
         read_changes(store, last)
             .await

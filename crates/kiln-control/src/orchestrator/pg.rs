@@ -189,8 +189,8 @@ impl Orchestrator {
     /// Runs one pass as the leader of `term`. With `PassScope::Deploys` the pass skips the
     /// replacement of lost instances and the scale reconciliation, which read every env.
     // TODO(performance): bench/deploys reaches about a third of its 3,750 placements per second
-    // target on 2 shared cores; each placement still costs two projected events, a share of
-    // its host's assignment reloads and the HTTP and JSON around them.
+    // target on 2 shared cores. Each placement still costs two projected events, a share of
+    // its host's assignment reloads, and the HTTP and JSON around them.
     pub async fn run_once(
         &self,
         term: i64,
@@ -772,6 +772,7 @@ impl Orchestrator {
         .fetch_all(self.store.pool())
         .await
         .map_err(query("read instances to stop"))?;
+
         let mut found = HashMap::new();
         for row in &rows {
             let id = InstanceId::from_uuid(row.get("id"));
@@ -779,6 +780,8 @@ impl Orchestrator {
             let host = HostId::from_uuid(row.get("host_id"));
             found.insert(id, (env, host, OrgId::from_uuid(row.get("org_id"))));
         }
+
+        // Kept in the order the plan names them, which is the order their events get.
         let mut stopping = Vec::with_capacity(found.len());
         let mut events = Vec::with_capacity(found.len());
         for instance in instances {

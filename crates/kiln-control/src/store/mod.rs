@@ -411,21 +411,9 @@ async fn append_with(
     actor: &str,
 ) -> Result<Vec<EventEnvelope>, StoreError> {
     let (expected_kind, expected_version) = expected_args(expected);
-
-    let mut org_ids = Vec::with_capacity(events.len());
-    let mut env_ids = Vec::with_capacity(events.len());
-    let mut host_ids = Vec::with_capacity(events.len());
-    let mut types = Vec::with_capacity(events.len());
-    let mut payloads = Vec::with_capacity(events.len());
+    let mut columns = EventColumns::with_capacity(events.len());
     for new in &events {
-        org_ids.push(new.org_id.map(|id| id.as_uuid()));
-        env_ids.push(new.event.env_id().map(|id| id.as_uuid()));
-        host_ids.push(new.event.host_id().map(|id| id.as_uuid()));
-        types.push(new.event.type_name());
-        payloads.push(
-            serde_json::to_value(&new.event)
-                .map_err(|source| StoreError::Codec { seq: 0, source })?,
-        );
+        columns.push(new)?;
     }
 
     let time = now();
@@ -446,11 +434,11 @@ async fn append_with(
         .bind(expected_version)
         .bind(actor)
         .bind(time)
-        .bind(&org_ids)
-        .bind(&env_ids)
-        .bind(&host_ids)
-        .bind(&types)
-        .bind(&payloads)
+        .bind(&columns.org_ids)
+        .bind(&columns.env_ids)
+        .bind(&columns.host_ids)
+        .bind(&columns.types)
+        .bind(&columns.payloads)
         .fetch_all(&mut *conn)
         .await;
     let rows = match result {
@@ -518,24 +506,13 @@ async fn append_each_on(
     let mut streams = Vec::with_capacity(events.len());
     let mut kinds = Vec::with_capacity(events.len());
     let mut versions = Vec::with_capacity(events.len());
-    let mut org_ids = Vec::with_capacity(events.len());
-    let mut env_ids = Vec::with_capacity(events.len());
-    let mut host_ids = Vec::with_capacity(events.len());
-    let mut types = Vec::with_capacity(events.len());
-    let mut payloads = Vec::with_capacity(events.len());
+    let mut columns = EventColumns::with_capacity(events.len());
     for item in &events {
         let (kind, version) = expected_args(item.expected);
         streams.push(item.stream.as_str());
         kinds.push(kind);
         versions.push(version);
-        org_ids.push(item.event.org_id.map(|id| id.as_uuid()));
-        env_ids.push(item.event.event.env_id().map(|id| id.as_uuid()));
-        host_ids.push(item.event.event.host_id().map(|id| id.as_uuid()));
-        types.push(item.event.event.type_name());
-        payloads.push(
-            serde_json::to_value(&item.event.event)
-                .map_err(|source| StoreError::Codec { seq: 0, source })?,
-        );
+        columns.push(&item.event)?;
     }
 
     let time = now();
@@ -548,11 +525,11 @@ async fn append_each_on(
     .bind(&versions)
     .bind(actor)
     .bind(time)
-    .bind(&org_ids)
-    .bind(&env_ids)
-    .bind(&host_ids)
-    .bind(&types)
-    .bind(&payloads)
+    .bind(&columns.org_ids)
+    .bind(&columns.env_ids)
+    .bind(&columns.host_ids)
+    .bind(&columns.types)
+    .bind(&columns.payloads)
     .fetch_all(&mut *conn)
     .await;
     let rows = match result {
@@ -587,27 +564,57 @@ async fn append_each_on(
     Ok(envelopes)
 }
 
-/// Reads the current term from the error `kiln_append_fenced` raises for a stale one.
-fn stale_fence_of(error: &sqlx::Error) -> Option<i64> {
+/// The per-event arrays the append functions take, in the order of the events.
+struct EventColumns {
+    org_ids: Vec<Option<uuid::Uuid>>,
+    env_ids: Vec<Option<uuid::Uuid>>,
+    host_ids: Vec<Option<uuid::Uuid>>,
+    types: Vec<&'static str>,
+    payloads: Vec<serde_json::Value>,
+}
+
+impl EventColumns {
+    fn with_capacity(capacity: usize) -> Self {
+        Self {
+            org_ids: Vec::with_capacity(capacity),
+            env_ids: Vec::with_capacity(capacity),
+            host_ids: Vec::with_capacity(capacity),
+            types: Vec::with_capacity(capacity),
+            payloads: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// Adds the columns of one event, encoding its payload.
+    fn push(&mut self, new: &NewEvent) -> Result<(), StoreError> {
+        self.org_ids.push(new.org_id.map(|id| id.as_uuid()));
+        self.env_ids.push(new.event.env_id().map(|id| id.as_uuid()));
+        self.host_ids
+            .push(new.event.host_id().map(|id| id.as_uuid()));
+        self.types.push(new.event.type_name());
+        let payload = serde_json::to_value(&new.event)
+            .map_err(|source| StoreError::Codec { seq: 0, source })?;
+        self.payloads.push(payload);
+        Ok(())
+    }
+}
+
+/// Returns the server's error when `error` is the one an append function raises with `code`.
+fn raised<'a>(error: &'a sqlx::Error, code: &str) -> Option<&'a sqlx::postgres::PgDatabaseError> {
     let sqlx::Error::Database(db) = error else {
         return None;
     };
     let db = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()?;
-    if db.code() != STALE_FENCE_CODE {
-        return None;
-    }
-    db.detail()?.parse().ok()
+    (db.code() == code).then_some(db)
+}
+
+/// Reads the current term from the error `kiln_append_fenced` raises for a stale one.
+fn stale_fence_of(error: &sqlx::Error) -> Option<i64> {
+    raised(error, STALE_FENCE_CODE)?.detail()?.parse().ok()
 }
 
 /// Reads the stream and its version from the conflict `kiln_append_each` raises.
 fn conflict_of(error: &sqlx::Error, events: &[StreamEvent]) -> Option<StoreError> {
-    let sqlx::Error::Database(db) = error else {
-        return None;
-    };
-    let db = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()?;
-    if db.code() != STREAM_CONFLICT_CODE {
-        return None;
-    }
+    let db = raised(error, STREAM_CONFLICT_CODE)?;
     let stream = db.detail()?.to_owned();
     let actual = db.hint()?.parse().ok()?;
     let expected = events

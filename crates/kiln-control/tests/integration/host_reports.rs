@@ -19,7 +19,17 @@ fn report(instance_id: InstanceId, state: InstanceState) -> InstanceStateReport 
     }
 }
 
-/// The states appended to an instance's stream, oldest first.
+/// Creates a release of the minimal spec in the env at `path`.
+async fn create_release(client: &kiln_api::Client, path: &kiln_api::client::EnvPath) -> Release {
+    let request = CreateRelease {
+        image: harness::image(),
+        spec: harness::release_spec(),
+        description: String::new(),
+    };
+    client.create_release(path, &request).await.unwrap()
+}
+
+/// Returns the states appended to an instance's stream, oldest first.
 async fn reported_states(server: &TestServer, instance: InstanceId) -> Vec<InstanceState> {
     let payloads: Vec<serde_json::Value> = sqlx::query_scalar(
         "SELECT payload FROM events WHERE stream = $1 AND type = 'InstanceStateChanged'
@@ -39,22 +49,12 @@ async fn reported_states(server: &TestServer, instance: InstanceId) -> Vec<Insta
 }
 
 #[tokio::test]
-async fn batch_records_in_order_and_drops_other_hosts_instances() {
+async fn batch_keeps_order_drops_foreign() {
     let server = TestServer::start().await;
     let client = server.org_client();
     let env = harness::create_app_and_env(&server).await;
     let path = harness::env_path(&server.org);
-    let release = client
-        .create_release(
-            &path,
-            &CreateRelease {
-                image: harness::image(),
-                spec: harness::release_spec(),
-                description: String::new(),
-            },
-        )
-        .await
-        .unwrap();
+    let release = create_release(&client, &path).await;
     let first = register_host(&server, "h1").await;
     let second = register_host(&server, "h2").await;
     let a = place_instance(&server, &env, &release, &first.host, 10).await;
@@ -114,13 +114,13 @@ async fn batch_records_in_order_and_drops_other_hosts_instances() {
     assert_eq!(empty.recorded, 0);
 
     // An org token is not a host token.
-    let refused = client
+    let rejected = client
         .report_instance_states(&ReportInstanceStates {
             reports: vec![report(a, InstanceState::Failed)],
         })
         .await
         .unwrap_err();
-    assert_eq!(refused.code(), Some(ErrorCode::Forbidden));
+    assert_eq!(rejected.code(), Some(ErrorCode::Forbidden));
 
     let rebuilt = server
         .store
@@ -131,22 +131,12 @@ async fn batch_records_in_order_and_drops_other_hosts_instances() {
 }
 
 #[tokio::test]
-async fn invalid_batches_name_the_report_and_record_nothing() {
+async fn invalid_batch_names_report() {
     let server = TestServer::start().await;
     let client = server.org_client();
     let env = harness::create_app_and_env(&server).await;
     let path = harness::env_path(&server.org);
-    let release = client
-        .create_release(
-            &path,
-            &CreateRelease {
-                image: harness::image(),
-                spec: harness::release_spec(),
-                description: String::new(),
-            },
-        )
-        .await
-        .unwrap();
+    let release = create_release(&client, &path).await;
     let host = register_host(&server, "h1").await;
     let instance = place_instance(&server, &env, &release, &host.host, 10).await;
 
@@ -215,22 +205,12 @@ async fn invalid_batches_name_the_report_and_record_nothing() {
 }
 
 #[tokio::test]
-async fn deleted_env_instances_still_report_their_stop() {
+async fn deleted_env_instances_report_stop() {
     let server = TestServer::start().await;
     let client = server.org_client();
     let env = harness::create_app_and_env(&server).await;
     let path = harness::env_path(&server.org);
-    let release = client
-        .create_release(
-            &path,
-            &CreateRelease {
-                image: harness::image(),
-                spec: harness::release_spec(),
-                description: String::new(),
-            },
-        )
-        .await
-        .unwrap();
+    let release = create_release(&client, &path).await;
     let host = register_host(&server, "h1").await;
     let single = place_instance(&server, &env, &release, &host.host, 10).await;
     let batched = place_instance(&server, &env, &release, &host.host, 11).await;

@@ -1117,8 +1117,8 @@ async fn append_each_spans_streams_in_order() {
 #[tokio::test]
 async fn append_each_conflict_writes_nothing() {
     let (store, _db) = harness::store().await;
-    let taken = OrgId::new();
-    let (org, _) = org_and_app(taken, "taken");
+    let existing = OrgId::new();
+    let (org, _) = org_and_app(existing, "taken");
     store.append_each(vec![org], "t").await.unwrap();
     let head = store.head().await.unwrap();
 
@@ -1126,7 +1126,7 @@ async fn append_each_conflict_writes_nothing() {
     // of the first.
     let fresh = OrgId::new();
     let (fresh_org, fresh_app) = org_and_app(fresh, "fresh");
-    let (again, _) = org_and_app(taken, "again");
+    let (again, _) = org_and_app(existing, "again");
     let result = store
         .append_each(vec![fresh_org.clone(), again, fresh_app], "t")
         .await;
@@ -1136,7 +1136,7 @@ async fn append_each_conflict_writes_nothing() {
             expected,
             actual,
         }) => {
-            assert_eq!(stream, streams::org(taken));
+            assert_eq!(stream, streams::org(existing));
             assert_eq!(expected, ExpectedVersion::NoStream);
             assert_eq!(actual, 1);
         }
@@ -1151,7 +1151,7 @@ async fn append_each_conflict_writes_nothing() {
     assert_eq!(orgs, vec!["taken".to_owned()]);
 
     // A stale exact version conflicts the same way.
-    let (_, app) = org_and_app(taken, "taken");
+    let (_, app) = org_and_app(existing, "taken");
     store.append_each(vec![app.clone()], "t").await.unwrap();
     let stale = StreamEvent {
         expected: ExpectedVersion::Exact(5),
