@@ -6,8 +6,8 @@ use std::future::Future;
 
 use kiln_api::ClientError;
 use kiln_api::types::{
-    Heartbeat, HostAssignments, HostLease, InstanceSecrets, LogBatch, RegisterHost,
-    ReportInstanceState, ReportInstanceStates, ReportedInstanceStates, WatchQuery,
+    AssignmentsQuery, Heartbeat, HostAssignments, HostLease, InstanceSecrets, LogBatch,
+    RegisterHost, ReportInstanceState, ReportInstanceStates, ReportedInstanceStates,
 };
 use kiln_core::InstanceId;
 
@@ -25,11 +25,14 @@ pub trait ControlPlane: Clone + Send + Sync + 'static {
         request: &Heartbeat,
     ) -> impl Future<Output = Result<HostLease, ClientError>> + Send;
 
-    /// Returns the complete assignment set after `after`, waiting up to `wait_secs`.
+    /// Returns the assignment set after `after`, waiting up to `wait_secs`: complete, or
+    /// with `changes` possibly only what changed after `after` (see
+    /// [`HostAssignments::complete`]).
     fn watch(
         &self,
         after: u64,
         wait_secs: u64,
+        changes: bool,
     ) -> impl Future<Output = Result<HostAssignments, ClientError>> + Send;
 
     /// Reports a state change of an instance.
@@ -81,10 +84,16 @@ impl ControlPlane for kiln_api::Client {
         kiln_api::Client::heartbeat(self, request).await
     }
 
-    async fn watch(&self, after: u64, wait_secs: u64) -> Result<HostAssignments, ClientError> {
-        let query = WatchQuery {
+    async fn watch(
+        &self,
+        after: u64,
+        wait_secs: u64,
+        changes: bool,
+    ) -> Result<HostAssignments, ClientError> {
+        let query = AssignmentsQuery {
             after: Some(after),
             wait: Some(wait_secs),
+            changes: Some(changes),
         };
         self.watch_assignments(&query).await
     }

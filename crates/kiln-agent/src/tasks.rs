@@ -91,8 +91,11 @@ pub async fn run_session<C: ControlPlane>(
     }
 }
 
-/// Watches the host's assignments from `cursor`, publishing every new set. The cursor only
-/// moves forward with a received set, so a reconnect resumes where the last one ended.
+/// Watches the host's assignments from `cursor`, publishing every new set. The first call
+/// requests the complete set. Later calls request only the changes and apply them to the set
+/// held here, so a host with many instances does not download all of them on every change.
+/// The cursor only moves forward with a received answer, so a reconnect resumes where the
+/// last one ended.
 pub async fn run_watcher<C: ControlPlane>(
     control: C,
     mut cursor: u64,
@@ -100,20 +103,36 @@ pub async fn run_watcher<C: ControlPlane>(
     assignments: watch::Sender<Option<HostAssignments>>,
 ) {
     let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
-    let mut first = true;
+    let mut current: Option<HostAssignments> = None;
     loop {
         // The first call returns at once, so a restarted agent learns the current set.
+        let first = current.is_none();
         let wait = if first { 0 } else { WATCH_WAIT_SECS };
-        match control.watch(cursor, wait).await {
-            Ok(set) => {
+        match control.watch(cursor, wait, !first).await {
+            Ok(page) => {
                 shared.reachable.store(true, Ordering::Relaxed);
                 backoff.reset();
-                let changed = first || set.cursor != cursor;
-                first = false;
-                cursor = set.cursor;
-                if changed && assignments.send(Some(set)).is_err() {
+                let changed = first || page.cursor != cursor;
+                cursor = page.cursor;
+                let set = match current.take() {
+                    Some(mut set) => {
+                        set.apply(page);
+                        set
+                    }
+                    None if page.complete => page,
+                    None => {
+                        // Only a request for changes gets changes, so the control plane broke
+                        // the contract. Request the complete set again after a pause.
+                        let delay = backoff.next_delay();
+                        warn!(cursor, retry_in = ?delay, "first assignments response was not the complete set; requesting it again");
+                        tokio::time::sleep(delay).await;
+                        continue;
+                    }
+                };
+                if changed && assignments.send(Some(set.clone())).is_err() {
                     return;
                 }
+                current = Some(set);
             }
             Err(error) => {
                 shared.reachable.store(false, Ordering::Relaxed);

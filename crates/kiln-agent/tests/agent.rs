@@ -90,7 +90,9 @@ fn assignments(cursor: u64, list: &[Assignment]) -> HostAssignments {
     HostAssignments {
         host_id: HostId::new(),
         cursor,
+        complete: true,
         assignments: list.to_vec(),
+        removed: Vec::new(),
     }
 }
 
@@ -1382,6 +1384,57 @@ async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn watcher_applies_changes_to_the_complete_set() {
+    let control = FakeControl::default();
+    let (a, b, c) = (assignment(8080), assignment(8081), assignment(8082));
+    let mut newer_b = b.clone();
+    newer_b.release_version = 2;
+    let mut changes = assignments(20, &[newer_b.clone(), c.clone()]);
+    changes.complete = false;
+    changes.removed = vec![a.instance_id];
+    {
+        let mut inner = control.inner.lock().unwrap();
+        inner
+            .watch_pages
+            .push_back(assignments(10, &[a.clone(), b.clone()]));
+        inner.watch_pages.push_back(changes);
+    }
+
+    let (sender, mut receiver) = tokio::sync::watch::channel(None);
+    let watcher = tokio::spawn(kiln_agent::tasks::run_watcher(
+        control.clone(),
+        7,
+        Arc::new(Shared::default()),
+        sender,
+    ));
+    // A watch channel keeps only the newest set, so the first may be skipped.
+    let second = tokio::time::timeout(CONTROL_TIMEOUT, async {
+        loop {
+            receiver.changed().await.unwrap();
+            let set = receiver.borrow_and_update().clone().unwrap();
+            if set.cursor == 20 {
+                return set;
+            }
+            assert_eq!(set.assignments, vec![a.clone(), b.clone()]);
+        }
+    })
+    .await
+    .expect("the changes were never applied");
+    watcher.abort();
+
+    assert!(second.complete);
+    assert_eq!(second.cursor, 20);
+    assert_eq!(second.assignments, vec![newer_b, c]);
+    // The first call requests the whole set from the saved cursor, later ones the changes.
+    let calls = control.inner.lock().unwrap().watch_calls.clone();
+    assert_eq!(calls[..2], [(7, false), (10, true)]);
+    assert!(
+        calls[2..].iter().all(|call| *call == (20, true)),
+        "{calls:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

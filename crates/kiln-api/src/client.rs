@@ -580,10 +580,11 @@ impl Client {
             .await
     }
 
-    /// `GET /v1/host/assignments` (host token), long-polling up to `query.wait` seconds.
+    /// `GET /v1/host/assignments` (host token), long-polling up to `query.wait` seconds. The
+    /// answer is the complete set unless `query.changes` asks for the changes only.
     pub async fn watch_assignments(
         &self,
-        query: &WatchQuery,
+        query: &AssignmentsQuery,
     ) -> Result<HostAssignments, ClientError> {
         self.get_query(routes::HOST_SELF_ASSIGNMENTS, query, query.wait)
             .await

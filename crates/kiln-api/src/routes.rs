@@ -218,7 +218,7 @@ pub const ROUTES: &[Endpoint] = &[
     with_query(ep("GET", EVENTS, "list_events", "The whole event log after a cursor, long-polling", Operator, None, Some("EventPage"), 200), "EventQuery"),
     ep("POST", HOST_SELF_REGISTER, "register_host", "Register the calling host", Host, Some("RegisterHost"), Some("HostLease"), 200),
     ep("POST", HOST_SELF_HEARTBEAT, "heartbeat", "Renew the calling host's lease", Host, Some("Heartbeat"), Some("HostLease"), 200),
-    with_query(ep("GET", HOST_SELF_ASSIGNMENTS, "watch_assignments", "The calling host's assignments, long-polling", Host, None, Some("HostAssignments"), 200), "WatchQuery"),
+    with_query(ep("GET", HOST_SELF_ASSIGNMENTS, "watch_assignments", "The calling host's assignments, long-polling", Host, None, Some("HostAssignments"), 200), "AssignmentsQuery"),
     ep("POST", HOST_SELF_INSTANCE_STATE, "report_instance_state", "Report an instance state change", Host, Some("ReportInstanceState"), Some("Instance"), 200),
     ep("POST", HOST_SELF_INSTANCE_STATES, "report_instance_states", "Report state changes of several instances", Host, Some("ReportInstanceStates"), Some("ReportedInstanceStates"), 200),
     ep("GET", HOST_SELF_INSTANCE_SECRETS, "get_instance_secrets", "Secret values for an instance on the calling host", Host, None, Some("InstanceSecrets"), 200),

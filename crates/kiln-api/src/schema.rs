@@ -80,6 +80,7 @@ api_types! {
     "AllocateIp" => AllocateIp,
     "App" => App,
     "ApplyPlan" => ApplyPlan,
+    "AssignmentsQuery" => AssignmentsQuery,
     "ConfigVars" => ConfigVars,
     "CreateApp" => CreateApp,
     "CreateDeploy" => CreateDeploy,

@@ -13,8 +13,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use kiln_api::{
-    Assignment, Client, ClientError, DesiredState, Heartbeat, HostCapacity, HostLease,
-    InstanceState, InstanceStateReport, RegisterHost, ReportInstanceStates, VmmDriver, WatchQuery,
+    Assignment, AssignmentsQuery, Client, ClientError, DesiredState, Heartbeat, HostAssignments,
+    HostCapacity, HostLease, InstanceState, InstanceStateReport, RegisterHost,
+    ReportInstanceStates, VmmDriver,
 };
 use kiln_core::InstanceId;
 use tokio::sync::{mpsc, watch};
@@ -272,18 +273,21 @@ async fn watch_loop(
     reporter: Reporter,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let mut cursor = 0;
+    // The first call requests the complete set and later ones the changes, which are applied
+    // to the set held here, as the real agent does.
+    let mut current: Option<HostAssignments> = None;
     loop {
-        let query = WatchQuery {
-            after: Some(cursor),
+        let query = AssignmentsQuery {
+            after: Some(current.as_ref().map_or(0, |set| set.cursor)),
             wait: Some(config.watch_wait_secs),
+            changes: Some(current.is_some()),
         };
         let page = tokio::select! {
             page = client.watch_assignments(&query) => page,
             _ = stopped.changed() => return,
         };
-        let assignments = match page {
-            Ok(assignments) => assignments,
+        let page = match page {
+            Ok(page) => page,
             Err(error) => {
                 tracing::warn!(error = %error, "simulated assignments watch failed");
                 // A bounded pause before retrying, so a down control plane is not hammered.
@@ -293,8 +297,15 @@ async fn watch_loop(
                 }
             }
         };
-        cursor = assignments.cursor;
-        reconcile(&config, &reporter, &assignments.assignments);
+        let set = match current.take() {
+            Some(mut set) => {
+                set.apply(page);
+                set
+            }
+            None => page,
+        };
+        reconcile(&config, &reporter, &set.assignments);
+        current = Some(set);
     }
 }
 

@@ -3,7 +3,7 @@
 //! a private network namespace) or this file's `FakeNetwork` where a test only checks
 //! decisions.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -42,6 +42,10 @@ pub(crate) struct ControlState {
     pub(crate) shipped: Vec<String>,
     /// The shipped lines whole, with stream and instance.
     pub(crate) shipped_lines: Vec<kiln_api::types::LogLine>,
+    /// Answers to assignment watches, in order; a watch with none left fails as unavailable.
+    pub(crate) watch_pages: VecDeque<HostAssignments>,
+    /// `(after, changes)` of every assignment watch.
+    pub(crate) watch_calls: Vec<(u64, bool)>,
 }
 
 fn unavailable() -> ClientError {
@@ -93,8 +97,15 @@ impl kiln_agent::control::ControlPlane for FakeControl {
         Err(unavailable())
     }
 
-    async fn watch(&self, _after: u64, _wait: u64) -> Result<HostAssignments, ClientError> {
-        Err(unavailable())
+    async fn watch(
+        &self,
+        after: u64,
+        _wait: u64,
+        changes: bool,
+    ) -> Result<HostAssignments, ClientError> {
+        let mut inner = self.inner.lock().unwrap();
+        inner.watch_calls.push((after, changes));
+        inner.watch_pages.pop_front().ok_or_else(unavailable)
     }
 
     async fn report(

@@ -1,7 +1,8 @@
-//! Assignments: what a host must run. An agent watches its host's complete desired set and
-//! reconciles against it, so a lost update cannot leave a microVM running that should not.
+//! Assignments: what a host must run. An agent keeps its host's complete desired set, built
+//! from one complete response and the changes after it, and reconciles against the whole set,
+//! so a lost update cannot leave a microVM running that should not.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use kiln_core::{AppId, AppName, EnvId, EnvName, HostId, InstanceId, OrgId, OrgName};
@@ -100,7 +101,50 @@ pub struct Assignment {
     pub run_once: bool,
 }
 
-/// Result of `GET /v1/host/assignments`: the host's complete desired set at a cursor.
+/// Query of `GET /v1/host/assignments`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AssignmentsQuery {
+    /// Return changes after this cursor (an event `seq`); 0 or absent starts from the
+    /// beginning.
+    #[serde(default)]
+    pub after: Option<u64>,
+    /// Seconds to wait for a change when there is none yet; 0 or absent returns at once.
+    /// Capped at [`crate::MAX_WAIT_SECS`].
+    #[serde(default)]
+    pub wait: Option<u64>,
+    /// Return only the assignments that changed after `after`, and the instances no longer
+    /// assigned, instead of the complete set. The control plane may still return the complete
+    /// set (`complete` is then true), for example when `after` is 0 or far behind.
+    #[serde(default, deserialize_with = "query_flag")]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<bool>"))]
+    pub changes: Option<bool>,
+}
+
+/// Reads a yes/no query parameter, which arrives as text (`true`, `false`) or, from a JSON
+/// body or a number-typed query reader, as a boolean or `1`/`0`.
+fn query_flag<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<bool>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Flag {
+        Bool(bool),
+        Number(u64),
+        Text(String),
+    }
+    match Option::<Flag>::deserialize(deserializer)? {
+        None => Ok(None),
+        Some(Flag::Bool(value)) => Ok(Some(value)),
+        Some(Flag::Number(0)) => Ok(Some(false)),
+        Some(Flag::Number(1)) => Ok(Some(true)),
+        Some(Flag::Text(text)) if text == "true" => Ok(Some(true)),
+        Some(Flag::Text(text)) if text == "false" => Ok(Some(false)),
+        Some(_) => Err(serde::de::Error::custom("expected true or false")),
+    }
+}
+
+/// Result of `GET /v1/host/assignments`: the host's desired set at a cursor, complete or as
+/// the changes after the request's `after`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct HostAssignments {
@@ -108,6 +152,187 @@ pub struct HostAssignments {
     pub host_id: HostId,
     /// Pass as `after` to wait for the next change.
     pub cursor: u64,
-    /// Every instance placed on the host that is not yet removed.
+    /// True when `assignments` contains every instance placed on the host that is not yet
+    /// removed. False when it contains only those that changed after the request's `after`,
+    /// and `removed` then names the instances no longer assigned.
+    #[serde(default = "complete_by_default")]
+    pub complete: bool,
+    /// The assignments: all of them, or the changed ones (see `complete`).
     pub assignments: Vec<Assignment>,
+    /// Instances removed from the host after the request's `after`; empty when `complete`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<InstanceId>,
+}
+
+/// Sets saved or sent before `complete` existed were always complete.
+fn complete_by_default() -> bool {
+    true
+}
+
+impl HostAssignments {
+    /// Brings this complete set up to date with `page`, the response to a request for changes
+    /// after this set's cursor. A complete page replaces the set. A page of changes replaces
+    /// the assignments it names and drops the removed instances, keeping the set's order with
+    /// new instances at the end.
+    pub fn apply(&mut self, page: HostAssignments) {
+        self.host_id = page.host_id;
+        self.cursor = page.cursor;
+        self.complete = true;
+        self.removed.clear();
+        if page.complete {
+            self.assignments = page.assignments;
+            return;
+        }
+
+        let removed: HashSet<InstanceId> = page.removed.into_iter().collect();
+        self.assignments
+            .retain(|assignment| !removed.contains(&assignment.instance_id));
+        let mut positions: HashMap<InstanceId, usize> = self
+            .assignments
+            .iter()
+            .enumerate()
+            .map(|(position, assignment)| (assignment.instance_id, position))
+            .collect();
+        for changed in page.assignments {
+            match positions.get(&changed.instance_id) {
+                Some(&position) => self.assignments[position] = changed,
+                None => {
+                    positions.insert(changed.instance_id, self.assignments.len());
+                    self.assignments.push(changed);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assignment(release_version: u64) -> Assignment {
+        Assignment {
+            instance_id: InstanceId::new(),
+            org_id: OrgId::new(),
+            org: "acme".parse().unwrap(),
+            app_id: AppId::new(),
+            app: "web".parse().unwrap(),
+            env_id: EnvId::new(),
+            env: "prod".parse().unwrap(),
+            release_id: ReleaseId::new(),
+            release_version,
+            process: "web".parse().unwrap(),
+            image: ImageRef {
+                reference: "registry.test/web:1".to_owned(),
+                digest: format!("sha256:{}", "a".repeat(64)),
+            },
+            command: Vec::new(),
+            env_vars: BTreeMap::new(),
+            secrets_version: 0,
+            vcpus: 1,
+            memory_mib: 128,
+            network: InstanceNetwork {
+                ipv6: "fd00::2".parse().unwrap(),
+                ipv6_prefix: "fd00::/64".to_owned(),
+                ipv4: "100.64.0.2".parse().unwrap(),
+            },
+            ports: Vec::new(),
+            volumes: Vec::new(),
+            kill_signal: "SIGTERM".to_owned(),
+            kill_timeout_secs: 10,
+            hostname: None,
+            startup_scripts: Vec::new(),
+            desired: DesiredState::Running,
+            run_once: false,
+        }
+    }
+
+    fn page(cursor: u64, complete: bool, assignments: Vec<Assignment>) -> HostAssignments {
+        HostAssignments {
+            host_id: HostId::new(),
+            cursor,
+            complete,
+            assignments,
+            removed: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn changes_replace_add_and_remove_in_order() {
+        let (a, b, c) = (assignment(1), assignment(1), assignment(1));
+        let mut set = page(10, true, vec![a.clone(), b.clone(), c.clone()]);
+
+        let mut newer_b = b.clone();
+        newer_b.release_version = 2;
+        let d = assignment(1);
+        let mut changes = page(20, false, vec![d.clone(), newer_b.clone()]);
+        changes.removed = vec![a.instance_id];
+        set.apply(changes);
+
+        assert_eq!(set.cursor, 20);
+        assert!(set.complete);
+        assert!(set.removed.is_empty());
+        assert_eq!(set.assignments, vec![newer_b, c, d]);
+    }
+
+    #[test]
+    fn complete_page_replaces_the_set() {
+        let mut set = page(10, true, vec![assignment(1), assignment(1)]);
+        let only = assignment(3);
+        set.apply(page(30, true, vec![only.clone()]));
+        assert_eq!(set.assignments, vec![only]);
+        assert_eq!(set.cursor, 30);
+    }
+
+    #[test]
+    fn empty_changes_move_only_the_cursor() {
+        let a = assignment(1);
+        let mut set = page(10, true, vec![a.clone()]);
+        set.apply(page(11, false, Vec::new()));
+        assert_eq!(set.assignments, vec![a]);
+        assert_eq!(set.cursor, 11);
+    }
+
+    #[test]
+    fn removing_an_unknown_instance_changes_nothing() {
+        let a = assignment(1);
+        let mut set = page(10, true, vec![a.clone()]);
+        let mut changes = page(12, false, Vec::new());
+        changes.removed = vec![InstanceId::new()];
+        set.apply(changes);
+        assert_eq!(set.assignments, vec![a]);
+    }
+
+    #[test]
+    fn sets_saved_without_complete_read_as_complete() {
+        let json = serde_json::json!({
+            "host_id": HostId::new(),
+            "cursor": 5,
+            "assignments": [],
+        });
+        let set: HostAssignments = serde_json::from_value(json).unwrap();
+        assert!(set.complete);
+        assert!(set.removed.is_empty());
+    }
+
+    #[test]
+    fn changes_flag_reads_text_bool_and_digit() {
+        let read = |value: serde_json::Value| {
+            serde_json::from_value::<AssignmentsQuery>(serde_json::json!({ "changes": value }))
+                .map(|query| query.changes)
+        };
+        assert_eq!(read(serde_json::json!("true")).unwrap(), Some(true));
+        assert_eq!(read(serde_json::json!("false")).unwrap(), Some(false));
+        assert_eq!(read(serde_json::json!(true)).unwrap(), Some(true));
+        assert_eq!(read(serde_json::json!(1)).unwrap(), Some(true));
+        assert_eq!(read(serde_json::json!(0)).unwrap(), Some(false));
+        assert_eq!(read(serde_json::Value::Null).unwrap(), None);
+        for bad in [
+            serde_json::json!("maybe"),
+            serde_json::json!(2),
+            serde_json::json!("TRUE"),
+        ] {
+            let error = read(bad.clone()).unwrap_err().to_string();
+            assert!(error.contains("expected true or false"), "{bad}: {error}");
+        }
+    }
 }

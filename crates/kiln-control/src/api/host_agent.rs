@@ -1,7 +1,7 @@
 //! Endpoints for host agents (host token). Every call acts on the token's own host: a host
 //! token cannot name another host, and instance ids of other hosts are `not_found`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv6Addr;
 use std::sync::{Arc, PoisonError};
 
@@ -10,10 +10,10 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use base64::Engine;
 use kiln_api::types::{
-    Assignment, DesiredState, Heartbeat, HostAssignments, HostLease, Instance, InstanceNetwork,
-    InstanceSecrets, LogBatch, MAX_REPORTED_OUTPUT_LINE_BYTES, MAX_REPORTED_OUTPUT_LINES,
-    MAX_STATE_REPORTS, OverlayPeer, RegisterHost, ReleaseSpec, ReportInstanceState,
-    ReportInstanceStates, ReportedInstanceStates, ServicePort, WatchQuery,
+    Assignment, AssignmentsQuery, DesiredState, Heartbeat, HostAssignments, HostLease, Instance,
+    InstanceNetwork, InstanceSecrets, LogBatch, MAX_REPORTED_OUTPUT_LINE_BYTES,
+    MAX_REPORTED_OUTPUT_LINES, MAX_STATE_REPORTS, OverlayPeer, RegisterHost, ReleaseSpec,
+    ReportInstanceState, ReportInstanceStates, ReportedInstanceStates, ServicePort,
 };
 use kiln_api::{ErrorCode, Event};
 use kiln_core::{
@@ -25,7 +25,7 @@ use sqlx::Row;
 use super::error::ApiError;
 use super::events::wait_duration;
 use super::extract::{JsonBody, LossyJsonBody, QueryParams};
-use super::host_changes::{ChangeIndex, HostChanges, skips_assignments};
+use super::host_changes::{ChangeIndex, Changes, HostChanges, skips_assignments};
 use super::{AppState, scope};
 use crate::auth::Caller;
 use crate::secrets::Sealed;
@@ -126,12 +126,13 @@ pub async fn heartbeat(
     lease(&state, host_id).await.map(Json)
 }
 
-/// `GET /v1/host/assignments`: the host's complete desired set, long-polling for changes
-/// after `after`.
+/// `GET /v1/host/assignments`: the host's desired set, long-polling for changes after
+/// `after`. With `changes=true` the response contains only what changed after `after` when
+/// the host change feed covers that range (see [`HostChanges::changes`]).
 pub async fn assignments(
     State(state): State<AppState>,
     caller: Caller,
-    QueryParams(query): QueryParams<WatchQuery>,
+    QueryParams(query): QueryParams<AssignmentsQuery>,
 ) -> Result<Json<HostAssignments>, ApiError> {
     let host_id = scope::host(&caller)?;
     let wait = wait_duration(query.wait)?;
@@ -164,12 +165,74 @@ pub async fn assignments(
         cursor
     };
 
-    let assignments = load_assignments(&state, host_id).await?;
-    Ok(Json(HostAssignments {
-        host_id,
-        cursor,
-        assignments,
-    }))
+    // Changes come from the feed's log, which covers `(after, feed_head]` when `after` is in
+    // the feed's range. Every event up to the cursor is visible to the reads below, because
+    // appends draw `seq` in commit order. A later event may show in the rows too. The next
+    // call then lists its instances again, which is harmless.
+    let changes = match query.changes {
+        Some(true) if after != 0 && after <= feed_head => {
+            let upto = cursor.min(feed_head);
+            let current = index.borrow().clone();
+            feed.changes(&current, host_id, after, upto)
+                .map(|changes| (upto, changes))
+        }
+        _ => None,
+    };
+    let page = match changes {
+        Some((cursor, changes)) => {
+            let assignments = load_assignments(&state, host_id, Some(&changes)).await?;
+            let removed = removed_instances(&state, host_id, &changes, &assignments).await?;
+            HostAssignments {
+                host_id,
+                cursor,
+                complete: false,
+                assignments,
+                removed,
+            }
+        }
+        None => HostAssignments {
+            host_id,
+            cursor,
+            complete: true,
+            assignments: load_assignments(&state, host_id, None).await?,
+            removed: Vec::new(),
+        },
+    };
+    Ok(Json(page))
+}
+
+/// Returns the instances of `changes` that are no longer assigned: removed ones, and those
+/// whose environment was deleted, which leave the set while their rows remain.
+async fn removed_instances(
+    state: &AppState,
+    host_id: HostId,
+    changes: &Changes,
+    assignments: &[Assignment],
+) -> Result<Vec<InstanceId>, ApiError> {
+    // This read and the assignments' are separate snapshots. An instance placed in between
+    // shows here as removed, which is harmless because the agent never had it. Its event
+    // comes after the cursor, so the next call lists it. An instance removed in between is
+    // listed as removed by the next call.
+    let mut candidates = changes.instances.clone();
+    if !changes.envs.is_empty() {
+        let of_envs: Vec<uuid::Uuid> =
+            sqlx::query_scalar("SELECT id FROM instances WHERE host_id = $1 AND env_id = ANY($2)")
+                .bind(host_id.as_uuid())
+                .bind(&changes.envs)
+                .fetch_all(state.store.pool())
+                .await
+                .map_err(ApiError::database("read instances of changed envs"))?;
+        candidates.extend(of_envs);
+        candidates.sort_unstable();
+        candidates.dedup();
+    }
+
+    let listed: HashSet<InstanceId> = assignments.iter().map(|a| a.instance_id).collect();
+    Ok(candidates
+        .into_iter()
+        .map(InstanceId::from_uuid)
+        .filter(|id| !listed.contains(id))
+        .collect())
 }
 
 /// Waits until the host change feed counts an event after `after` that concerns `host`, and
@@ -732,10 +795,30 @@ impl ReleaseSpecs {
     }
 }
 
-async fn load_assignments(state: &AppState, host_id: HostId) -> Result<Vec<Assignment>, ApiError> {
+/// Builds the host's assignments: all of them, or those of `changes` (its instances and every
+/// instance of its environments on the host).
+async fn load_assignments(
+    state: &AppState,
+    host_id: HostId,
+    changes: Option<&Changes>,
+) -> Result<Vec<Assignment>, ApiError> {
     let pool = state.store.pool();
-    let rows = sqlx::query(
-        "SELECT i.id, i.process, i.ipv6, i.ipv4, i.desired, i.state, i.env_id, e.name AS env_name, e.hostname AS env_hostname, r.secrets_version,
+    let empty = Vec::new();
+    let (filter, instances, envs) = match changes {
+        Some(changes) if changes.instances.is_empty() && changes.envs.is_empty() => {
+            return Ok(Vec::new());
+        }
+        Some(changes) => (
+            "AND (i.id = ANY($2) OR i.env_id = ANY($3))",
+            &changes.instances,
+            &changes.envs,
+        ),
+        None => ("", &empty, &empty),
+    };
+    // Two fixed texts, so each keeps its own cached plan.
+    let sql = format!(
+        "SELECT i.id, i.process, i.ipv6, i.ipv4, i.desired, i.state, i.env_id, e.name AS env_name,
+                e.hostname AS env_hostname, r.secrets_version,
                 e.app_id, a.name AS app_name, e.org_id, o.name AS org_name,
                 r.id AS release_id, r.version, r.image_ref, r.image_digest, h.ipv6_prefix
          FROM instances i
@@ -744,13 +827,19 @@ async fn load_assignments(state: &AppState, host_id: HostId) -> Result<Vec<Assig
          JOIN orgs o ON o.id = e.org_id
          JOIN releases r ON r.id = i.release_id
          JOIN hosts h ON h.id = i.host_id
-         WHERE i.host_id = $1
-         ORDER BY i.created_at, i.id",
-    )
-    .bind(host_id.as_uuid())
-    .fetch_all(pool)
-    .await
-    .map_err(ApiError::database("load assignments"))?;
+         WHERE i.host_id = $1 {filter}
+         ORDER BY i.created_at, i.id"
+    );
+    let query = sqlx::query(&sql).bind(host_id.as_uuid());
+    let query = if changes.is_some() {
+        query.bind(instances).bind(envs)
+    } else {
+        query
+    };
+    let rows = query
+        .fetch_all(pool)
+        .await
+        .map_err(ApiError::database("load assignments"))?;
 
     let corrupt = |what: &str| ApiError::internal(what);
     let mut env_ids: Vec<uuid::Uuid> = rows.iter().map(|row| row.get("env_id")).collect();

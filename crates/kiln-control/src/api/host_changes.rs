@@ -13,8 +13,12 @@
 //! [`skips_assignments`]). Events of other hosts' instances never change this host's
 //! assignments. The feed covers events after the log head it read when it started; a cursor
 //! older than that is checked against the database as before.
+//!
+//! The feed also keeps, per host, what each recent event changed (an instance, every instance
+//! of an env, or the host itself). A request for changes only then gets the assignments that
+//! changed after its cursor without a query of the log.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -68,6 +72,96 @@ impl ChangeIndex {
 #[derive(Debug, Clone)]
 pub struct HostChanges {
     index: watch::Receiver<Arc<ChangeIndex>>,
+    log: Arc<ChangeLog>,
+}
+
+/// The part of a host's assignments that one event changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Subject {
+    /// One instance on the host (placed, stopped, exited, removed).
+    Instance(uuid::Uuid),
+    /// Every instance of an env on the host, such as after a config change.
+    Env(uuid::Uuid),
+    /// Everything on the host, such as its network prefix after a registration.
+    Host,
+}
+
+/// Recent subjects kept per host; a cursor older than the oldest kept gets the complete set.
+const SUBJECTS_KEPT_PER_HOST: usize = 1024;
+
+/// The subjects of the events the feed has read, per host, oldest first.
+///
+/// The feed adds a read's subjects before it publishes the read's head, so every subject up
+/// to a published head is here, unless trimmed, which [`HostLog::floor`] records.
+#[derive(Debug, Default)]
+struct ChangeLog {
+    hosts: Mutex<HashMap<HostId, HostLog>>,
+}
+
+#[derive(Debug, Default)]
+struct HostLog {
+    /// The `seq` of the newest subject trimmed. The log contains every subject after it.
+    floor: u64,
+    /// `(seq, subject)`, in `seq` order.
+    subjects: VecDeque<(u64, Subject)>,
+}
+
+/// The changes of a host's assignments between two cursors: the instances named by an event,
+/// and the envs whose events change every instance of theirs on the host.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Instances, sorted, without duplicates.
+    pub instances: Vec<uuid::Uuid>,
+    /// Envs, sorted, without duplicates.
+    pub envs: Vec<uuid::Uuid>,
+}
+
+impl ChangeLog {
+    fn add(&self, subjects: Vec<(HostId, u64, Subject)>) {
+        let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
+        for (host, seq, subject) in subjects {
+            let log = hosts.entry(host).or_default();
+            log.subjects.push_back((seq, subject));
+            while log.subjects.len() > SUBJECTS_KEPT_PER_HOST {
+                if let Some((trimmed, _)) = log.subjects.pop_front() {
+                    log.floor = trimmed;
+                }
+            }
+        }
+    }
+
+    /// Returns what changed `host` in `(after, upto]`, or `None` when the log cannot tell:
+    /// subjects after `after` were trimmed, or an event changed the whole host. The caller
+    /// makes sure the feed covers the range (`from <= after` and `upto <= head`).
+    fn changes(&self, host: HostId, after: u64, upto: u64) -> Option<Changes> {
+        let hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(log) = hosts.get(&host) else {
+            return Some(Changes::default());
+        };
+        if after < log.floor {
+            return None;
+        }
+
+        let start = log.subjects.partition_point(|(seq, _)| *seq <= after);
+        let mut changes = Changes::default();
+        for (seq, subject) in log.subjects.range(start..) {
+            if *seq > upto {
+                break;
+            }
+            match subject {
+                Subject::Instance(id) => changes.instances.push(*id),
+                Subject::Env(id) => changes.envs.push(*id),
+                Subject::Host => return None,
+            }
+        }
+        drop(hosts);
+
+        changes.instances.sort_unstable();
+        changes.instances.dedup();
+        changes.envs.sort_unstable();
+        changes.envs.dedup();
+        Some(changes)
+    }
 }
 
 /// The feed of each live notifier, found by its channel. A notifier has no room for the feed
@@ -89,7 +183,10 @@ impl HostChanges {
             changed: HashMap::new(),
         };
         let (sender, index) = watch::channel(Arc::new(start));
-        let feed = Self { index };
+        let feed = Self {
+            index,
+            log: Arc::default(),
+        };
         {
             let mut feeds = FEEDS.lock().unwrap_or_else(PoisonError::into_inner);
             // Another request may have started the feed while this one read the head.
@@ -98,13 +195,35 @@ impl HostChanges {
             }
             feeds.push((changes.clone(), feed.clone()));
         }
-        tokio::spawn(run_feed(store.clone(), changes, sender, head));
+        tokio::spawn(run_feed(
+            store.clone(),
+            changes,
+            sender,
+            Arc::clone(&feed.log),
+            head,
+        ));
         Ok(feed)
     }
 
     /// Returns a receiver of the index, updated after every read of the feed.
     pub fn subscribe(&self) -> watch::Receiver<Arc<ChangeIndex>> {
         self.index.clone()
+    }
+
+    /// Returns what changed `host`'s assignments in `(after, upto]`, where `index` is a
+    /// published index that covers that range. `None` means the feed cannot tell and the
+    /// complete set is needed.
+    pub fn changes(
+        &self,
+        index: &ChangeIndex,
+        host: HostId,
+        after: u64,
+        upto: u64,
+    ) -> Option<Changes> {
+        if after < index.from || upto > index.head || upto < after {
+            return None;
+        }
+        self.log.changes(host, after, upto)
     }
 }
 
@@ -125,6 +244,7 @@ async fn run_feed(
     store: Store,
     mut changes: watch::Receiver<u64>,
     sender: watch::Sender<Arc<ChangeIndex>>,
+    log: Arc<ChangeLog>,
     from: u64,
 ) {
     let mut index = ChangeIndex {
@@ -136,11 +256,13 @@ async fn run_feed(
         // Marked seen before the read, so an append during the read triggers another.
         changes.borrow_and_update();
         let pause = match read_changes(&store, index.head).await {
-            Ok(Some((head, hosts))) => {
-                for (host, seq) in hosts {
-                    let entry = index.changed.entry(host).or_default();
-                    *entry = (*entry).max(seq);
+            Ok(Some((head, subjects))) => {
+                for (host, seq, _) in &subjects {
+                    let entry = index.changed.entry(*host).or_default();
+                    *entry = (*entry).max(*seq);
                 }
+                // Subjects first, then the head that covers them.
+                log.add(subjects);
                 index.head = head;
                 sender.send_replace(Arc::new(index.clone()));
                 REPOLL_INTERVAL
@@ -162,41 +284,53 @@ async fn run_feed(
     }
 }
 
-/// Reads the log head and, when it moved past `last`, the hosts concerned by the events in
-/// between with the highest `seq` for each. Every event up to the head is visible, because
+/// Reads the log head and, when it moved past `last`, what each event in between changed on
+/// each host it concerns, in `seq` order. Every event up to the head is visible, because
 /// appends draw `seq` in commit order.
 async fn read_changes(
     store: &Store,
     last: u64,
-) -> Result<Option<(u64, Vec<(HostId, u64)>)>, StoreError> {
+) -> Result<Option<(u64, Vec<(HostId, u64, Subject)>)>, StoreError> {
     let head = store.head().await?;
     if head <= last {
         return Ok(None);
     }
-    let rows: Vec<(uuid::Uuid, i64)> = sqlx::query_as(concat!(
-        "SELECT host, max(seq) FROM (
-             SELECT e.host_id AS host, e.seq FROM events e
+    let rows: Vec<(uuid::Uuid, i64, Option<uuid::Uuid>, Option<uuid::Uuid>)> =
+        sqlx::query_as(concat!(
+            "SELECT e.host_id, e.seq, kiln_id(e.payload->'data'->>'instance_id'), NULL::uuid
+             FROM events e
              WHERE e.seq > $1 AND e.seq <= $2 AND e.host_id IS NOT NULL AND NOT ",
-        skips_assignments!(),
-        "
+            skips_assignments!(),
+            "
              UNION ALL
-             SELECT DISTINCT i.host_id, e.seq FROM events e
+             SELECT DISTINCT i.host_id, e.seq, NULL::uuid, e.env_id FROM events e
              JOIN instances i ON i.env_id = e.env_id
              WHERE e.seq > $1 AND e.seq <= $2 AND e.host_id IS NULL AND NOT ",
-        skips_assignments!(),
-        ") AS concerned
-         GROUP BY host"
-    ))
-    .bind(i64::try_from(last).unwrap_or(i64::MAX))
-    .bind(i64::try_from(head).unwrap_or(i64::MAX))
-    .fetch_all(store.pool())
-    .await
-    .map_err(StoreError::database("read host changes"))?;
-    let hosts = rows
+            skips_assignments!(),
+            "
+             ORDER BY 2"
+        ))
+        .bind(i64::try_from(last).unwrap_or(i64::MAX))
+        .bind(i64::try_from(head).unwrap_or(i64::MAX))
+        .fetch_all(store.pool())
+        .await
+        .map_err(StoreError::database("read host changes"))?;
+    let subjects = rows
         .into_iter()
-        .map(|(host, seq)| (HostId::from_uuid(host), u64::try_from(seq).unwrap_or(0)))
+        .map(|(host, seq, instance, env)| {
+            let subject = match (instance, env) {
+                (Some(instance), _) => Subject::Instance(instance),
+                (None, Some(env)) => Subject::Env(env),
+                (None, None) => Subject::Host,
+            };
+            (
+                HostId::from_uuid(host),
+                u64::try_from(seq).unwrap_or(0),
+                subject,
+            )
+        })
         .collect();
-    Ok(Some((head, hosts)))
+    Ok(Some((head, subjects)))
 }
 
 #[cfg(test)]
@@ -222,13 +356,22 @@ mod tests {
         appended[0].seq
     }
 
-    /// Returns the hosts that a read of the feed after `last` reports, with their `seq`.
+    /// Returns the hosts that a read of the feed after `last` reports, with the highest `seq`
+    /// of each.
     async fn changed(store: &Store, last: u64) -> Vec<(HostId, u64)> {
-        read_changes(store, last)
+        let subjects = read_changes(store, last)
             .await
             .unwrap()
-            .map(|(_, hosts)| hosts)
-            .unwrap_or_default()
+            .map(|(_, subjects)| subjects)
+            .unwrap_or_default();
+        let mut hosts: Vec<(HostId, u64)> = Vec::new();
+        for (host, seq, _) in subjects {
+            match hosts.iter_mut().find(|(known, _)| *known == host) {
+                Some(entry) => entry.1 = entry.1.max(seq),
+                None => hosts.push((host, seq)),
+            }
+        }
+        hosts
     }
 
     #[tokio::test]
@@ -288,6 +431,75 @@ mod tests {
         assert_eq!(changed(&store, placed).await, vec![(host, configured)]);
         let exited = append(&store, &stream, org, report(InstanceState::Exited, Some(0))).await;
         assert_eq!(changed(&store, configured).await, vec![(host, exited)]);
+    }
+
+    #[test]
+    fn change_log_lists_subjects_in_range() {
+        let (host, other) = (HostId::new(), HostId::new());
+        let (a, b, env) = (
+            uuid::Uuid::new_v4(),
+            uuid::Uuid::new_v4(),
+            uuid::Uuid::new_v4(),
+        );
+        let log = ChangeLog::default();
+        log.add(vec![
+            (host, 11, Subject::Instance(b)),
+            (host, 12, Subject::Instance(a)),
+            (other, 13, Subject::Host),
+            (host, 14, Subject::Env(env)),
+            (host, 15, Subject::Instance(b)),
+            (host, 17, Subject::Host),
+        ]);
+
+        let mut both = vec![a, b];
+        both.sort_unstable();
+        let changes = log.changes(host, 10, 16).unwrap();
+        assert_eq!(changes.instances, both);
+        assert_eq!(changes.envs, vec![env]);
+        // The range excludes `after` and includes `upto`.
+        assert!(log.changes(host, 12, 14).unwrap().instances.is_empty());
+        assert_eq!(log.changes(host, 11, 12).unwrap().instances, vec![a]);
+        // Another host's registration is not this host's; this host's own is everything.
+        assert!(log.changes(host, 16, 17).is_none());
+        assert!(log.changes(other, 10, 13).is_none());
+        assert_eq!(
+            log.changes(HostId::new(), 0, 20).unwrap(),
+            Changes::default()
+        );
+    }
+
+    #[test]
+    fn change_log_refuses_ranges_it_trimmed() {
+        let host = HostId::new();
+        let log = ChangeLog::default();
+        let subjects = (1..=SUBJECTS_KEPT_PER_HOST as u64 + 5)
+            .map(|seq| (host, seq, Subject::Instance(uuid::Uuid::new_v4())))
+            .collect();
+        log.add(subjects);
+
+        // Subjects 1 to 5 were trimmed, so the log has no changes for a cursor before 5.
+        assert!(log.changes(host, 4, 10).is_none());
+        assert_eq!(log.changes(host, 5, 10).unwrap().instances.len(), 5);
+    }
+
+    #[test]
+    fn feed_answers_only_ranges_it_covers() {
+        let host = HostId::new();
+        let index = ChangeIndex {
+            from: 10,
+            head: 20,
+            changed: HashMap::new(),
+        };
+        let (_sender, receiver) = watch::channel(Arc::new(index.clone()));
+        let feed = HostChanges {
+            index: receiver,
+            log: Arc::default(),
+        };
+
+        assert_eq!(feed.changes(&index, host, 10, 20), Some(Changes::default()));
+        assert_eq!(feed.changes(&index, host, 9, 20), None);
+        assert_eq!(feed.changes(&index, host, 10, 21), None);
+        assert_eq!(feed.changes(&index, host, 15, 14), None);
     }
 
     #[test]

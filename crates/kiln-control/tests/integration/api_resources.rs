@@ -15,6 +15,7 @@ use crate::harness::{self, TestServer};
 pub(crate) struct RegisteredHost {
     pub(crate) host: Host,
     pub(crate) client: kiln_api::Client,
+    pub(crate) token: String,
 }
 
 pub(crate) async fn register_host(server: &TestServer, name: &str) -> RegisteredHost {
@@ -39,6 +40,7 @@ pub(crate) async fn register_host(server: &TestServer, name: &str) -> Registered
     RegisteredHost {
         host: lease.host,
         client,
+        token: created.token.secret,
     }
 }
 
@@ -307,7 +309,7 @@ async fn host_agent_flow() {
 
     let initial = first
         .client
-        .watch_assignments(&WatchQuery::default())
+        .watch_assignments(&AssignmentsQuery::default())
         .await
         .unwrap();
     assert!(initial.assignments.is_empty());
@@ -315,9 +317,10 @@ async fn host_agent_flow() {
     let instance = place_instance(&server, &env, &release, &first.host, 10).await;
     let changed = first
         .client
-        .watch_assignments(&WatchQuery {
+        .watch_assignments(&AssignmentsQuery {
             after: Some(initial.cursor),
             wait: Some(30),
+            ..AssignmentsQuery::default()
         })
         .await
         .unwrap();
@@ -337,7 +340,7 @@ async fn host_agent_flow() {
 
     let other_view = second
         .client
-        .watch_assignments(&WatchQuery::default())
+        .watch_assignments(&AssignmentsQuery::default())
         .await
         .unwrap();
     assert!(other_view.assignments.is_empty());
@@ -642,7 +645,7 @@ async fn process_stop_settings_reach_assignments() {
     let worker = place_named_instance(&server, &env, &release, &host.host, 51, "worker").await;
     let assignments = host
         .client
-        .watch_assignments(&WatchQuery::default())
+        .watch_assignments(&AssignmentsQuery::default())
         .await
         .unwrap()
         .assignments;
@@ -709,7 +712,7 @@ async fn startup_scripts_reach_their_process_types() {
     let worker = place_named_instance(&server, &env, &release, &host.host, 61, "worker").await;
     let assignments = host
         .client
-        .watch_assignments(&WatchQuery::default())
+        .watch_assignments(&AssignmentsQuery::default())
         .await
         .unwrap()
         .assignments;

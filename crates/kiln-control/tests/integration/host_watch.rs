@@ -1,8 +1,11 @@
 //! The assignments long poll over the host change feed: which events end a host's wait.
 
+use kiln_api::Event;
 use kiln_api::types::*;
+use kiln_control::store::{ExpectedVersion, NewEvent, streams};
+use kiln_core::InstanceId;
 
-use crate::api_resources::{place_instance, register_host};
+use crate::api_resources::{RegisteredHost, place_instance, register_host};
 use crate::harness::{self, TestServer};
 
 /// Long-poll wait of the watches that must end, in seconds; the tests fail if one times out.
@@ -29,7 +32,7 @@ async fn host_watch_wakes_for_its_changes() {
     let second = register_host(&server, "h2").await;
     let initial = first
         .client
-        .watch_assignments(&WatchQuery::default())
+        .watch_assignments(&AssignmentsQuery::default())
         .await
         .unwrap();
     assert!(initial.assignments.is_empty());
@@ -40,9 +43,10 @@ async fn host_watch_wakes_for_its_changes() {
         let after = initial.cursor;
         tokio::spawn(async move {
             client
-                .watch_assignments(&WatchQuery {
+                .watch_assignments(&AssignmentsQuery {
                     after: Some(after),
                     wait: Some(WAIT_SECS),
+                    ..AssignmentsQuery::default()
                 })
                 .await
                 .unwrap()
@@ -60,9 +64,10 @@ async fn host_watch_wakes_for_its_changes() {
         let after = placed.cursor;
         tokio::spawn(async move {
             client
-                .watch_assignments(&WatchQuery {
+                .watch_assignments(&AssignmentsQuery {
                     after: Some(after),
                     wait: Some(WAIT_SECS),
+                    ..AssignmentsQuery::default()
                 })
                 .await
                 .unwrap()
@@ -78,9 +83,10 @@ async fn host_watch_wakes_for_its_changes() {
     // h2 runs no instance of the env, so the same changes leave its set empty.
     let other = second
         .client
-        .watch_assignments(&WatchQuery {
+        .watch_assignments(&AssignmentsQuery {
             after: Some(initial.cursor),
             wait: Some(1),
+            ..AssignmentsQuery::default()
         })
         .await
         .unwrap();
@@ -96,12 +102,234 @@ async fn host_watch_cursor_before_feed() {
     // against the log, where h1's registration (after seq 1) names h1.
     let changed = first
         .client
-        .watch_assignments(&WatchQuery {
+        .watch_assignments(&AssignmentsQuery {
             after: Some(1),
             wait: Some(WAIT_SECS),
+            ..AssignmentsQuery::default()
         })
         .await
         .unwrap();
     assert!(changed.cursor > 1);
     assert!(changed.assignments.is_empty());
+}
+
+/// Requests the changes after `set`'s cursor, waiting for one, and applies them to `set`.
+/// Returns the response as received.
+async fn apply_changes(host: &RegisteredHost, set: &mut HostAssignments) -> HostAssignments {
+    let page = host
+        .client
+        .watch_assignments(&AssignmentsQuery {
+            after: Some(set.cursor),
+            wait: Some(WAIT_SECS),
+            changes: Some(true),
+        })
+        .await
+        .unwrap();
+    set.apply(page.clone());
+    page
+}
+
+/// Applies changes to `set` until it contains `count` assignments. Each call waits for a
+/// change, so the test fails on a lost change instead of looping.
+async fn apply_until(host: &RegisteredHost, set: &mut HostAssignments, count: usize) {
+    for _ in 0..10 {
+        if set.assignments.len() == count {
+            return;
+        }
+        apply_changes(host, set).await;
+    }
+    assert_eq!(set.assignments.len(), count, "{set:#?}");
+}
+
+/// Returns the instance ids of `set`, sorted.
+fn ids(set: &HostAssignments) -> Vec<InstanceId> {
+    let mut ids: Vec<InstanceId> = set.assignments.iter().map(|a| a.instance_id).collect();
+    ids.sort();
+    ids
+}
+
+/// Checks that `set`, built from changes, equals the complete set read now.
+async fn assert_matches_complete(host: &RegisteredHost, set: &HostAssignments) {
+    let complete = host
+        .client
+        .watch_assignments(&AssignmentsQuery::default())
+        .await
+        .unwrap();
+    assert!(complete.complete);
+    let mut expected = complete.assignments;
+    let mut actual = set.assignments.clone();
+    expected.sort_by_key(|a| a.instance_id);
+    actual.sort_by_key(|a| a.instance_id);
+    assert_eq!(actual, expected);
+}
+
+#[tokio::test]
+async fn host_watch_returns_changes_only() {
+    let server = TestServer::start().await;
+    let client = server.org_client();
+    let env = harness::create_app_and_env(&server).await;
+    let path = harness::env_path(&server.org);
+    let release = client
+        .create_release(
+            &path,
+            &CreateRelease {
+                image: harness::image(),
+                spec: harness::release_spec(),
+                description: String::new(),
+            },
+        )
+        .await
+        .unwrap();
+    let first = register_host(&server, "h1").await;
+    let second = register_host(&server, "h2").await;
+
+    // Cursor 0 always gets the complete set, even when changes are asked for.
+    let mut set = first
+        .client
+        .watch_assignments(&AssignmentsQuery {
+            changes: Some(true),
+            ..AssignmentsQuery::default()
+        })
+        .await
+        .unwrap();
+    assert!(set.complete);
+    assert!(set.assignments.is_empty());
+
+    // Placements on h1 arrive as changes; one on h2 never shows on h1.
+    let a = place_instance(&server, &env, &release, &first.host, 10).await;
+    let b = place_instance(&server, &env, &release, &first.host, 11).await;
+    place_instance(&server, &env, &release, &second.host, 12).await;
+    let page = apply_changes(&first, &mut set).await;
+    assert!(!page.complete);
+    assert!(page.removed.is_empty());
+    apply_until(&first, &mut set, 2).await;
+    let mut expected = vec![a, b];
+    expected.sort();
+    assert_eq!(ids(&set), expected);
+    assert_matches_complete(&first, &set).await;
+
+    // A config change of the env changes both of its instances on h1.
+    let mut update = UpdateConfig::default();
+    update.set.insert("MODE".into(), "changed".into());
+    client.update_config(&path, &update).await.unwrap();
+    let page = apply_changes(&first, &mut set).await;
+    assert!(!page.complete);
+    let mut changed: Vec<InstanceId> = page.assignments.iter().map(|a| a.instance_id).collect();
+    changed.sort();
+    assert_eq!(changed, expected);
+    assert!(
+        set.assignments
+            .iter()
+            .all(|a| a.env_vars["MODE"] == "changed")
+    );
+    assert_matches_complete(&first, &set).await;
+
+    // A removed instance is listed as removed and leaves the set.
+    for event in [
+        Event::InstanceStopRequested {
+            instance_id: a,
+            env_id: env.id,
+            host_id: first.host.id,
+            reason: "scale".into(),
+        },
+        Event::InstanceRemoved {
+            instance_id: a,
+            env_id: env.id,
+            host_id: first.host.id,
+        },
+    ] {
+        server
+            .store
+            .append(
+                &streams::instance(a),
+                ExpectedVersion::Any,
+                vec![NewEvent::org(env.org_id, event)],
+                "system:scheduler",
+            )
+            .await
+            .unwrap();
+    }
+    let mut removed = Vec::new();
+    for _ in 0..10 {
+        if set.assignments.len() == 1 {
+            break;
+        }
+        removed.extend(apply_changes(&first, &mut set).await.removed);
+    }
+    assert_eq!(removed, vec![a]);
+    assert_eq!(ids(&set), vec![b]);
+    assert_matches_complete(&first, &set).await;
+
+    // A registration changes the host itself (its network prefix): the complete set.
+    first
+        .client
+        .register_host(&RegisterHost {
+            capacity: HostCapacity {
+                vcpus: 4,
+                memory_mib: 8192,
+            },
+            driver: VmmDriver::Qemu,
+            overlay_public_key: "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into(),
+            overlay_endpoint: "127.0.0.1:51820".parse().unwrap(),
+        })
+        .await
+        .unwrap();
+    let page = apply_changes(&first, &mut set).await;
+    assert!(page.complete, "{page:#?}");
+    assert_eq!(ids(&set), vec![b]);
+
+    // A deleted env's instances leave the set at once, while their rows remain until they
+    // are stopped and removed. The event is appended alone, without the stop requests the
+    // API adds, so the removal comes from the env's own change.
+    server
+        .store
+        .append(
+            &streams::env(env.id),
+            ExpectedVersion::Any,
+            vec![NewEvent::org(
+                env.org_id,
+                Event::EnvDeleted { env_id: env.id },
+            )],
+            "test",
+        )
+        .await
+        .unwrap();
+    let mut removed = Vec::new();
+    for _ in 0..10 {
+        if set.assignments.is_empty() {
+            break;
+        }
+        removed.extend(apply_changes(&first, &mut set).await.removed);
+    }
+    assert_eq!(removed, vec![b]);
+    assert_matches_complete(&first, &set).await;
+}
+
+#[tokio::test]
+async fn host_watch_rejects_bad_changes_flag() {
+    let server = TestServer::start().await;
+    let host = register_host(&server, "h1").await;
+
+    let (status, body) = server
+        .raw(
+            "GET",
+            "/v1/host/assignments?changes=maybe",
+            Some(&host.token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "invalid_value", "{body}");
+    assert_eq!(body["details"]["field"], "changes", "{body}");
+
+    let (status, body) = server
+        .raw(
+            "GET",
+            "/v1/host/assignments?changes=true",
+            Some(&host.token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["complete"], true, "{body}");
 }

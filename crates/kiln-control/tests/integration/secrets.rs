@@ -134,7 +134,7 @@ async fn canary_secret_stays_out_of_events_logs_and_listings() {
     let assignments = serde_json::to_string(
         &host
             .client
-            .watch_assignments(&WatchQuery::default())
+            .watch_assignments(&AssignmentsQuery::default())
             .await
             .unwrap(),
     )
@@ -295,7 +295,7 @@ async fn release_secrets_pinned_and_restored() {
     // Assignments carry the release's secret-set version, which agents cache secrets by.
     let assignments = host
         .client
-        .watch_assignments(&WatchQuery::default())
+        .watch_assignments(&AssignmentsQuery::default())
         .await
         .unwrap();
     let pinned = |instance| {
