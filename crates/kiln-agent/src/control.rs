@@ -90,10 +90,12 @@ impl ControlPlane for kiln_api::Client {
         wait_secs: u64,
         changes: bool,
     ) -> Result<HostAssignments, ClientError> {
+        // A request for the complete set leaves the flag out, so a control plane that
+        // predates it still answers.
         let query = AssignmentsQuery {
             after: Some(after),
             wait: Some(wait_secs),
-            changes: Some(changes),
+            changes: changes.then_some(true),
         };
         self.watch_assignments(&query).await
     }

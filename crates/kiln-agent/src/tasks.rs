@@ -104,11 +104,13 @@ pub async fn run_watcher<C: ControlPlane>(
 ) {
     let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
     let mut current: Option<HostAssignments> = None;
+    let mut changes_supported = true;
     loop {
         // The first call returns at once, so a restarted agent learns the current set.
         let first = current.is_none();
         let wait = if first { 0 } else { WATCH_WAIT_SECS };
-        match control.watch(cursor, wait, !first).await {
+        let changes = !first && changes_supported;
+        match control.watch(cursor, wait, changes).await {
             Ok(page) => {
                 shared.reachable.store(true, Ordering::Relaxed);
                 backoff.reset();
@@ -134,6 +136,11 @@ pub async fn run_watcher<C: ControlPlane>(
                 }
                 current = Some(set);
             }
+            Err(error) if changes && rejects_changes_flag(&error) => {
+                // A control plane older than the flag: complete sets from now on.
+                warn!(error = %error_chain(&error), "control plane does not return assignment changes; requesting complete sets");
+                changes_supported = false;
+            }
             Err(error) => {
                 shared.reachable.store(false, Ordering::Relaxed);
                 let delay = backoff.next_delay();
@@ -141,6 +148,17 @@ pub async fn run_watcher<C: ControlPlane>(
                 tokio::time::sleep(delay).await;
             }
         }
+    }
+}
+
+/// Returns true when `error` rejects the `changes` query parameter, as a control plane that
+/// predates it does (`invalid_value`, an unknown parameter named in `details.field`).
+fn rejects_changes_flag(error: &ClientError) -> bool {
+    match error {
+        ClientError::Api { body, .. } => {
+            body.code == ErrorCode::InvalidValue && body.details["field"] == "changes"
+        }
+        _ => false,
     }
 }
 

@@ -1389,7 +1389,12 @@ async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {
 #[tokio::test]
 async fn watcher_applies_changes_to_the_complete_set() {
     let control = FakeControl::default();
-    let (a, b, c) = (assignment(8080), assignment(8081), assignment(8082));
+    let (a, b, c, d) = (
+        assignment(8080),
+        assignment(8081),
+        assignment(8082),
+        assignment(8083),
+    );
     let mut newer_b = b.clone();
     newer_b.release_version = 2;
     let mut changes = assignments(20, &[newer_b.clone(), c.clone()]);
@@ -1397,9 +1402,8 @@ async fn watcher_applies_changes_to_the_complete_set() {
     changes.removed = vec![a.instance_id];
     {
         let mut inner = control.inner.lock().unwrap();
-        inner
-            .watch_pages
-            .push_back(assignments(10, &[a.clone(), b.clone()]));
+        let complete = assignments(10, &[a.clone(), b.clone(), d.clone()]);
+        inner.watch_pages.push_back(complete);
         inner.watch_pages.push_back(changes);
     }
 
@@ -1418,7 +1422,7 @@ async fn watcher_applies_changes_to_the_complete_set() {
             if set.cursor == 20 {
                 return set;
             }
-            assert_eq!(set.assignments, vec![a.clone(), b.clone()]);
+            assert_eq!(set.assignments, vec![a.clone(), b.clone(), d.clone()]);
         }
     })
     .await
@@ -1427,7 +1431,8 @@ async fn watcher_applies_changes_to_the_complete_set() {
 
     assert!(second.complete);
     assert_eq!(second.cursor, 20);
-    assert_eq!(second.assignments, vec![newer_b, c]);
+    // d, which the changes do not name, stays.
+    assert_eq!(second.assignments, vec![newer_b, d, c]);
     // The first call requests the whole set from the saved cursor, later ones the changes.
     let calls = control.inner.lock().unwrap().watch_calls.clone();
     assert_eq!(calls[..2], [(7, false), (10, true)]);
@@ -1435,6 +1440,46 @@ async fn watcher_applies_changes_to_the_complete_set() {
         calls[2..].iter().all(|call| *call == (20, true)),
         "{calls:?}"
     );
+}
+
+#[tokio::test]
+async fn watcher_falls_back_without_changes_flag() {
+    let control = FakeControl::default();
+    let a = assignment(8080);
+    {
+        let mut inner = control.inner.lock().unwrap();
+        inner.rejects_changes = true;
+        inner.watch_pages.push_back(assignments(10, &[]));
+        inner
+            .watch_pages
+            .push_back(assignments(20, std::slice::from_ref(&a)));
+    }
+
+    let (sender, mut receiver) = tokio::sync::watch::channel(None);
+    let watcher = tokio::spawn(kiln_agent::tasks::run_watcher(
+        control.clone(),
+        0,
+        Arc::new(Shared::default()),
+        sender,
+    ));
+    let set = tokio::time::timeout(CONTROL_TIMEOUT, async {
+        loop {
+            receiver.changed().await.unwrap();
+            let set = receiver.borrow_and_update().clone().unwrap();
+            if set.cursor == 20 {
+                return set;
+            }
+        }
+    })
+    .await
+    .expect("the complete set after the rejected flag never arrived");
+    watcher.abort();
+
+    assert_eq!(set.assignments, vec![a]);
+    // One request for changes was rejected, and every later one requests complete sets.
+    let calls = control.inner.lock().unwrap().watch_calls.clone();
+    assert_eq!(calls[..3], [(0, false), (10, true), (10, false)]);
+    assert!(calls[3..].iter().all(|(_, changes)| !changes), "{calls:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

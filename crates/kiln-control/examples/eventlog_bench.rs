@@ -6,9 +6,14 @@
 //! projection work per append is one `config_vars` upsert and one `envs` update. The anchor
 //! is a `pgbench` custom script inserting one row per transaction into an indexed table.
 //!
+//! Two more phases show where the gap to the anchor lies. `pgbench` sends the store's append
+//! statement itself (`kiln_append` with a `ConfigChanged` event), which is the server's share
+//! of a store append without the Rust client. `GET /v1/whoami` through the same HTTP client is
+//! the API path's fixed cost: a request, its token lookup and a response.
+//!
 //! Settings come from the environment: `BENCH_CLIENTS` (default 4), `BENCH_SECONDS` per phase
-//! (default 10) and `BENCH_ROUNDS` (default 3). Each round runs the three phases in turn, and
-//! the printed rates are the means over the rounds.
+//! (default 10) and `BENCH_ROUNDS` (default 3). Each round runs the phases in turn, and the
+//! printed rates are the means over the rounds.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -45,30 +50,38 @@ async fn main() -> anyhow::Result<()> {
     let cluster = PgCluster::shared()?;
 
     let pgbench = Pgbench::prepare(cluster, clients, seconds)?;
-    let (store, envs, _) = prepare(cluster, clients).await?;
+    let target = prepare(cluster, clients).await?;
+    let statement = Pgbench::append_statement(cluster, &target, clients, seconds).await?;
+    let (store, envs) = (target.store, target.envs);
     let api = ApiTarget::start(cluster, clients).await?;
 
     // The phases alternate round by round, so a change in machine load hits all three paths
     // alike instead of one whole phase.
     let load_before = load_average();
     let (mut pgbench_sum, mut store_sum, mut api_sum) = (0.0, 0.0, 0.0);
+    let (mut statement_sum, mut whoami_sum) = (0.0, 0.0);
     for round in 1..=rounds {
         let pgbench_tps = pgbench.run()?;
         let store_rate = run_store(&store, &envs, duration).await?;
         let api_rate = api.run(duration).await?;
+        let statement_tps = statement.run()?;
+        let whoami_rate = api.run_whoami(duration).await?;
         println!(
-            "round {round}: pgbench {pgbench_tps:.0}/s, store {store_rate:.0}/s (ratio {:.2}), API {api_rate:.0}/s (ratio {:.2})",
+            "round {round}: pgbench {pgbench_tps:.0}/s, store {store_rate:.0}/s (ratio {:.2}), API {api_rate:.0}/s (ratio {:.2}), append statement {statement_tps:.0}/s, whoami {whoami_rate:.0}/s",
             store_rate / pgbench_tps,
             api_rate / pgbench_tps
         );
         pgbench_sum += pgbench_tps;
         store_sum += store_rate;
         api_sum += api_rate;
+        statement_sum += statement_tps;
+        whoami_sum += whoami_rate;
     }
     let load_after = load_average();
     let count = rounds as f64;
     let (pgbench_tps, store_rate, api_rate) =
         (pgbench_sum / count, store_sum / count, api_sum / count);
+    let (statement_tps, whoami_rate) = (statement_sum / count, whoami_sum / count);
 
     println!("clients: {clients}, seconds per phase: {seconds}, rounds: {rounds}");
     println!("load average (1 min) before and after: {load_before} / {load_after}");
@@ -80,6 +93,14 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "HTTP API appends:           {api_rate:.0} per second (ratio {:.2}, target 0.25)",
         api_rate / pgbench_tps
+    );
+    println!(
+        "append statement (pgbench): {statement_tps:.0} per second (ratio {:.2}): the server's share of a store append",
+        statement_tps / pgbench_tps
+    );
+    println!(
+        "GET /v1/whoami:             {whoami_rate:.0} per second (ratio {:.2}): the API path's fixed cost",
+        whoami_rate / pgbench_tps
     );
     Ok(())
 }
@@ -114,11 +135,68 @@ impl Pgbench {
             bail!("psql failed: {}", String::from_utf8_lossy(&psql.stderr));
         }
 
-        let script = tempfile::NamedTempFile::new()?;
-        std::fs::write(
-            script.path(),
+        Self::with_script(
+            cluster,
+            &database.name,
             "INSERT INTO bench_rows (stream, payload) VALUES ('s', '{\"k\": \"v\"}');\n",
-        )?;
+            clients,
+            seconds,
+        )
+    }
+
+    /// Prepares `pgbench` to send the store's append statement on `target`'s database, each
+    /// client appending to its own environment, as the store phase does. The statement reads
+    /// the client's stream and event from a table first, so it costs slightly more than the
+    /// store's.
+    async fn append_statement(
+        cluster: &PgCluster,
+        target: &StoreTarget,
+        clients: usize,
+        seconds: u64,
+    ) -> anyhow::Result<Self> {
+        sqlx::query(
+            "CREATE TABLE bench_clients (client int PRIMARY KEY, stream text NOT NULL,
+                                         org_id uuid NOT NULL, env_id uuid NOT NULL,
+                                         payload jsonb NOT NULL)",
+        )
+        .execute(target.store.pool())
+        .await?;
+        for (client, env_id) in target.envs.iter().enumerate() {
+            let mut set = BTreeMap::new();
+            set.insert("VAR1".to_owned(), "value 1".to_owned());
+            let event = Event::ConfigChanged {
+                env_id: *env_id,
+                version: 1,
+                set,
+                unset: Vec::new(),
+            };
+            sqlx::query("INSERT INTO bench_clients VALUES ($1, $2, $3, $4, $5)")
+                .bind(client as i32)
+                .bind(streams::env(*env_id))
+                .bind(target.org_id.as_uuid())
+                .bind(env_id.as_uuid())
+                .bind(serde_json::to_value(&event)?)
+                .execute(target.store.pool())
+                .await?;
+        }
+
+        let script = "SELECT a.seq FROM (SELECT * FROM bench_clients WHERE client = :client_id) b
+  CROSS JOIN LATERAL kiln_append(b.stream, 'any', 0, 'bench', now(), ARRAY[b.org_id],
+                                 ARRAY[b.env_id], ARRAY[NULL::uuid], ARRAY['ConfigChanged'],
+                                 ARRAY[b.payload]) a;\n";
+        Self::with_script(cluster, &target.database, script, clients, seconds)
+    }
+
+    /// Prepares `pgbench` to run `script` on `database` with `clients` clients for `seconds`.
+    fn with_script(
+        cluster: &PgCluster,
+        database: &str,
+        script_text: &str,
+        clients: usize,
+        seconds: u64,
+    ) -> anyhow::Result<Self> {
+        let script = tempfile::NamedTempFile::new()?;
+        std::fs::write(script.path(), script_text)?;
         let mut args: Vec<OsString> = vec!["-h".into(), cluster.socket_dir().into()];
         for arg in [
             "-p",
@@ -137,7 +215,7 @@ impl Pgbench {
             args.push(arg.into());
         }
         args.push(script.path().into());
-        args.push(database.name.clone().into());
+        args.push(database.into());
         Ok(Self {
             command: cluster.bin_dir().join("pgbench"),
             args,
@@ -169,11 +247,17 @@ impl Pgbench {
     }
 }
 
+/// A bootstrapped database with one environment per client.
+struct StoreTarget {
+    store: Store,
+    database: String,
+    org_id: kiln_core::OrgId,
+    envs: Vec<EnvId>,
+    token: String,
+}
+
 /// Creates a bootstrapped database with one environment per client.
-async fn prepare(
-    cluster: &PgCluster,
-    clients: usize,
-) -> anyhow::Result<(Store, Vec<EnvId>, String)> {
+async fn prepare(cluster: &PgCluster, clients: usize) -> anyhow::Result<StoreTarget> {
     let database = cluster.create_database("kiln_bench_store")?;
     let store = Store::connect(&database.url, (clients as u32 + 4).max(8)).await?;
     store.migrate().await?;
@@ -220,7 +304,13 @@ async fn prepare(
             .await?;
         envs.push(env_id);
     }
-    Ok((store, envs, output.org_token.secret))
+    Ok(StoreTarget {
+        store,
+        database: database.name,
+        org_id,
+        envs,
+        token: output.org_token.secret,
+    })
 }
 
 async fn run_store(store: &Store, envs: &[EnvId], duration: Duration) -> anyhow::Result<f64> {
@@ -273,7 +363,7 @@ struct ApiTarget {
 
 impl ApiTarget {
     async fn start(cluster: &PgCluster, clients: usize) -> anyhow::Result<Self> {
-        let (store, _, token) = prepare(cluster, clients).await?;
+        let StoreTarget { store, token, .. } = prepare(cluster, clients).await?;
         let key_dir = tempfile::tempdir()?;
         let key_file = key_dir.path().join("master.key");
         Keyring::generate_key(&key_file)?;
@@ -301,6 +391,29 @@ impl ApiTarget {
             clients,
             _key_dir: key_dir,
         })
+    }
+
+    /// Runs the `GET /v1/whoami` phase and returns calls per second.
+    async fn run_whoami(&self, duration: Duration) -> anyhow::Result<f64> {
+        let count = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + duration;
+        let mut tasks = Vec::new();
+        for _ in 0..self.clients {
+            let client = self.client.clone();
+            let count = count.clone();
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    client.whoami().await?;
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+                anyhow::Ok(())
+            }));
+        }
+        let started = Instant::now();
+        for task in tasks {
+            task.await??;
+        }
+        Ok(count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
     }
 
     /// Runs one phase and returns appends per second.

@@ -46,6 +46,8 @@ pub(crate) struct ControlState {
     pub(crate) watch_pages: VecDeque<HostAssignments>,
     /// `(after, changes)` of every assignment watch.
     pub(crate) watch_calls: Vec<(u64, bool)>,
+    /// Rejects requests for assignment changes, as a control plane older than the flag.
+    pub(crate) rejects_changes: bool,
 }
 
 fn unavailable() -> ClientError {
@@ -105,6 +107,19 @@ impl kiln_agent::control::ControlPlane for FakeControl {
     ) -> Result<HostAssignments, ClientError> {
         let mut inner = self.inner.lock().unwrap();
         inner.watch_calls.push((after, changes));
+        if changes && inner.rejects_changes {
+            let mut body = ErrorBody::new(
+                ErrorCode::InvalidValue,
+                "invalid query parameters: unknown field `changes`",
+            );
+            body.details = serde_json::json!({ "field": "changes" });
+            return Err(ClientError::Api {
+                method: "GET".to_owned(),
+                path: "/v1/host/assignments".to_owned(),
+                status: 400,
+                body,
+            });
+        }
         inner.watch_pages.pop_front().ok_or_else(unavailable)
     }
 

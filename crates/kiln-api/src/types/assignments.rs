@@ -139,7 +139,7 @@ fn query_flag<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Optio
         Some(Flag::Number(1)) => Ok(Some(true)),
         Some(Flag::Text(text)) if text == "true" => Ok(Some(true)),
         Some(Flag::Text(text)) if text == "false" => Ok(Some(false)),
-        Some(_) => Err(serde::de::Error::custom("expected true or false")),
+        Some(_) => Err(serde::de::Error::custom("expected true, false, 1 or 0")),
     }
 }
 
@@ -159,7 +159,9 @@ pub struct HostAssignments {
     pub complete: bool,
     /// The assignments: all of them, or the changed ones (see `complete`).
     pub assignments: Vec<Assignment>,
-    /// Instances removed from the host after the request's `after`; empty when `complete`.
+    /// Instances that left the host's set after the request's `after`; empty when `complete`.
+    /// It may name an instance the client never received (one placed and removed in between),
+    /// which the client ignores.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub removed: Vec<InstanceId>,
 }
@@ -332,7 +334,10 @@ mod tests {
             serde_json::json!("TRUE"),
         ] {
             let error = read(bad.clone()).unwrap_err().to_string();
-            assert!(error.contains("expected true or false"), "{bad}: {error}");
+            assert!(
+                error.contains("expected true, false, 1 or 0"),
+                "{bad}: {error}"
+            );
         }
     }
 }

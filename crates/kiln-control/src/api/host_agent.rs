@@ -165,21 +165,20 @@ pub async fn assignments(
         cursor
     };
 
-    // Changes come from the feed's log, which covers `(after, feed_head]` when `after` is in
-    // the feed's range. Every event up to the cursor is visible to the reads below, because
+    // Changes come from the feed's log, so only when the feed has read up to the cursor. A
+    // feed behind the cursor (stalled, or not yet woken) gets the complete set, so the agent
+    // still moves on. Every event up to the cursor is visible to the reads below, because
     // appends draw `seq` in commit order. A later event may show in the rows too. The next
     // call then lists its instances again, which is harmless.
     let changes = match query.changes {
-        Some(true) if after != 0 && after <= feed_head => {
-            let upto = cursor.min(feed_head);
+        Some(true) if after != 0 && cursor <= feed_head => {
             let current = index.borrow().clone();
-            feed.changes(&current, host_id, after, upto)
-                .map(|changes| (upto, changes))
+            feed.changes(&current, host_id, after, cursor)
         }
         _ => None,
     };
     let page = match changes {
-        Some((cursor, changes)) => {
+        Some(changes) => {
             let assignments = load_assignments(&state, host_id, Some(&changes)).await?;
             let removed = removed_instances(&state, host_id, &changes, &assignments).await?;
             HostAssignments {

@@ -33,18 +33,24 @@ use crate::store::{Store, StoreError};
 /// live state changes nothing it is assigned. A report of an exit does when the instance runs
 /// once, because its desired state becomes stopped, so exits are never skipped. Deploy records,
 /// route tables, releases, scale targets and secret metadata are not part of an assignment
-/// (an assignment pins its release's secret version). Any other event type wakes the host, so
-/// a new type errs on the side of an extra reload.
+/// (an assignment pins its release's secret version). Nor is a host's state (cordoned,
+/// draining, lost) or its tokens: the instances it must stop get their own stop requests. A
+/// registration is not skipped, because it sets the host's network prefix. Any other event
+/// type wakes the host, so a new type errs on the side of an extra reload.
 macro_rules! skips_assignments {
     () => {
         "(e.type IN ('DeployRequested', 'DeployStateChanged', 'DeployStepCompleted',
                      'RoutesChanged', 'ReleaseCreated', 'EnvReleaseChanged', 'EnvScaled',
-                     'SecretSet', 'SecretUnset')
+                     'SecretSet', 'SecretUnset', 'HostCreated', 'HostCordoned',
+                     'HostUncordoned', 'HostDrainRequested', 'HostLost', 'TokenCreated')
           OR (e.type = 'InstanceStateChanged'
               AND e.payload->'data'->>'state' NOT IN ('exited', 'failed')))"
     };
 }
 pub(crate) use skips_assignments;
+
+/// Most events one read of the feed covers.
+const MAX_EVENTS_PER_READ: u64 = 10_000;
 
 /// Pause before the feed reads again after a failed read.
 const FEED_RETRY_DELAY: Duration = Duration::from_secs(1);
@@ -121,12 +127,13 @@ impl ChangeLog {
         let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
         for (host, seq, subject) in subjects {
             let log = hosts.entry(host).or_default();
-            log.subjects.push_back((seq, subject));
-            while log.subjects.len() > SUBJECTS_KEPT_PER_HOST {
+            // Trimmed before the push, so the queue never grows past its size.
+            while log.subjects.len() >= SUBJECTS_KEPT_PER_HOST {
                 if let Some((trimmed, _)) = log.subjects.pop_front() {
                     log.floor = trimmed;
                 }
             }
+            log.subjects.push_back((seq, subject));
         }
     }
 
@@ -256,16 +263,20 @@ async fn run_feed(
         // Marked seen before the read, so an append during the read triggers another.
         changes.borrow_and_update();
         let pause = match read_changes(&store, index.head).await {
-            Ok(Some((head, subjects))) => {
-                for (host, seq, _) in &subjects {
+            Ok(Some(read)) => {
+                for (host, seq, _) in &read.subjects {
                     let entry = index.changed.entry(*host).or_default();
                     *entry = (*entry).max(*seq);
                 }
                 // Subjects first, then the head that covers them.
-                log.add(subjects);
-                index.head = head;
+                log.add(read.subjects);
+                index.head = read.upto;
                 sender.send_replace(Arc::new(index.clone()));
-                REPOLL_INTERVAL
+                if read.more {
+                    Duration::ZERO
+                } else {
+                    REPOLL_INTERVAL
+                }
             }
             Ok(None) => REPOLL_INTERVAL,
             Err(error) => {
@@ -284,17 +295,28 @@ async fn run_feed(
     }
 }
 
+/// One read of the feed.
+#[derive(Debug)]
+struct FeedRead {
+    /// Every event up to this `seq` has been read.
+    upto: u64,
+    /// What each event changed on each host it concerns, in `seq` order.
+    subjects: Vec<(HostId, u64, Subject)>,
+    /// Events after `upto` were already in the log, so the feed reads again at once.
+    more: bool,
+}
+
 /// Reads the log head and, when it moved past `last`, what each event in between changed on
-/// each host it concerns, in `seq` order. Every event up to the head is visible, because
-/// appends draw `seq` in commit order.
-async fn read_changes(
-    store: &Store,
-    last: u64,
-) -> Result<Option<(u64, Vec<(HostId, u64, Subject)>)>, StoreError> {
-    let head = store.head().await?;
-    if head <= last {
+/// each host it concerns. Every event up to the head is visible, because appends draw `seq`
+/// in commit order.
+async fn read_changes(store: &Store, last: u64) -> Result<Option<FeedRead>, StoreError> {
+    let log_head = store.head().await?;
+    if log_head <= last {
         return Ok(None);
     }
+    // A long backlog (the feed fell behind while the database was unreachable) is read in
+    // parts, so one read never holds more than a bounded number of events.
+    let head = log_head.min(last.saturating_add(MAX_EVENTS_PER_READ));
     let rows: Vec<(uuid::Uuid, i64, Option<uuid::Uuid>, Option<uuid::Uuid>)> =
         sqlx::query_as(concat!(
             "SELECT e.host_id, e.seq, kiln_id(e.payload->'data'->>'instance_id'), NULL::uuid
@@ -330,7 +352,11 @@ async fn read_changes(
             )
         })
         .collect();
-    Ok(Some((head, subjects)))
+    Ok(Some(FeedRead {
+        upto: head,
+        subjects,
+        more: log_head > head,
+    }))
 }
 
 #[cfg(test)]
@@ -362,7 +388,7 @@ mod tests {
         let subjects = read_changes(store, last)
             .await
             .unwrap()
-            .map(|(_, subjects)| subjects)
+            .map(|read| read.subjects)
             .unwrap_or_default();
         let mut hosts: Vec<(HostId, u64)> = Vec::new();
         for (host, seq, _) in subjects {
@@ -418,6 +444,9 @@ mod tests {
             counts: BTreeMap::new(),
         };
         append(&store, &streams::env(env), org, scaled).await;
+        // Nor does a cordon of the host: what it must stop gets stop requests of its own.
+        let cordoned = Event::HostCordoned { host_id: host };
+        append(&store, &streams::host(host), org, cordoned).await;
         assert!(changed(&store, placed).await.is_empty());
 
         // A config change of the env reaches the host through its instance; an exit does too.

@@ -224,31 +224,42 @@ async fn host_watch_returns_changes_only() {
     );
     assert_matches_complete(&first, &set).await;
 
-    // A removed instance is listed as removed and leaves the set.
-    for event in [
-        Event::InstanceStopRequested {
-            instance_id: a,
-            env_id: env.id,
-            host_id: first.host.id,
-            reason: "scale".into(),
-        },
-        Event::InstanceRemoved {
-            instance_id: a,
-            env_id: env.id,
-            host_id: first.host.id,
-        },
-    ] {
-        server
-            .store
-            .append(
-                &streams::instance(a),
-                ExpectedVersion::Any,
-                vec![NewEvent::org(env.org_id, event)],
-                "system:scheduler",
-            )
-            .await
-            .unwrap();
-    }
+    // A stop request changes the instance's desired state; its removal takes it out of the
+    // set and lists it as removed.
+    let append = |event: Event| {
+        let store = server.store.clone();
+        let org_id = env.org_id;
+        async move {
+            store
+                .append(
+                    &streams::instance(a),
+                    ExpectedVersion::Any,
+                    vec![NewEvent::org(org_id, event)],
+                    "system:scheduler",
+                )
+                .await
+                .unwrap();
+        }
+    };
+    append(Event::InstanceStopRequested {
+        instance_id: a,
+        env_id: env.id,
+        host_id: first.host.id,
+        reason: "scale".into(),
+    })
+    .await;
+    let page = apply_changes(&first, &mut set).await;
+    assert_eq!(page.assignments.len(), 1, "{page:#?}");
+    assert_eq!(page.assignments[0].instance_id, a);
+    assert_eq!(page.assignments[0].desired, DesiredState::Stopped);
+    assert_matches_complete(&first, &set).await;
+
+    append(Event::InstanceRemoved {
+        instance_id: a,
+        env_id: env.id,
+        host_id: first.host.id,
+    })
+    .await;
     let mut removed = Vec::new();
     for _ in 0..10 {
         if set.assignments.len() == 1 {
@@ -277,6 +288,7 @@ async fn host_watch_returns_changes_only() {
     let page = apply_changes(&first, &mut set).await;
     assert!(page.complete, "{page:#?}");
     assert_eq!(ids(&set), vec![b]);
+    assert_matches_complete(&first, &set).await;
 
     // A deleted env's instances leave the set at once, while their rows remain until they
     // are stopped and removed. The event is appended alone, without the stop requests the
