@@ -158,16 +158,21 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T>
 
 fn serde_urlencoded_from_str<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
     let pairs: Vec<(String, String)> = url_pairs(query);
-    let object: serde_json::Map<String, serde_json::Value> = pairs
-        .into_iter()
-        .map(|(key, value)| {
-            let json = match value.parse::<u64>() {
-                Ok(number) => serde_json::Value::from(number),
-                Err(_) => serde_json::Value::String(value),
-            };
-            (key, json)
-        })
-        .collect();
+    let mut object = serde_json::Map::new();
+    for (key, value) in pairs {
+        let json = match value.parse::<u64>() {
+            Ok(number) => serde_json::Value::from(number),
+            Err(_) => serde_json::Value::String(value),
+        };
+        // A repeated parameter is refused rather than letting one value silently win.
+        if object.contains_key(&key) {
+            return Err(ApiError::invalid(
+                &key,
+                format!("query parameter '{key}' is given more than once; give it once"),
+            ));
+        }
+        object.insert(key, json);
+    }
     serde_path_to_error::deserialize(serde_json::Value::Object(object)).map_err(|error| {
         let parameter = error.path().to_string();
         let inner = error.into_inner();

@@ -317,26 +317,33 @@ pub async fn report_state(
     let host_id = scope::host(&caller)?;
     let instance_id = parse_instance(&instance)?;
     check_report("", request.detail.as_deref(), &request.output)?;
-    let (env_id, org_id) = instance_on_host(&state, host_id, instance_id).await?;
+    let placed = instance_on_host(&state, host_id, instance_id).await?;
 
-    let event = Event::InstanceStateChanged {
-        instance_id,
-        env_id,
-        host_id,
-        state: request.state,
-        detail: request.detail,
-        exit_code: request.exit_code,
-        output: request.output,
-    };
-    state
-        .store
-        .append(
-            &streams::instance(instance_id),
-            ExpectedVersion::Any,
-            vec![NewEvent { org_id, event }],
-            &caller.actor(),
-        )
-        .await?;
+    if placed.accepts(request.state) {
+        let event = Event::InstanceStateChanged {
+            instance_id,
+            env_id: placed.env_id,
+            host_id,
+            state: request.state,
+            detail: request.detail,
+            exit_code: request.exit_code,
+            output: request.output,
+        };
+        state
+            .store
+            .append(
+                &streams::instance(instance_id),
+                ExpectedVersion::Any,
+                vec![NewEvent {
+                    org_id: placed.org_id,
+                    event,
+                }],
+                &caller.actor(),
+            )
+            .await?;
+    } else {
+        tracing::info!(instance = %instance_id, state = ?request.state, "ignored a live state of a finished release command");
+    }
 
     let row = sqlx::query(
         "SELECT id, env_id, release_id, process, host_id, ipv6, ipv4, desired, state, detail, created_at, updated_at
@@ -384,7 +391,8 @@ pub async fn report_states(
     // An instance of a deleted environment still reports its stop, so its org comes from its
     // placement event when the env row is gone.
     let rows = sqlx::query(
-        "SELECT i.id, i.env_id, COALESCE(e.org_id, kiln_instance_org_from_log(i.id)) AS org_id
+        "SELECT i.id, i.env_id, i.process, i.state,
+                COALESCE(e.org_id, kiln_instance_org_from_log(i.id)) AS org_id
          FROM instances i LEFT JOIN envs e ON e.id = i.env_id
          WHERE i.id = ANY($1) AND i.host_id = $2",
     )
@@ -393,32 +401,29 @@ pub async fn report_states(
     .fetch_all(state.store.pool())
     .await
     .map_err(ApiError::database("look up instances"))?;
-    let placed: HashMap<InstanceId, (EnvId, Option<OrgId>)> = rows
+    let mut placed: HashMap<InstanceId, PlacedInstance> = rows
         .iter()
-        .map(|row| {
-            let org: Option<uuid::Uuid> = row.get("org_id");
-            (
-                InstanceId::from_uuid(row.get("id")),
-                (
-                    EnvId::from_uuid(row.get("env_id")),
-                    org.map(OrgId::from_uuid),
-                ),
-            )
-        })
+        .map(|row| (InstanceId::from_uuid(row.get("id")), placed_instance(row)))
         .collect();
 
     let mut events = Vec::with_capacity(request.reports.len());
     let mut unknown = Vec::new();
     for report in request.reports {
-        let Some((env_id, org_id)) = placed.get(&report.instance_id) else {
+        let Some(instance) = placed.get_mut(&report.instance_id) else {
             if !unknown.contains(&report.instance_id) {
                 unknown.push(report.instance_id);
             }
             continue;
         };
+        if !instance.accepts(report.state) {
+            tracing::info!(instance = %report.instance_id, state = ?report.state, "ignored a live state of a finished release command");
+            continue;
+        }
+        // An exit earlier in the batch finishes a release command for the reports after it.
+        instance.finished |= instance.run_once && report.state.is_terminal();
         let event = Event::InstanceStateChanged {
             instance_id: report.instance_id,
-            env_id: *env_id,
+            env_id: instance.env_id,
             host_id,
             state: report.state,
             detail: report.detail,
@@ -429,7 +434,7 @@ pub async fn report_states(
             stream: streams::instance(report.instance_id),
             expected: ExpectedVersion::Any,
             event: NewEvent {
-                org_id: *org_id,
+                org_id: instance.org_id,
                 event,
             },
         });
@@ -644,14 +649,50 @@ fn parse_instance(text: &str) -> Result<InstanceId, ApiError> {
         .map_err(|error: kiln_core::ids::IdError| ApiError::invalid("instance", error.to_string()))
 }
 
+/// An instance placed on the calling host, as the report endpoints see it.
+#[derive(Debug)]
+struct PlacedInstance {
+    env_id: EnvId,
+    org_id: Option<OrgId>,
+    /// True for a release command, which runs once.
+    run_once: bool,
+    /// True for a release command that has exited or failed.
+    finished: bool,
+}
+
+impl PlacedInstance {
+    /// Returns whether a report of `reported` is recorded. A release command never runs
+    /// again after it exited or failed, so a live state reported after that is stale (a
+    /// delayed or replayed report) and is dropped. Recording it would set the command's
+    /// desired state back to running.
+    fn accepts(&self, reported: kiln_api::InstanceState) -> bool {
+        !self.finished || reported.is_terminal()
+    }
+}
+
+fn placed_instance(row: &sqlx::postgres::PgRow) -> PlacedInstance {
+    let org: Option<uuid::Uuid> = row.get("org_id");
+    let run_once = row.get::<String, _>("process") == RELEASE_COMMAND_PROCESS;
+    let state = serde_json::Value::String(row.get("state"));
+    let terminal = serde_json::from_value::<kiln_api::InstanceState>(state)
+        .is_ok_and(kiln_api::InstanceState::is_terminal);
+    PlacedInstance {
+        env_id: EnvId::from_uuid(row.get("env_id")),
+        org_id: org.map(OrgId::from_uuid),
+        run_once,
+        finished: run_once && terminal,
+    }
+}
+
 async fn instance_on_host(
     state: &AppState,
     host_id: HostId,
     instance_id: InstanceId,
-) -> Result<(EnvId, Option<OrgId>), ApiError> {
+) -> Result<PlacedInstance, ApiError> {
     // As in `report_states`, an instance of a deleted environment still reports its stop.
     let row = sqlx::query(
-        "SELECT i.env_id, COALESCE(e.org_id, kiln_instance_org_from_log(i.id)) AS org_id
+        "SELECT i.env_id, i.process, i.state,
+                COALESCE(e.org_id, kiln_instance_org_from_log(i.id)) AS org_id
          FROM instances i LEFT JOIN envs e ON e.id = i.env_id
          WHERE i.id = $1 AND i.host_id = $2",
     )
@@ -661,11 +702,7 @@ async fn instance_on_host(
     .await
     .map_err(ApiError::database("look up instance"))?;
     let row = row.ok_or_else(|| ApiError::not_found("instance", instance_id))?;
-    let org: Option<uuid::Uuid> = row.get("org_id");
-    Ok((
-        EnvId::from_uuid(row.get("env_id")),
-        org.map(OrgId::from_uuid),
-    ))
+    Ok(placed_instance(&row))
 }
 
 async fn renew_lease(state: &AppState, host_id: HostId, running: u32) -> Result<(), ApiError> {

@@ -567,6 +567,7 @@ async fn query_errors_name_parameter() {
         (format!("{env}/logs?since=yesterday"), "since"),
         ("/v1/orgs/acme/events?wait=soon".to_owned(), "wait"),
         ("/v1/orgs/acme/events?colour=red".to_owned(), "colour"),
+        ("/v1/orgs/acme/events?wait=1&wait=2".to_owned(), "wait"),
     ];
     for (path, parameter) in cases {
         let (status, body) = server

@@ -5,7 +5,7 @@ use kiln_api::types::*;
 use kiln_control::store::{ExpectedVersion, NewEvent, streams};
 use kiln_core::InstanceId;
 
-use crate::api_resources::{RegisteredHost, place_instance, register_host};
+use crate::api_resources::{RegisteredHost, place_instance, place_named_instance, register_host};
 use crate::harness::{self, TestServer};
 
 /// Long-poll wait of the watches that must end, in seconds; the tests fail if one times out.
@@ -344,4 +344,91 @@ async fn host_watch_rejects_bad_changes_flag() {
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["complete"], true, "{body}");
+}
+
+#[tokio::test]
+async fn finished_release_command_ignores_live_reports() {
+    let server = TestServer::start().await;
+    let client = server.org_client();
+    let env = harness::create_app_and_env(&server).await;
+    let path = harness::env_path(&server.org);
+    let mut spec = harness::release_spec();
+    spec.release_command = Some(vec!["/app/migrate".to_owned()]);
+    spec.release_command_limits = Some(ReleaseCommandLimits {
+        timeout_secs: 60,
+        vcpus: 1,
+        memory_mib: 256,
+    });
+    let release = client
+        .create_release(
+            &path,
+            &CreateRelease {
+                image: harness::image(),
+                spec,
+                description: String::new(),
+            },
+        )
+        .await
+        .unwrap();
+    let host = register_host(&server, "h1").await;
+    let mut set = host
+        .client
+        .watch_assignments(&AssignmentsQuery::default())
+        .await
+        .unwrap();
+    let job =
+        place_named_instance(&server, &env, &release, &host.host, 20, "release-command").await;
+    let other =
+        place_named_instance(&server, &env, &release, &host.host, 21, "release-command").await;
+    apply_until(&host, &mut set, 2).await;
+    let report = |state: InstanceState, exit_code: Option<i32>| ReportInstanceState {
+        state,
+        detail: None,
+        exit_code,
+        output: Vec::new(),
+    };
+
+    // A live state after the exit, one call each: the exit stands.
+    host.client
+        .report_instance_state(job, &report(InstanceState::Exited, Some(0)))
+        .await
+        .unwrap();
+    let after_live = host
+        .client
+        .report_instance_state(job, &report(InstanceState::Running, None))
+        .await
+        .unwrap();
+    assert_eq!(after_live.state, InstanceState::Exited);
+
+    // In one batch: the exit is recorded, the live state after it is not.
+    let batch = ReportInstanceStates {
+        reports: vec![
+            InstanceStateReport::new(other, report(InstanceState::Failed, None)),
+            InstanceStateReport::new(other, report(InstanceState::Healthy, None)),
+            InstanceStateReport::new(job, report(InstanceState::Booting, None)),
+        ],
+    };
+    let recorded = host.client.report_instance_states(&batch).await.unwrap();
+    assert_eq!(recorded.recorded, 1);
+    assert!(recorded.unknown.is_empty());
+
+    // Both stay stopped in the complete set and in the set built from changes.
+    for _ in 0..10 {
+        let stopped = set
+            .assignments
+            .iter()
+            .filter(|a| a.desired == DesiredState::Stopped)
+            .count();
+        if stopped == 2 {
+            break;
+        }
+        apply_changes(&host, &mut set).await;
+    }
+    assert!(
+        set.assignments
+            .iter()
+            .all(|a| a.desired == DesiredState::Stopped),
+        "{set:#?}"
+    );
+    assert_matches_complete(&host, &set).await;
 }
