@@ -25,8 +25,8 @@ pub trait ControlPlane: Clone + Send + Sync + 'static {
         request: &Heartbeat,
     ) -> impl Future<Output = Result<HostLease, ClientError>> + Send;
 
-    /// Returns the assignment set after `after`, waiting up to `wait_secs`: complete, or
-    /// with `changes` possibly only what changed after `after` (see
+    /// Returns the assignment set after `after`, waiting up to `wait_secs`. With `changes` the
+    /// response may contain only what changed after `after` (see
     /// [`HostAssignments::complete`]).
     fn watch(
         &self,
@@ -91,7 +91,7 @@ impl ControlPlane for kiln_api::Client {
         changes: bool,
     ) -> Result<HostAssignments, ClientError> {
         // A request for the complete set leaves the flag out, so a control plane that
-        // predates it still answers.
+        // predates the flag still accepts it.
         let query = AssignmentsQuery {
             after: Some(after),
             wait: Some(wait_secs),

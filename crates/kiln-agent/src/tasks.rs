@@ -94,7 +94,7 @@ pub async fn run_session<C: ControlPlane>(
 /// Watches the host's assignments from `cursor`, publishing every new set. The first call
 /// requests the complete set. Later calls request only the changes and apply them to the set
 /// held here, so a host with many instances does not download all of them on every change.
-/// The cursor only moves forward with a received answer, so a reconnect resumes where the
+/// The cursor only moves forward with a received response, so a reconnect resumes where the
 /// last one ended.
 pub async fn run_watcher<C: ControlPlane>(
     control: C,

@@ -581,7 +581,7 @@ impl Client {
     }
 
     /// `GET /v1/host/assignments` (host token), long-polling up to `query.wait` seconds. The
-    /// answer is the complete set unless `query.changes` asks for the changes only.
+    /// response is the complete set unless `query.changes` requests the changes only.
     pub async fn watch_assignments(
         &self,
         query: &AssignmentsQuery,

@@ -20,7 +20,6 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -314,44 +313,65 @@ async fn prepare(cluster: &PgCluster, clients: usize) -> anyhow::Result<StoreTar
 }
 
 async fn run_store(store: &Store, envs: &[EnvId], duration: Duration) -> anyhow::Result<f64> {
-    let count = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + duration;
     let org_id = kiln_core::OrgId::new();
+    let inputs = envs.iter().map(|env_id| (store.clone(), *env_id)).collect();
+    calls_per_second(duration, inputs, move |input, version| async move {
+        let (store, env_id) = &*input;
+        let mut set = BTreeMap::new();
+        set.insert(format!("VAR{}", version % 16), format!("value {version}"));
+        let event = Event::ConfigChanged {
+            env_id: *env_id,
+            version,
+            set,
+            unset: Vec::new(),
+        };
+        store
+            .append(
+                &streams::env(*env_id),
+                ExpectedVersion::Any,
+                vec![NewEvent::org(org_id, event)],
+                "bench",
+            )
+            .await?;
+        Ok(())
+    })
+    .await
+}
 
+/// Calls `call` in a loop on one task per input until `duration` has passed, and returns
+/// calls per second over all tasks. `call` gets its task's input and the call's number,
+/// counted from 1 per task.
+async fn calls_per_second<I, F, Fut>(
+    duration: Duration,
+    inputs: Vec<I>,
+    call: F,
+) -> anyhow::Result<f64>
+where
+    I: Send + Sync + 'static,
+    F: Fn(Arc<I>, u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let deadline = Instant::now() + duration;
     let mut tasks = Vec::new();
-    for &env_id in envs {
-        let store = store.clone();
-        let count = count.clone();
+    for input in inputs {
+        let input = Arc::new(input);
+        let call = call.clone();
         tasks.push(tokio::spawn(async move {
-            let mut version = 0;
+            let mut calls = 0u64;
             while Instant::now() < deadline {
-                version += 1;
-                let mut set = BTreeMap::new();
-                set.insert(format!("VAR{}", version % 16), format!("value {version}"));
-                let event = Event::ConfigChanged {
-                    env_id,
-                    version,
-                    set,
-                    unset: Vec::new(),
-                };
-                store
-                    .append(
-                        &streams::env(env_id),
-                        ExpectedVersion::Any,
-                        vec![NewEvent::org(org_id, event)],
-                        "bench",
-                    )
-                    .await?;
-                count.fetch_add(1, Ordering::Relaxed);
+                calls += 1;
+                call(Arc::clone(&input), calls).await?;
             }
-            anyhow::Ok(())
+            anyhow::Ok(calls)
         }));
     }
+
     let started = Instant::now();
+    let mut total = 0;
     for task in tasks {
-        task.await??;
+        total += task.await??;
     }
-    Ok(count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+    Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
 /// A control-plane HTTP server on loopback with one environment per client.
@@ -395,58 +415,34 @@ impl ApiTarget {
 
     /// Runs the `GET /v1/whoami` phase and returns calls per second.
     async fn run_whoami(&self, duration: Duration) -> anyhow::Result<f64> {
-        let count = Arc::new(AtomicU64::new(0));
-        let deadline = Instant::now() + duration;
-        let mut tasks = Vec::new();
-        for _ in 0..self.clients {
-            let client = self.client.clone();
-            let count = count.clone();
-            tasks.push(tokio::spawn(async move {
-                while Instant::now() < deadline {
-                    client.whoami().await?;
-                    count.fetch_add(1, Ordering::Relaxed);
-                }
-                anyhow::Ok(())
-            }));
-        }
-        let started = Instant::now();
-        for task in tasks {
-            task.await??;
-        }
-        Ok(count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+        let inputs = vec![self.client.clone(); self.clients];
+        calls_per_second(duration, inputs, |client, _| async move {
+            client.whoami().await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Runs one phase and returns appends per second.
     async fn run(&self, duration: Duration) -> anyhow::Result<f64> {
-        let count = Arc::new(AtomicU64::new(0));
-        let deadline = Instant::now() + duration;
-        let mut tasks = Vec::new();
+        let mut inputs = Vec::with_capacity(self.clients);
         for index in 0..self.clients {
-            let client = self.client.clone();
-            let count = count.clone();
             let path = kiln_api::client::EnvPath::new(
                 OrgName::new("bench")?,
                 AppName::new("bench")?,
                 EnvName::new(format!("e{index}"))?,
             );
-            tasks.push(tokio::spawn(async move {
-                let mut version = 0u64;
-                while Instant::now() < deadline {
-                    version += 1;
-                    let mut update = kiln_api::types::UpdateConfig::default();
-                    update
-                        .set
-                        .insert(format!("VAR{}", version % 16), format!("value {version}"));
-                    client.update_config(&path, &update).await?;
-                    count.fetch_add(1, Ordering::Relaxed);
-                }
-                anyhow::Ok(())
-            }));
+            inputs.push((self.client.clone(), path));
         }
-        let started = Instant::now();
-        for task in tasks {
-            task.await??;
-        }
-        Ok(count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+        calls_per_second(duration, inputs, |input, version| async move {
+            let (client, path) = &*input;
+            let mut update = kiln_api::types::UpdateConfig::default();
+            update
+                .set
+                .insert(format!("VAR{}", version % 16), format!("value {version}"));
+            client.update_config(path, &update).await?;
+            Ok(())
+        })
+        .await
     }
 }

@@ -42,7 +42,7 @@ pub(crate) struct ControlState {
     pub(crate) shipped: Vec<String>,
     /// The shipped lines whole, with stream and instance.
     pub(crate) shipped_lines: Vec<kiln_api::types::LogLine>,
-    /// Answers to assignment watches, in order; a watch with none left fails as unavailable.
+    /// Responses to assignment watches, in order. A watch with none left fails as unavailable.
     pub(crate) watch_pages: VecDeque<HostAssignments>,
     /// `(after, changes)` of every assignment watch.
     pub(crate) watch_calls: Vec<(u64, bool)>,

@@ -97,13 +97,14 @@ const SUBJECTS_KEPT_PER_HOST: usize = 1024;
 
 /// The subjects of the events the feed has read, per host, oldest first.
 ///
-/// The feed adds a read's subjects before it publishes the read's head, so every subject up
-/// to a published head is here, unless trimmed, which [`HostLog::floor`] records.
+/// The feed adds a read's subjects before it publishes the read's head. So every subject up
+/// to a published head is here, unless it was trimmed, which [`HostLog::floor`] records.
 #[derive(Debug, Default)]
 struct ChangeLog {
     hosts: Mutex<HashMap<HostId, HostLog>>,
 }
 
+/// The subjects kept for one host.
 #[derive(Debug, Default)]
 struct HostLog {
     /// The `seq` of the newest subject trimmed. The log contains every subject after it.
@@ -300,7 +301,7 @@ async fn run_feed(
 struct FeedRead {
     /// Every event up to this `seq` has been read.
     upto: u64,
-    /// What each event changed on each host it concerns, in `seq` order.
+    /// The subjects of each event on each host it concerns, in `seq` order.
     subjects: Vec<(HostId, u64, Subject)>,
     /// Events after `upto` were already in the log, so the feed reads again at once.
     more: bool,
@@ -315,7 +316,7 @@ async fn read_changes(store: &Store, last: u64) -> Result<Option<FeedRead>, Stor
         return Ok(None);
     }
     // A long backlog (the feed fell behind while the database was unreachable) is read in
-    // parts, so one read never holds more than a bounded number of events.
+    // parts, so one read never loads more than a bounded number of events.
     let head = log_head.min(last.saturating_add(MAX_EVENTS_PER_READ));
     let rows: Vec<(uuid::Uuid, i64, Option<uuid::Uuid>, Option<uuid::Uuid>)> =
         sqlx::query_as(concat!(

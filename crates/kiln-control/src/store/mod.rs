@@ -428,19 +428,14 @@ async fn append_with(
             "SELECT seq, stream_version FROM kiln_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         ),
     };
-    let result: Result<Vec<(Option<i64>, i64)>, sqlx::Error> = query
+    let query = query
         .bind(stream)
         .bind(expected_kind)
         .bind(expected_version)
         .bind(actor)
-        .bind(time)
-        .bind(&columns.org_ids)
-        .bind(&columns.env_ids)
-        .bind(&columns.host_ids)
-        .bind(&columns.types)
-        .bind(&columns.payloads)
-        .fetch_all(&mut *conn)
-        .await;
+        .bind(time);
+    let result: Result<Vec<(Option<i64>, i64)>, sqlx::Error> =
+        columns.bind(query).fetch_all(&mut *conn).await;
     let rows = match result {
         Ok(rows) => rows,
         Err(error) => {
@@ -516,7 +511,7 @@ async fn append_each_on(
     }
 
     let time = now();
-    let result: Result<Vec<(i64, i64)>, sqlx::Error> = sqlx::query_as(
+    let query = sqlx::query_as(
         "SELECT seq, stream_version
          FROM kiln_append_each($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
@@ -524,14 +519,9 @@ async fn append_each_on(
     .bind(&kinds)
     .bind(&versions)
     .bind(actor)
-    .bind(time)
-    .bind(&columns.org_ids)
-    .bind(&columns.env_ids)
-    .bind(&columns.host_ids)
-    .bind(&columns.types)
-    .bind(&columns.payloads)
-    .fetch_all(&mut *conn)
-    .await;
+    .bind(time);
+    let result: Result<Vec<(i64, i64)>, sqlx::Error> =
+        columns.bind(query).fetch_all(&mut *conn).await;
     let rows = match result {
         Ok(rows) => rows,
         Err(error) => {
@@ -595,6 +585,19 @@ impl EventColumns {
             .map_err(|source| StoreError::Codec { seq: 0, source })?;
         self.payloads.push(payload);
         Ok(())
+    }
+
+    /// Binds the five arrays, which the append functions take as their last parameters.
+    fn bind<'q, O>(
+        &'q self,
+        query: sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.org_ids)
+            .bind(&self.env_ids)
+            .bind(&self.host_ids)
+            .bind(&self.types)
+            .bind(&self.payloads)
     }
 }
 

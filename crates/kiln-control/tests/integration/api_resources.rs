@@ -18,6 +18,19 @@ pub(crate) struct RegisteredHost {
     pub(crate) token: String,
 }
 
+/// Returns the registration every test host sends: 4 vCPUs, 8 GiB, QEMU.
+pub(crate) fn registration() -> RegisterHost {
+    RegisterHost {
+        capacity: HostCapacity {
+            vcpus: 4,
+            memory_mib: 8192,
+        },
+        driver: VmmDriver::Qemu,
+        overlay_public_key: "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into(),
+        overlay_endpoint: "127.0.0.1:51820".parse().unwrap(),
+    }
+}
+
 pub(crate) async fn register_host(server: &TestServer, name: &str) -> RegisteredHost {
     let created = server
         .operator()
@@ -25,18 +38,7 @@ pub(crate) async fn register_host(server: &TestServer, name: &str) -> Registered
         .await
         .unwrap();
     let client = server.client(&created.token.secret);
-    let lease = client
-        .register_host(&RegisterHost {
-            capacity: HostCapacity {
-                vcpus: 4,
-                memory_mib: 8192,
-            },
-            driver: VmmDriver::Qemu,
-            overlay_public_key: "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into(),
-            overlay_endpoint: "127.0.0.1:51820".parse().unwrap(),
-        })
-        .await
-        .unwrap();
+    let lease = client.register_host(&registration()).await.unwrap();
     RegisteredHost {
         host: lease.host,
         client,

@@ -214,6 +214,25 @@ pub(crate) fn env_path(org: &OrgName) -> kiln_api::client::EnvPath {
     )
 }
 
+/// Creates a release of `spec` in `web/prod` of the server's org.
+pub(crate) async fn create_release(
+    server: &TestServer,
+    spec: kiln_api::types::ReleaseSpec,
+) -> kiln_api::types::Release {
+    server
+        .org_client()
+        .create_release(
+            &env_path(&server.org),
+            &kiln_api::types::CreateRelease {
+                image: image(),
+                spec,
+                description: String::new(),
+            },
+        )
+        .await
+        .unwrap()
+}
+
 /// Creates app `web` and environment `prod` in the server's org.
 pub(crate) async fn create_app_and_env(server: &TestServer) -> kiln_api::types::Env {
     let client = server.org_client();

@@ -5,7 +5,9 @@ use kiln_api::types::*;
 use kiln_control::store::{ExpectedVersion, NewEvent, streams};
 use kiln_core::InstanceId;
 
-use crate::api_resources::{RegisteredHost, place_instance, place_named_instance, register_host};
+use crate::api_resources::{
+    RegisteredHost, place_instance, place_named_instance, register_host, registration,
+};
 use crate::harness::{self, TestServer};
 
 /// Long-poll wait of the watches that must end, in seconds; the tests fail if one times out.
@@ -17,17 +19,7 @@ async fn host_watch_wakes_for_its_changes() {
     let client = server.org_client();
     let env = harness::create_app_and_env(&server).await;
     let path = harness::env_path(&server.org);
-    let release = client
-        .create_release(
-            &path,
-            &CreateRelease {
-                image: harness::image(),
-                spec: harness::release_spec(),
-                description: String::new(),
-            },
-        )
-        .await
-        .unwrap();
+    let release = harness::create_release(&server, harness::release_spec()).await;
     let first = register_host(&server, "h1").await;
     let second = register_host(&server, "h2").await;
     let initial = first
@@ -169,17 +161,7 @@ async fn host_watch_returns_changes_only() {
     let client = server.org_client();
     let env = harness::create_app_and_env(&server).await;
     let path = harness::env_path(&server.org);
-    let release = client
-        .create_release(
-            &path,
-            &CreateRelease {
-                image: harness::image(),
-                spec: harness::release_spec(),
-                description: String::new(),
-            },
-        )
-        .await
-        .unwrap();
+    let release = harness::create_release(&server, harness::release_spec()).await;
     let first = register_host(&server, "h1").await;
     let second = register_host(&server, "h2").await;
 
@@ -272,19 +254,7 @@ async fn host_watch_returns_changes_only() {
     assert_matches_complete(&first, &set).await;
 
     // A registration changes the host itself (its network prefix): the complete set.
-    first
-        .client
-        .register_host(&RegisterHost {
-            capacity: HostCapacity {
-                vcpus: 4,
-                memory_mib: 8192,
-            },
-            driver: VmmDriver::Qemu,
-            overlay_public_key: "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into(),
-            overlay_endpoint: "127.0.0.1:51820".parse().unwrap(),
-        })
-        .await
-        .unwrap();
+    first.client.register_host(&registration()).await.unwrap();
     let page = apply_changes(&first, &mut set).await;
     assert!(page.complete, "{page:#?}");
     assert_eq!(ids(&set), vec![b]);
@@ -349,9 +319,7 @@ async fn host_watch_rejects_bad_changes_flag() {
 #[tokio::test]
 async fn finished_release_command_ignores_live_reports() {
     let server = TestServer::start().await;
-    let client = server.org_client();
     let env = harness::create_app_and_env(&server).await;
-    let path = harness::env_path(&server.org);
     let mut spec = harness::release_spec();
     spec.release_command = Some(vec!["/app/migrate".to_owned()]);
     spec.release_command_limits = Some(ReleaseCommandLimits {
@@ -359,17 +327,7 @@ async fn finished_release_command_ignores_live_reports() {
         vcpus: 1,
         memory_mib: 256,
     });
-    let release = client
-        .create_release(
-            &path,
-            &CreateRelease {
-                image: harness::image(),
-                spec,
-                description: String::new(),
-            },
-        )
-        .await
-        .unwrap();
+    let release = harness::create_release(&server, spec).await;
     let host = register_host(&server, "h1").await;
     let mut set = host
         .client
@@ -388,7 +346,7 @@ async fn finished_release_command_ignores_live_reports() {
         output: Vec::new(),
     };
 
-    // A live state after the exit, one call each: the exit stands.
+    // A live state after the exit, one call each: the exit remains.
     host.client
         .report_instance_state(job, &report(InstanceState::Exited, Some(0)))
         .await
